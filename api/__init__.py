@@ -1,0 +1,1 @@
+"""The HTTP surface: FastAPI app, routes, schemas, auth, prediction serving, CLI and client."""

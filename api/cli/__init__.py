@@ -1,0 +1,52 @@
+"""The `diffbank` console script: one argparse tree, one module per command group."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module defines `register(subparsers)` adding its commands; a command sets
+# `func=callable(args) -> int` with `set_defaults`. Modules import heavy code lazily,
+# inside their command functions, so `diffbank --help` stays fast.
+COMMAND_MODULES = [
+    "api.cli.train",  # train
+    "api.cli.inspect",  # inspect, export
+    "api.cli.predict",  # predict FILE TEXT... | predict --task NAME TEXT...
+    "api.cli.ops",  # up, demo, api, worker, beat
+    "api.cli.admin",  # db upgrade, gc, keys create
+    "api.cli.client",  # submit, jobs, job, tasks, pull
+    "api.cli.consolidate",  # consolidate
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser of the `diffbank` command."""
+    parser = argparse.ArgumentParser(
+        prog="diffbank",
+        description="Continual task adaptation as sparse diffs against one shared encoder.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # command group not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `diffbank` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What diffbank stores and where: settings, SQL catalog, object stores, the sparse-diff format."""

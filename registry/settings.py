@@ -1,0 +1,84 @@
+"""The one configuration object of diffbank, read from `DIFFBANK_*` environment variables."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "dev-insecure-change-me"
+DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
+
+
+class Settings(BaseSettings):
+    """Every knob of diffbank; embedded defaults live under `data_dir`."""
+
+    model_config = SettingsConfigDict(env_prefix="DIFFBANK_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".diffbank")
+
+    # Backends. Empty means "embedded default under data_dir".
+    database_url: str = ""
+    store_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_multipart_threshold_bytes: int = 64 * 1024 * 1024
+    s3_max_attempts: int = 5
+    redis_url: str = ""
+    url: str = ""  # where clients reach the API (client CLI)
+
+    base_model: str = DEFAULT_BASE_MODEL
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    # Limits on what users may submit.
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_rows: int = 500_000
+    max_labels: int = 1_000
+    max_text_chars: int = 20_000
+
+    secret_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
+
+    # Jobs.
+    job_max_attempts: int = 3
+    job_soft_time_limit_s: int = 6 * 3600
+    job_hard_time_limit_s: int = 6 * 3600 + 300
+    broker_visibility_timeout_s: int = 12 * 3600
+    checkpoint_every_steps: int = 50
+    sweep_interval_s: float = 60.0
+    sweep_requeue_after_s: float = 120.0
+    worker_device: str = ""  # "" = cuda if available, else cpu; or "cuda:1", "cpu"
+
+    # Serving.
+    serving_cache_size: int = 64
+
+    # Consolidation schedule: "" (off), "every <seconds>", or a 5-field cron line.
+    consolidation_schedule: str = ""
+    consolidation_budget_nnz: int = 0  # policy threshold per tenant and base; 0 = off
+    consolidation_tolerance: float = 0.5
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        self.data_dir = Path(self.data_dir).expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'diffbank.db'}"
+        if not self.store_url:
+            self.store_url = (self.data_dir / "objects").resolve().as_uri()
+        if not self.url:
+            self.url = f"http://{self.api_host}:{self.api_port}"
+        if self.env == "production" and self.secret_key.get_secret_value() == PLACEHOLDER_SECRET:
+            raise ValueError(
+                "DIFFBANK_SECRET_KEY is still the development placeholder; "
+                "set a real secret when DIFFBANK_ENV=production"
+            )
+        return self
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

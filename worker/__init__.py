@@ -1,0 +1,1 @@
+"""What runs on GPU workers: the Celery app, thin tasks, the diff-pruning trainer, consolidation."""
