@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     s3_max_attempts: int = 5
     redis_url: str = ""
     url: str = ""  # where clients reach the API (client CLI)
+    api_key: SecretStr | None = None  # the client CLI's bearer key (DIFFBANK_API_KEY)
 
     base_model: str = DEFAULT_BASE_MODEL
     api_host: str = "127.0.0.1"
