@@ -1,0 +1,166 @@
+"""A task's data: a training table and a validation table, from a file or a directory.
+
+A directory holds `train.<ext>` and optionally `validation.<ext>` (ext: jsonl, csv,
+parquet). Without a validation file a seeded split is carved from the training rows,
+stratified by label for classification.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from registry.tabular import FORMATS, ColumnMapping, DatasetError, Table, TableLimits, read_table
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+@dataclass
+class TaskData:
+    """Training and validation tables of one task, sharing one label set."""
+
+    train: Table
+    validation: Table
+    task_type: str
+    label_names: list[str]
+    validation_source: str  # "file" or "split"
+
+    @property
+    def num_labels(self) -> int:
+        """Classifier outputs: the number of labels, or 1 for regression."""
+        return 1 if self.task_type == "regression" else len(self.label_names)
+
+    def to_datasets(self) -> Any:
+        """The two tables as a Hugging Face `datasets.DatasetDict` (columns text[, text_pair], label)."""
+        import datasets
+
+        def as_dataset(table: Table) -> datasets.Dataset:
+            columns: dict[str, list] = {"text": table.texts}
+            if table.text_pairs is not None:
+                columns["text_pair"] = table.text_pairs
+            columns["label"] = table.labels if self.task_type == "regression" else table.label_ids()
+            return datasets.Dataset.from_dict(columns)
+
+        return datasets.DatasetDict(
+            train=as_dataset(self.train), validation=as_dataset(self.validation)
+        )
+
+
+def sample_task_path(name: str) -> Path:
+    """The directory of a shipped sample task (see worker/samples/SOURCES.md)."""
+    path = SAMPLES_DIR / name
+    if not (path / "train.jsonl").is_file():
+        known = ", ".join(sample_task_names())
+        raise DatasetError("missing_file", f"no sample task {name!r} (known: {known})", file=name)
+    return path
+
+
+def sample_task_names() -> list[str]:
+    """Names of the shipped sample tasks."""
+    return sorted(p.name for p in SAMPLES_DIR.iterdir() if (p / "train.jsonl").is_file())
+
+
+def find_split_file(directory: Path, split: str) -> Path | None:
+    """The single `<split>.<ext>` file of a dataset directory, or None when there is none."""
+    found = [
+        directory / f"{split}{ext}" for ext in FORMATS if (directory / f"{split}{ext}").is_file()
+    ]
+    if len(found) > 1:
+        raise DatasetError(
+            "ambiguous_file",
+            f"more than one {split} file: {', '.join(p.name for p in found)}",
+            file=str(directory),
+        )
+    return found[0] if found else None
+
+
+def load_task_data(
+    path: Path | str,
+    *,
+    mapping: ColumnMapping | None = None,
+    task_type: str | None = None,
+    validation_path: Path | str | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    limits: TableLimits | None = None,
+) -> TaskData:
+    """Read a task's train and validation tables from a file or a `train.*` directory."""
+    mapping = mapping or ColumnMapping()
+    if limits is None:
+        from registry.settings import get_settings
+
+        limits = TableLimits.from_settings(get_settings())
+    path = Path(path)
+    if path.is_dir():
+        train_path = find_split_file(path, "train")
+        if train_path is None:
+            raise DatasetError(
+                "missing_file",
+                f"the directory has no train file (train{', train'.join(FORMATS)})",
+                file=str(path),
+            )
+        if validation_path is None:
+            validation_path = find_split_file(path, "validation")
+    elif path.is_file():
+        train_path = path
+    else:
+        raise DatasetError("missing_file", "no such file or directory", file=str(path))
+
+    train = read_table(train_path, mapping=mapping, task_type=task_type, limits=limits)
+    if validation_path is not None:
+        validation = read_table(
+            Path(validation_path),
+            mapping=mapping,
+            task_type=train.task_type,
+            limits=limits,
+            label_names=train.label_names if train.task_type != "regression" else None,
+        )
+        source = "file"
+    else:
+        train, validation = split_table(train, fraction=validation_fraction, seed=seed)
+        source = "split"
+    return TaskData(
+        train=train,
+        validation=validation,
+        task_type=train.task_type,
+        label_names=train.label_names,
+        validation_source=source,
+    )
+
+
+def split_table(table: Table, *, fraction: float, seed: int) -> tuple[Table, Table]:
+    """Seeded train/validation split; stratified by label for classification.
+
+    Each class puts round(fraction * count) rows into validation, but never all of them,
+    so every label stays in training; regression takes round(fraction * rows) at random.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+    rng = random.Random(seed)
+    if table.task_type == "regression":
+        groups = {"": list(range(table.rows))}
+    else:
+        by_label: dict[str, list[int]] = defaultdict(list)
+        for i, label in enumerate(table.labels):
+            by_label[label].append(i)
+        groups = {label: by_label[label] for label in sorted(by_label)}
+
+    held_out: list[int] = []
+    for indices in groups.values():
+        shuffled = indices[:]
+        rng.shuffle(shuffled)
+        take = min(round(fraction * len(shuffled)), len(shuffled) - 1)
+        held_out.extend(shuffled[:take])
+    if not held_out:
+        raise DatasetError(
+            "too_few_rows",
+            f"{table.rows} rows are too few to carve a {fraction:.0%} validation split; "
+            "add rows or give a validation file",
+            file=table.filename,
+        )
+    held = set(held_out)
+    train_idx = [i for i in range(table.rows) if i not in held]
+    return table.select(train_idx), table.select(sorted(held_out))
