@@ -6,8 +6,10 @@ Importing this module must stay light (no torch): the API imports it to enqueue 
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_init
 
 from registry.settings import Settings, get_settings
+from worker.device import pin_visible_gpu
 
 TRAIN_QUEUE = "train"
 CONSOLIDATE_QUEUE = "consolidate"
@@ -77,3 +79,9 @@ def make_celery_app(settings: Settings) -> Celery:
 
 
 celery_app = make_celery_app(get_settings())
+
+
+@worker_init.connect
+def _pin_gpu_before_pool_starts(**_: object) -> None:
+    """Pin the worker (and the pool children it forks) to its configured GPU."""
+    pin_visible_gpu(get_settings())
