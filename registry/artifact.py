@@ -1,0 +1,616 @@
+"""The sparse-diff artifact: one safetensors file per task version, and applying it to a base.
+
+File layout (format version 1):
+
+- `diff.index_low`, `diff.index_high` (uint8): one Elias–Fano stream over the global index
+  space formed by concatenating the flat base tensors listed in the `layout` metadata
+  (only tensors with nonzeros, in sorted-name order);
+- `diff.values` (float16 | bfloat16 | float32): the values, in the same global order;
+- `head.<name>`: the dense task-head tensors;
+- `__metadata__`: `format`, `format_version`, `index_coding`, `layout` (JSON
+  `[[name, shape, nnz], ...]`), `meta` (JSON of `ArtifactMeta`) and `sha256`, a digest over
+  the canonical header (without `sha256`) and the data bytes, so any changed byte is caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from registry import index_coding
+from registry.basemodel import TASK_TYPES
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from registry.basemodel import LoadedBase
+
+FORMAT_NAME = "diffbank.sparse-diff"
+FORMAT_VERSION = 1
+INDEX_CODING = "elias-fano"
+VALUE_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+INDEX_LOW_KEY = "diff.index_low"
+INDEX_HIGH_KEY = "diff.index_high"
+VALUES_KEY = "diff.values"
+HEAD_PREFIX = "head."
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class ArtifactError(ValueError):
+    """A sparse-diff artifact is invalid or does not fit the base in use; the message says why."""
+
+
+@dataclass
+class ArtifactMeta:
+    """Everything stored about a diff besides its tensors."""
+
+    base_name: str
+    base_fingerprint: str
+    n_params: int
+    task_type: str
+    label_names: list[str] = field(default_factory=list)
+    max_length: int = 128
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    value_dtype: str = "float16"
+    density: float = 0.0
+    nnz: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        """Sorted, compact JSON of the metadata."""
+        return json.dumps(
+            dataclasses.asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False
+        )
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of the task head: 1 for regression, else the number of labels."""
+        return 1 if self.task_type == "regression" else len(self.label_names)
+
+
+@dataclass(eq=False)
+class SparseDiff:
+    """A task as sparse per-tensor deltas against the base plus a dense head."""
+
+    indices: dict[str, torch.Tensor]  # int64, flat, strictly increasing
+    values: dict[str, torch.Tensor]  # meta.value_dtype, same lengths
+    shapes: dict[str, tuple[int, ...]]
+    head: dict[str, torch.Tensor]
+    meta: ArtifactMeta
+    # (name, dtype, device) -> values / (name, device) -> indices, ready for apply_diff.
+    _prepared: dict[tuple, torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @property
+    def nnz(self) -> int:
+        """Total number of nonzero entries over all tensors."""
+        return sum(int(t.numel()) for t in self.indices.values())
+
+    def prepared(
+        self, name: str, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices and values of one tensor on `device`, values cast to `dtype`; cached."""
+        key = (name, dtype, device)
+        values = self._prepared.get(key)
+        if values is None:
+            values = self.values[name].to(device=device, dtype=dtype).contiguous()
+            self._prepared[key] = values
+        index_key = (name, device)
+        indices = self._prepared.get(index_key)
+        if indices is None:
+            indices = self.indices[name].to(device=device, dtype=torch.int64).contiguous()
+            self._prepared[index_key] = indices
+        return indices, values
+
+
+# ---------------------------------------------------------------- building
+
+
+def make_meta_consistent(diff: SparseDiff) -> SparseDiff:
+    """Fill `meta.nnz` and `meta.density` from the diff's contents (returns the same diff)."""
+    nnz = diff.nnz
+    diff.meta.nnz = nnz
+    diff.meta.density = nnz / diff.meta.n_params if diff.meta.n_params else 0.0
+    return diff
+
+
+def diff_from_dense(
+    deltas: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor],
+    meta: ArtifactMeta,
+    value_dtype: str = "float16",
+) -> SparseDiff:
+    """Build a SparseDiff from dense δ tensors, keeping their nonzero entries."""
+    if value_dtype not in VALUE_DTYPES:
+        raise ArtifactError(
+            f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}"
+        )
+    indices: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in sorted(deltas):
+        flat = deltas[name].detach().to("cpu").reshape(-1)
+        nonzero = torch.nonzero(flat, as_tuple=True)[0]
+        if nonzero.numel() == 0:
+            continue
+        indices[name] = nonzero.to(torch.int64)
+        values[name] = flat[nonzero].to(VALUE_DTYPES[value_dtype])
+        shapes[name] = tuple(deltas[name].shape)
+    meta = dataclasses.replace(meta, value_dtype=value_dtype)
+    head = {name: t.detach().to("cpu").contiguous() for name, t in head.items()}
+    return make_meta_consistent(SparseDiff(indices, values, shapes, head, meta))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _check_diff(diff: SparseDiff) -> None:
+    """Refuse to write a diff that a reader would reject."""
+    meta = diff.meta
+    _check_meta(meta)
+    if set(diff.indices) != set(diff.values) or not set(diff.indices) <= set(diff.shapes):
+        raise ArtifactError("indices, values and shapes must name the same tensors")
+    value_dtype = VALUE_DTYPES[meta.value_dtype]
+    for name, idx in diff.indices.items():
+        vals = diff.values[name]
+        numel = math.prod(diff.shapes[name])
+        if idx.dtype != torch.int64 or idx.dim() != 1:
+            raise ArtifactError(f"indices of {name!r} must be a 1-D int64 tensor")
+        if vals.dtype != value_dtype or vals.shape != idx.shape:
+            raise ArtifactError(
+                f"values of {name!r} must be {meta.value_dtype} with {idx.numel()} entries"
+            )
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
+            raise ArtifactError(f"indices of {name!r} out of bounds for shape {diff.shapes[name]}")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ArtifactError(f"indices of {name!r} must be sorted and unique")
+        if not bool(torch.isfinite(vals).all()):
+            raise ArtifactError(f"values of {name!r} contain NaN or infinity")
+    if meta.nnz != diff.nnz:
+        raise ArtifactError(f"meta.nnz is {meta.nnz} but the diff holds {diff.nnz} nonzeros")
+    for name, tensor in diff.head.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"head tensor {name!r} must be finite floating point")
+
+
+def _header_digest(header: dict[str, Any], data_section: bytes | memoryview) -> str:
+    """sha256 over the canonical header (without the digest itself) and the data bytes."""
+    header = dict(header)
+    header["__metadata__"] = {k: v for k, v in header["__metadata__"].items() if k != "sha256"}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(data_section)
+    return digest.hexdigest()
+
+
+def pack_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serialise tensors and metadata to safetensors bytes, adding the `sha256` digest."""
+    from safetensors.torch import save
+
+    unsigned = save(tensors, metadata=metadata)
+    header, data_start = _parse_header(unsigned)
+    signed = dict(metadata, sha256=_header_digest(header, memoryview(unsigned)[data_start:]))
+    return save(tensors, metadata=signed)
+
+
+def dumps_artifact(diff: SparseDiff) -> bytes:
+    """Serialise a SparseDiff to the safetensors artifact format."""
+    _check_diff(diff)
+    names = sorted(name for name, idx in diff.indices.items() if idx.numel())
+    layout = [[name, list(diff.shapes[name]), int(diff.indices[name].numel())] for name in names]
+    offsets = np.cumsum([0] + [math.prod(diff.shapes[name]) for name in names])
+    universe = int(offsets[-1])
+    if names:
+        global_indices = np.concatenate(
+            [diff.indices[name].numpy() + offsets[i] for i, name in enumerate(names)]
+        )
+        values = torch.cat([diff.values[name] for name in names])
+    else:
+        global_indices = np.zeros(0, dtype=np.int64)
+        values = torch.zeros(0, dtype=VALUE_DTYPES[diff.meta.value_dtype])
+    coded = index_coding.encode(global_indices, universe)
+    tensors = {
+        INDEX_LOW_KEY: torch.from_numpy(coded.low),
+        INDEX_HIGH_KEY: torch.from_numpy(coded.high),
+        VALUES_KEY: values.contiguous(),
+    }
+    for name, tensor in diff.head.items():
+        tensors[HEAD_PREFIX + name] = tensor.detach().to("cpu").contiguous()
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "index_coding": INDEX_CODING,
+        "layout": json.dumps(layout, separators=(",", ":")),
+        "meta": diff.meta.to_json(),
+    }
+    return pack_file(tensors, metadata)
+
+
+def save_artifact(diff: SparseDiff, path: str | Path) -> int:
+    """Write the artifact to `path` (atomically, via a temporary file); returns its size."""
+    data = dumps_artifact(diff)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return len(data)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _parse_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and the offset where tensor data starts."""
+    if len(data) < 8:
+        raise ArtifactError(
+            f"truncated file: {len(data)} bytes, too short for a safetensors header"
+        )
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise ArtifactError(
+            f"truncated file or bad header length: header claims {header_len} bytes, "
+            f"file has {len(data)}"
+        )
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"bad header JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("bad header JSON: not an object")
+    return header, 8 + header_len
+
+
+def _json_field(metadata: dict[str, str], key: str) -> Any:
+    """Parse one JSON-valued metadata entry."""
+    try:
+        return json.loads(metadata[key])
+    except KeyError:
+        raise ArtifactError(f"metadata is missing {key!r}") from None
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"bad JSON in metadata {key!r}: {exc}") from None
+
+
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "base_name": (str,),
+    "base_fingerprint": (str,),
+    "n_params": (int,),
+    "task_type": (str,),
+    "label_names": (list,),
+    "max_length": (int,),
+    "text_field": (str,),
+    "text_pair_field": (str, type(None)),
+    "value_dtype": (str,),
+    "density": (float, int),
+    "nnz": (int,),
+    "config": (dict,),
+    "metrics": (dict,),
+    "extra": (dict,),
+    "format_version": (int,),
+}
+
+
+def _meta_from_json(raw: Any) -> ArtifactMeta:
+    """Validate the decoded `meta` object and build an ArtifactMeta."""
+    if not isinstance(raw, dict):
+        raise ArtifactError("metadata 'meta' must be a JSON object")
+    unknown = sorted(set(raw) - set(_META_TYPES))
+    missing = sorted(set(_META_TYPES) - set(raw))
+    if unknown or missing:
+        raise ArtifactError(f"metadata 'meta' has unknown keys {unknown} / missing keys {missing}")
+    for key, types in _META_TYPES.items():
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ArtifactError(f"metadata field {key!r} has the wrong type: {value!r}")
+    meta = ArtifactMeta(**raw)
+    meta.density = float(meta.density)
+    _check_meta(meta)
+    return meta
+
+
+def _check_meta(meta: ArtifactMeta) -> None:
+    """Field-level rules of ArtifactMeta."""
+    if meta.format_version != FORMAT_VERSION:
+        raise ArtifactError(f"unsupported meta.format_version {meta.format_version}")
+    if meta.value_dtype not in VALUE_DTYPES:
+        raise ArtifactError(
+            f"meta.value_dtype must be one of {sorted(VALUE_DTYPES)}, got {meta.value_dtype!r}"
+        )
+    if meta.task_type not in TASK_TYPES:
+        raise ArtifactError(f"meta.task_type must be one of {TASK_TYPES}, got {meta.task_type!r}")
+    if not all(isinstance(label, str) for label in meta.label_names):
+        raise ArtifactError("meta.label_names must be strings")
+    if meta.task_type != "regression" and len(meta.label_names) < 2:
+        raise ArtifactError("meta.label_names must name at least two labels for classification")
+    if len(set(meta.label_names)) != len(meta.label_names):
+        raise ArtifactError("meta.label_names must be unique")
+    if meta.n_params < 0 or meta.nnz < 0 or meta.max_length <= 0:
+        raise ArtifactError("meta.n_params, meta.nnz and meta.max_length must be non-negative")
+
+
+def _layout_from_json(raw: Any) -> list[tuple[str, tuple[int, ...], int]]:
+    """Validate the decoded `layout`: sorted unique names, shapes, 1 <= nnz <= numel."""
+    if not isinstance(raw, list):
+        raise ArtifactError("metadata 'layout' must be a JSON list")
+    layout = []
+    previous = None
+    for entry in raw:
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[1])
+            and isinstance(entry[2], int)
+            and not isinstance(entry[2], bool)
+        )
+        if not ok:
+            raise ArtifactError(f"bad layout entry {entry!r}: expected [name, shape, nnz]")
+        name, shape, nnz = entry[0], tuple(entry[1]), entry[2]
+        if previous is not None and name <= previous:
+            raise ArtifactError(f"layout tensor names must be sorted and unique at {name!r}")
+        if not 1 <= nnz <= math.prod(shape):
+            raise ArtifactError(f"layout gives {name!r} {nnz} nonzeros for shape {shape}")
+        previous = name
+        layout.append((name, shape, nnz))
+    return layout
+
+
+def _load_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, with safetensors' own errors turned into ArtifactError."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # SafetensorError and friends: the file is not valid safetensors
+        raise ArtifactError(f"corrupt safetensors data: {exc}") from None
+
+
+def loads_artifact(
+    data: bytes,
+    *,
+    expected_fingerprint: str | None = None,
+    base_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> SparseDiff:
+    """Parse and fully validate artifact bytes; checks the base when its identity is given."""
+    data = bytes(data)
+    header, data_start = _parse_header(data)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ArtifactError("not a diffbank artifact: header has no string __metadata__")
+    if metadata.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"not a diffbank artifact: format is {metadata.get('format')!r}")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise ArtifactError(
+            f"unsupported format version {metadata.get('format_version')!r} "
+            f"(this diffbank reads version {FORMAT_VERSION})"
+        )
+    if metadata.get("index_coding") != INDEX_CODING:
+        raise ArtifactError(f"unsupported index coding {metadata.get('index_coding')!r}")
+    if metadata.get("sha256") != _header_digest(header, memoryview(data)[data_start:]):
+        raise ArtifactError("checksum mismatch: the file was modified or corrupted (sha256)")
+
+    meta = _meta_from_json(_json_field(metadata, "meta"))
+    layout = _layout_from_json(_json_field(metadata, "layout"))
+    if expected_fingerprint is not None and meta.base_fingerprint != expected_fingerprint:
+        raise ArtifactError(
+            f"wrong base: the diff was made for base {meta.base_name!r} with fingerprint "
+            f"{meta.base_fingerprint[:12]}…, the base in use has fingerprint "
+            f"{expected_fingerprint[:12]}…"
+        )
+    if base_shapes is not None:
+        for name, shape, _ in layout:
+            if name not in base_shapes:
+                raise ArtifactError(f"diff tensor {name!r} does not exist in the base")
+            if tuple(base_shapes[name]) != shape:
+                raise ArtifactError(
+                    f"shape of {name!r} is {shape} in the diff but {tuple(base_shapes[name])} "
+                    "in the base"
+                )
+        base_n = sum(math.prod(s) for s in base_shapes.values())
+        if meta.n_params != base_n:
+            raise ArtifactError(f"meta.n_params is {meta.n_params}, the base has {base_n}")
+
+    tensors = _load_tensors(data)
+    expected = {INDEX_LOW_KEY, INDEX_HIGH_KEY, VALUES_KEY}
+    missing = sorted(expected - set(tensors))
+    unknown = sorted(k for k in tensors if k not in expected and not k.startswith(HEAD_PREFIX))
+    if missing or unknown:
+        raise ArtifactError(f"artifact tensors: missing {missing}, unexpected {unknown}")
+    low, high, values = tensors[INDEX_LOW_KEY], tensors[INDEX_HIGH_KEY], tensors[VALUES_KEY]
+    if low.dtype != torch.uint8 or high.dtype != torch.uint8 or low.dim() != 1 or high.dim() != 1:
+        raise ArtifactError("index streams must be 1-D uint8 tensors")
+    if values.dtype != VALUE_DTYPES[meta.value_dtype]:
+        raise ArtifactError(
+            f"values have dtype {str(values.dtype).removeprefix('torch.')}, "
+            f"meta.value_dtype says {meta.value_dtype}"
+        )
+    nnz = sum(entry[2] for entry in layout)
+    if values.dim() != 1 or values.numel() != nnz:
+        raise ArtifactError(f"values tensor has shape {tuple(values.shape)}, expected ({nnz},)")
+    if meta.nnz != nnz:
+        raise ArtifactError(f"meta.nnz is {meta.nnz} but the layout holds {nnz} nonzeros")
+    sizes = [math.prod(shape) for _, shape, _ in layout]
+    universe = sum(sizes)
+    if universe > meta.n_params:
+        raise ArtifactError(f"diff tensors hold {universe} entries, more than n_params")
+    if not math.isclose(meta.density, nnz / meta.n_params if meta.n_params else 0.0, rel_tol=1e-9):
+        raise ArtifactError(f"meta.density {meta.density} does not equal nnz / n_params")
+    try:
+        global_indices = index_coding.decode(low.numpy(), high.numpy(), nnz, universe)
+    except index_coding.IndexCodingError as exc:
+        raise ArtifactError(f"bad index stream: {exc}") from None
+    if not bool(torch.isfinite(values).all()):
+        raise ArtifactError("values contain NaN or infinity")
+
+    offsets = np.cumsum([0] + sizes)
+    bounds = np.searchsorted(global_indices, offsets)
+    indices: dict[str, torch.Tensor] = {}
+    per_tensor_values: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, (name, shape, count) in enumerate(layout):
+        start, stop = int(bounds[i]), int(bounds[i + 1])
+        if stop - start != count:
+            raise ArtifactError(
+                f"{name!r}: layout says {count} nonzeros, the index stream holds {stop - start}"
+            )
+        indices[name] = torch.from_numpy(global_indices[start:stop] - offsets[i])
+        per_tensor_values[name] = values[start:stop]
+        shapes[name] = shape
+    head = {}
+    for key, tensor in tensors.items():
+        if key.startswith(HEAD_PREFIX):
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise ArtifactError(f"head tensor {key[len(HEAD_PREFIX) :]!r} is not finite float")
+            head[key[len(HEAD_PREFIX) :]] = tensor
+    return SparseDiff(indices, per_tensor_values, shapes, head, meta)
+
+
+def load_artifact(
+    path: str | Path,
+    *,
+    expected_fingerprint: str | None = None,
+    base_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> SparseDiff:
+    """Read and validate an artifact file (see `loads_artifact`)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read artifact {str(path)!r}: {exc.strerror}") from None
+    return loads_artifact(data, expected_fingerprint=expected_fingerprint, base_shapes=base_shapes)
+
+
+# ---------------------------------------------------------------- applying
+
+
+class AppliedDiff:
+    """A diff applied in place to an encoder; `revert()` restores the base bit for bit."""
+
+    def __init__(self, targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        self._targets = targets  # (flat parameter view, indices, overwritten base values)
+        self.reverted = False
+
+    def revert(self) -> None:
+        """Put the overwritten base values back (a second call does nothing)."""
+        if self.reverted:
+            return
+        with torch.no_grad():
+            for flat, idx, saved in reversed(self._targets):
+                flat.index_copy_(0, idx, saved)
+        self.reverted = True
+
+    def __enter__(self) -> AppliedDiff:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.revert()
+
+
+def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
+    """Add the diff to the encoder's parameters in place (base + delta in the base dtype).
+
+    O(nnz). Several diffs may be stacked if reverted in reverse order.
+    """
+    params = dict(encoder.named_parameters())
+    for name, shape in ((n, diff.shapes[n]) for n in diff.indices):
+        param = params.get(name)
+        if param is None:
+            raise ArtifactError(f"diff tensor {name!r} is not a parameter of the encoder")
+        if tuple(param.shape) != tuple(shape):
+            raise ArtifactError(
+                f"shape of {name!r} is {tuple(shape)} in the diff but {tuple(param.shape)} "
+                "in the encoder"
+            )
+        if not param.is_contiguous():
+            raise ArtifactError(f"parameter {name!r} is not contiguous; cannot apply in place")
+    targets = []
+    with torch.no_grad():
+        for name in diff.indices:
+            param = params[name]
+            idx, delta = diff.prepared(name, param.dtype, param.device)
+            flat = param.detach().view(-1)
+            targets.append((flat, idx, flat.index_select(0, idx)))
+            flat.index_add_(0, idx, delta)
+    return AppliedDiff(targets)
+
+
+def load_head(model: PreTrainedModel, diff: SparseDiff) -> None:
+    """Copy the diff's head tensors into the model's non-base parameters (strictly)."""
+    base_prefix = model.base_model_prefix + "."
+    own = {n: p for n, p in model.named_parameters() if not n.startswith(base_prefix)}
+    if set(own) != set(diff.head):
+        raise ArtifactError(
+            f"head tensors {sorted(diff.head)} do not match the model's head {sorted(own)}"
+        )
+    with torch.no_grad():
+        for name, param in own.items():
+            if tuple(param.shape) != tuple(diff.head[name].shape):
+                raise ArtifactError(
+                    f"head tensor {name!r} has shape {tuple(diff.head[name].shape)}, "
+                    f"the model expects {tuple(param.shape)}"
+                )
+            param.copy_(diff.head[name])
+
+
+def build_task_model(base: LoadedBase, diff: SparseDiff) -> PreTrainedModel:
+    """A standalone classification model: base + diff merged, the diff's head, labels set."""
+    from registry.basemodel import build_model
+
+    if diff.meta.base_fingerprint != base.fingerprint:
+        raise ArtifactError(
+            f"wrong base: the diff was made for {diff.meta.base_name!r} "
+            f"({diff.meta.base_fingerprint[:12]}…), not {base.name!r} ({base.fingerprint[:12]}…)"
+        )
+    meta = diff.meta
+    model = build_model(
+        base,
+        task_type=meta.task_type,
+        num_labels=meta.num_labels,
+        label_names=meta.label_names if meta.task_type != "regression" else None,
+    )
+    apply_diff(model.base_model, diff)  # merged for good: the AppliedDiff is dropped
+    load_head(model, diff)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- statistics
+
+_LAYER_PARAM = re.compile(r"^(?:.*\.)?layer\.(\d+)\.(.+)$")
+
+
+def layer_module_of(name: str) -> tuple[str, str]:
+    """Split a base parameter name into (layer, module), e.g. ("layer 3", "attention.self.query")."""
+    stem = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+    match = _LAYER_PARAM.match(stem)
+    if match:
+        return f"layer {int(match.group(1))}", match.group(2)
+    head, _, rest = stem.partition(".")
+    return head, rest or head
+
+
+def nonzeros_per_layer(diff: SparseDiff) -> dict[str, int]:
+    """Nonzeros per layer ("embeddings", "layer 0", ..., "pooler")."""
+    counts: dict[str, int] = {}
+    for name, idx in diff.indices.items():
+        layer = layer_module_of(name)[0]
+        counts[layer] = counts.get(layer, 0) + int(idx.numel())
+    return counts
