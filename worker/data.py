@@ -7,6 +7,7 @@ stratified by label for classification.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -49,18 +50,57 @@ class TaskData:
         )
 
 
-def sample_task_path(name: str) -> Path:
-    """The directory of a shipped sample task (see worker/samples/SOURCES.md)."""
-    path = SAMPLES_DIR / name
-    if not (path / "train.jsonl").is_file():
-        known = ", ".join(sample_task_names())
-        raise DatasetError("missing_file", f"no sample task {name!r} (known: {known})", file=name)
-    return path
+@dataclass(frozen=True)
+class SampleTask:
+    """A shipped sample task: where it lives and how to read it (from manifest.json)."""
+
+    name: str
+    path: Path
+    task_type: str
+    mapping: ColumnMapping
+    description: str
+    train_rows: int
+    validation_rows: int
+
+
+def _sample_manifest() -> dict[str, dict]:
+    return json.loads((SAMPLES_DIR / "manifest.json").read_text(encoding="utf-8"))
 
 
 def sample_task_names() -> list[str]:
     """Names of the shipped sample tasks."""
-    return sorted(p.name for p in SAMPLES_DIR.iterdir() if (p / "train.jsonl").is_file())
+    return sorted(_sample_manifest())
+
+
+def sample_task(name: str) -> SampleTask:
+    """The shipped sample task `name` (see worker/samples/SOURCES.md)."""
+    manifest = _sample_manifest()
+    if name not in manifest:
+        raise DatasetError(
+            "missing_file",
+            f"no sample task {name!r} (known: {', '.join(sorted(manifest))})",
+            file=str(SAMPLES_DIR / name),
+        )
+    entry = manifest[name]
+    return SampleTask(
+        name=name,
+        path=SAMPLES_DIR / name,
+        task_type=entry["task_type"],
+        mapping=ColumnMapping(
+            text_field=entry["text_field"],
+            text_pair_field=entry["text_pair_field"],
+            label_field=entry["label_field"],
+        ),
+        description=entry["description"],
+        train_rows=entry["train_rows"],
+        validation_rows=entry["validation_rows"],
+    )
+
+
+def load_sample_task(name: str, *, limits: TableLimits | None = None) -> TaskData:
+    """The train and validation tables of a shipped sample task."""
+    task = sample_task(name)
+    return load_task_data(task.path, mapping=task.mapping, task_type=task.task_type, limits=limits)
 
 
 def find_split_file(directory: Path, split: str) -> Path | None:
