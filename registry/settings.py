@@ -56,6 +56,8 @@ class Settings(BaseSettings):
 
     # Serving.
     serving_cache_size: int = 64
+    serving_max_batch: int = 64  # inputs per prediction request
+    serving_max_text_chars: int = 4_000  # characters per input text
 
     # Consolidation schedule: "" (off), "every <seconds>", or a 5-field cron line.
     consolidation_schedule: str = ""
