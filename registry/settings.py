@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     sweep_interval_s: float = 60.0
     sweep_requeue_after_s: float = 120.0
     worker_device: str = ""  # "" = cuda if available, else cpu; or "cuda:1", "cpu"
+    job_heartbeat_interval_s: float = 10.0  # a running job's liveness beat (background thread)
+    job_progress_interval_s: float = 1.0  # at most one progress row/event per interval
+    job_cancel_poll_s: float = 1.0  # how often a running job reads cancel_requested
 
     # Serving.
     serving_cache_size: int = 64
