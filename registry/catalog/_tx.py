@@ -1,0 +1,31 @@
+"""Transaction helpers shared by catalog modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+
+
+def get_or_create(
+    session: Session, find: Callable[[], T | None], create: Callable[[], T], *, attempts: int = 3
+) -> T:
+    """Find a row or insert it, each try in its own transaction; a racing insert is re-read."""
+    for attempt in range(attempts):
+        try:
+            with session.begin():
+                found = find()
+                if found is not None:
+                    return found
+                row = create()
+                session.add(row)
+                session.flush()
+                return row
+        except IntegrityError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,175 @@
+"""Consolidation runs: a multitask re-prune of several tasks under one budget, one job each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry.catalog.artifacts import add_artifact
+from registry.catalog.errors import InvalidInputError, NotFoundError
+from registry.catalog.jobs import insert_job
+from registry.catalog.pagination import paginate
+from registry.catalog.tasks import check_task_name
+from registry.models import Artifact, BaseModel, ConsolidationRun, Task
+from registry.stores.base import StoredObject
+
+STRATEGIES = ("elementwise", "rank")
+BUDGET_KINDS = ("nnz", "bytes")
+TRIGGERS = ("api", "schedule")
+
+
+def create_consolidation_run(
+    session: Session,
+    *,
+    tenant_id: int,
+    base_model: str,
+    budget: int,
+    task_names: list[str] | None = None,
+    strategy: str = "elementwise",
+    budget_kind: str = "nnz",
+    tolerance: float = 0.5,
+    trigger: str = "api",
+    params: dict[str, Any] | None = None,
+    max_attempts: int = 3,
+) -> ConsolidationRun:
+    """A run and its queued 'consolidate' job in one transaction.
+
+    `task_names` None means every task of the tenant on `base_model` with an active version;
+    named tasks must exist on that base and have an active version.
+    """
+    if strategy not in STRATEGIES:
+        raise InvalidInputError(
+            f"strategy must be one of {', '.join(STRATEGIES)}", field="strategy"
+        )
+    if budget_kind not in BUDGET_KINDS:
+        raise InvalidInputError(
+            f"budget_kind must be one of {', '.join(BUDGET_KINDS)}", field="budget_kind"
+        )
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise InvalidInputError("budget must be a positive integer", field="budget")
+    if not tolerance >= 0:
+        raise InvalidInputError("tolerance must be >= 0", field="tolerance")
+    if trigger not in TRIGGERS:
+        raise InvalidInputError(f"trigger must be one of {', '.join(TRIGGERS)}", field="trigger")
+    with session.begin():
+        tasks = _resolve_tasks(session, tenant_id, base_model, task_names)
+        names = [t.name for t in tasks]
+        job = insert_job(
+            session,
+            tenant_id=tenant_id,
+            kind="consolidate",
+            base_model=base_model,
+            params=dict(params or {}),
+            max_attempts=max_attempts,
+        )
+        run = ConsolidationRun(
+            job_id=job.id,
+            tenant_id=tenant_id,
+            base_model=base_model,
+            strategy=strategy,
+            budget=budget,
+            budget_kind=budget_kind,
+            tolerance=float(tolerance),
+            task_names=names,
+            report={},
+            trigger=trigger,
+        )
+        session.add(run)
+        session.flush()
+        session.refresh(run)
+    return run
+
+
+def _resolve_tasks(
+    session: Session, tenant_id: int, base_model: str, task_names: list[str] | None
+) -> list[Task]:
+    query = (
+        select(Task)
+        .join(BaseModel, Task.base_model_id == BaseModel.id)
+        .where(Task.tenant_id == tenant_id, BaseModel.name == base_model)
+    )
+    if task_names is None:
+        tasks = [t for t in session.scalars(query.order_by(Task.name)) if t.active_version]
+        if not tasks:
+            raise InvalidInputError(
+                f"no task with a published version on base model {base_model!r}", field="tasks"
+            )
+        return tasks
+    names = [check_task_name(n) for n in task_names]
+    if not names:
+        raise InvalidInputError("tasks must name at least one task", field="tasks")
+    if len(set(names)) != len(names):
+        raise InvalidInputError("tasks must not repeat a task", field="tasks")
+    found = {t.name: t for t in session.scalars(query.where(Task.name.in_(names)))}
+    for name in names:
+        if name not in found:
+            raise NotFoundError(
+                f"task {name!r} not found on base model {base_model!r}", field="tasks"
+            )
+        if found[name].active_version is None:
+            raise InvalidInputError(f"task {name!r} has no published version", field="tasks")
+    return [found[n] for n in names]
+
+
+def get_consolidation_run(session: Session, *, tenant_id: int, run_id: int) -> ConsolidationRun:
+    """The tenant's consolidation run `run_id`, or NotFoundError."""
+    with session.begin():
+        run = session.get(ConsolidationRun, run_id, populate_existing=True)
+    if run is None or run.tenant_id != tenant_id:
+        raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")
+    return run
+
+
+def load_consolidation_run(session: Session, *, run_id: int) -> ConsolidationRun | None:
+    """Run `run_id` whatever its tenant (for workers), or None."""
+    with session.begin():
+        return session.get(ConsolidationRun, run_id, populate_existing=True)
+
+
+def get_consolidation_run_for_job(session: Session, *, job_id: int) -> ConsolidationRun | None:
+    """The run a 'consolidate' job belongs to, or None."""
+    with session.begin():
+        return session.scalar(select(ConsolidationRun).where(ConsolidationRun.job_id == job_id))
+
+
+def list_consolidation_runs(
+    session: Session, *, tenant_id: int, cursor: str | None = None, limit: int = 50
+) -> tuple[list[ConsolidationRun], str | None]:
+    """A page of the tenant's consolidation runs, newest first."""
+    with session.begin():
+        query = select(ConsolidationRun).where(ConsolidationRun.tenant_id == tenant_id)
+        return paginate(session, query, ConsolidationRun.id, cursor=cursor, limit=limit)
+
+
+def set_shared_artifact(session: Session, *, run_id: int, stored: StoredObject) -> Artifact:
+    """Insert the artifact of an uploaded, verified shared diff and attach it to the run."""
+    with session.begin():
+        run = session.get(ConsolidationRun, run_id)
+        if run is None:
+            raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")
+        artifact = add_artifact(session, stored=stored, kind="shared-diff")
+        run.shared_artifact_id = artifact.id
+    return artifact
+
+
+def record_report(
+    session: Session,
+    *,
+    run_id: int,
+    report: dict[str, Any],
+    total_nnz_before: int | None = None,
+    total_nnz_after: int | None = None,
+) -> ConsolidationRun:
+    """Store a run's report (per-task metrics before/after, acceptance) and nnz totals."""
+    with session.begin():
+        run = session.get(ConsolidationRun, run_id)
+        if run is None:
+            raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")
+        run.report = dict(report)
+        if total_nnz_before is not None:
+            run.total_nnz_before = int(total_nnz_before)
+        if total_nnz_after is not None:
+            run.total_nnz_after = int(total_nnz_after)
+    return run

@@ -1,0 +1,276 @@
+"""Tasks and their versions: monotonic numbers, the active version, rollback, deletion."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from registry.catalog._tx import get_or_create
+from registry.catalog.artifacts import add_artifact, delete_blobs_if_unused, release_artifacts
+from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
+from registry.catalog.jobs import finish_job_in_transaction
+from registry.catalog.pagination import paginate
+from registry.models import Artifact, BaseModel, Job, Task, TaskVersion
+from registry.stores.base import ObjectStore, StoredObject
+
+TASK_TYPES = ("classification", "pair-classification", "regression")
+_TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_task_name(name: str) -> str:
+    """`name` if it is a valid task name (letters, digits, `._-`, max 128), else InvalidInputError."""
+    if not isinstance(name, str) or not _TASK_NAME_RE.match(name):
+        raise InvalidInputError(
+            f"task name {name!r} must start with a letter or digit and use only letters, digits, "
+            "'.', '_' or '-' (at most 128 characters)",
+            field="task",
+        )
+    return name
+
+
+def get_or_create_task(
+    session: Session,
+    *,
+    tenant_id: int,
+    name: str,
+    base_model_id: int,
+    task_type: str,
+    label_names: list[str],
+) -> Task:
+    """The tenant's task `name`, created on first use; a different base or task type is refused."""
+    check_task_name(name)
+    if task_type not in TASK_TYPES:
+        raise InvalidInputError(f"unknown task type {task_type!r}", field="task_type")
+    task = get_or_create(
+        session,
+        lambda: session.scalar(select(Task).where(Task.tenant_id == tenant_id, Task.name == name)),
+        lambda: Task(
+            tenant_id=tenant_id,
+            name=name,
+            base_model_id=base_model_id,
+            task_type=task_type,
+            label_names=list(label_names),
+        ),
+    )
+    if task.base_model_id != base_model_id:
+        raise ConflictError(
+            f"task {name!r} is on base model {task.base_model.name!r}",
+            field="base_model",
+            code="base_model_mismatch",
+        )
+    if task.task_type != task_type:
+        raise ConflictError(
+            f"task {name!r} is a {task.task_type} task, not {task_type}",
+            field="task_type",
+            code="task_type_mismatch",
+        )
+    return task
+
+
+def _task(session: Session, tenant_id: int, name: str, *, lock: bool = False) -> Task:
+    query = select(Task).where(Task.tenant_id == tenant_id, Task.name == name)
+    if lock:
+        query = query.with_for_update()
+    task = session.scalar(query)
+    if task is None:
+        raise NotFoundError(f"task {name!r} not found", field="task")
+    return task
+
+
+def get_task(session: Session, *, tenant_id: int, name: str) -> Task:
+    """The tenant's task `name`, or NotFoundError."""
+    with session.begin():
+        return _task(session, tenant_id, name)
+
+
+def list_tasks(
+    session: Session,
+    *,
+    tenant_id: int,
+    base_model: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> tuple[list[Task], str | None]:
+    """A page of the tenant's tasks (optionally on one base model), newest first."""
+    with session.begin():
+        query = select(Task).where(Task.tenant_id == tenant_id)
+        if base_model is not None:
+            query = query.join(BaseModel, Task.base_model_id == BaseModel.id).where(
+                BaseModel.name == base_model
+            )
+        return paginate(session, query, Task.id, cursor=cursor, limit=limit)
+
+
+def get_task_version(
+    session: Session, *, tenant_id: int, name: str, number: int | None = None
+) -> TaskVersion:
+    """Version `number` of a task, or its active version when `number` is None."""
+    with session.begin():
+        task = _task(session, tenant_id, name)
+        if number is None:
+            if task.active_version is None:
+                raise NotFoundError(f"task {name!r} has no active version", field="version")
+            number = task.active_version
+        version = session.scalar(
+            select(TaskVersion).where(TaskVersion.task_id == task.id, TaskVersion.number == number)
+        )
+    if version is None:
+        raise NotFoundError(f"task {name!r} has no version {number}", field="version")
+    return version
+
+
+def list_task_versions(session: Session, *, tenant_id: int, name: str) -> list[TaskVersion]:
+    """Every version of a task, oldest first."""
+    with session.begin():
+        task = _task(session, tenant_id, name)
+        return list(
+            session.scalars(
+                select(TaskVersion)
+                .where(TaskVersion.task_id == task.id)
+                .order_by(TaskVersion.number)
+            ).unique()
+        )
+
+
+def _next_version_number(session: Session, task_id: int) -> int:
+    # One atomic increment: PostgreSQL row-locks the task until commit (concurrent publishers
+    # queue up); SQLite holds the database write lock (BEGIN IMMEDIATE). UNIQUE(task_id,
+    # number) backs it up. The counter never goes down, so deleted numbers are never reused.
+    table = Task.__table__
+    number = session.scalar(
+        update(table)
+        .where(table.c.id == task_id)
+        .values(last_version_number=table.c.last_version_number + 1)
+        .returning(table.c.last_version_number)
+    )
+    if number is None:
+        raise NotFoundError(f"task {task_id} not found", field="task")
+    return int(number)
+
+
+def publish_task_version(
+    session: Session,
+    *,
+    task_id: int,
+    diff: StoredObject,
+    nnz: int,
+    density: float,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    source_job_id: int | None = None,
+    consolidation_run_id: int | None = None,
+    parent_version_id: int | None = None,
+    residual: StoredObject | None = None,
+    shared_artifact_id: int | None = None,
+    activate: bool = True,
+    label_names: list[str] | None = None,
+    finish_job_id: int | None = None,
+    worker_id: str | None = None,
+) -> TaskVersion:
+    """Insert the artifacts of uploaded, verified diffs and the next version in one transaction.
+
+    With `finish_job_id`, the same transaction moves that job from running to succeeded
+    (pointing at the new version); if the job is no longer running nothing is published
+    (ConflictError code `job_not_running`).
+    """
+    with session.begin():
+        number = _next_version_number(session, task_id)
+        task = session.get(Task, task_id, populate_existing=True)
+        assert task is not None
+        artifact = add_artifact(session, stored=diff, kind="diff")
+        residual_artifact = (
+            add_artifact(session, stored=residual, kind="residual-diff") if residual else None
+        )
+        if shared_artifact_id is not None and session.get(Artifact, shared_artifact_id) is None:
+            raise NotFoundError(
+                f"shared artifact {shared_artifact_id} not found", field="shared_artifact_id"
+            )
+        version = TaskVersion(
+            task_id=task_id,
+            number=number,
+            metrics=dict(metrics),
+            config=dict(config),
+            nnz=int(nnz),
+            density=float(density),
+            source_job_id=source_job_id,
+            consolidation_run_id=consolidation_run_id,
+            parent_version_id=parent_version_id,
+            artifact=artifact,
+            residual_artifact=residual_artifact,
+            shared_artifact_id=shared_artifact_id,
+        )
+        session.add(version)
+        session.flush()
+        if activate:
+            task.active_version = number
+        if label_names is not None:
+            task.label_names = list(label_names)
+        if finish_job_id is not None:
+            finished = finish_job_in_transaction(
+                session,
+                job_id=finish_job_id,
+                state="succeeded",
+                worker_id=worker_id,
+                metrics=dict(metrics),
+                result_version_id=version.id,
+            )
+            if finished is None:
+                raise ConflictError(
+                    f"job {finish_job_id} is no longer running; version not published",
+                    field="job_id",
+                    code="job_not_running",
+                )
+        session.flush()
+        session.refresh(version)
+    return version
+
+
+def activate_version(session: Session, *, tenant_id: int, name: str, number: int) -> Task:
+    """Make version `number` the one served (rollback or roll forward)."""
+    with session.begin():
+        task = _task(session, tenant_id, name, lock=True)
+        found = session.scalar(
+            select(TaskVersion.id).where(
+                TaskVersion.task_id == task.id, TaskVersion.number == number
+            )
+        )
+        if found is None:
+            raise NotFoundError(f"task {name!r} has no version {number}", field="version")
+        task.active_version = number
+    return task
+
+
+def delete_task_version(
+    session: Session, store: ObjectStore, *, tenant_id: int, name: str, number: int
+) -> Task:
+    """Delete a version and its blobs (unless shared); if it was active, the newest other one is.
+
+    Version numbers are never reused.
+    """
+    with session.begin():
+        task = _task(session, tenant_id, name, lock=True)
+        version = session.scalar(
+            select(TaskVersion).where(TaskVersion.task_id == task.id, TaskVersion.number == number)
+        )
+        if version is None:
+            raise NotFoundError(f"task {name!r} has no version {number}", field="version")
+        artifact_ids = [
+            version.artifact_id,
+            version.residual_artifact_id,
+            version.shared_artifact_id,
+        ]
+        session.execute(
+            update(Job).where(Job.result_version_id == version.id).values(result_version_id=None)
+        )
+        session.delete(version)
+        session.flush()
+        if task.active_version == number:
+            task.active_version = session.scalar(
+                select(func.max(TaskVersion.number)).where(TaskVersion.task_id == task.id)
+            )
+        keys = release_artifacts(session, artifact_ids)
+    delete_blobs_if_unused(session, store, keys)
+    return task

@@ -1,0 +1,135 @@
+"""The write order: upload the blob, verify it by reading back, then one transaction for the rows.
+
+A failure before the commit leaves at most an orphan blob (removed by `gc`), never a row that
+points at missing or wrong bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+
+from registry import catalog
+from registry.models import Dataset, TaskVersion
+from registry.stores.base import Data, ObjectIntegrityError, ObjectStore, StoredObject, check_digest
+
+T = TypeVar("T")
+
+DATASETS_KIND = "datasets"
+ARTIFACTS_KIND = "artifacts"
+DIFF_SUFFIX = ".safetensors"
+
+
+def upload_verified(
+    store: ObjectStore, data: bytes, *, kind: str, suffix: str, sha256: str | None = None
+) -> StoredObject:
+    """Put `data` under its content key, then read back head/metadata and check sha256 and size."""
+    actual = hashlib.sha256(data).hexdigest()
+    if sha256 is not None:
+        check_digest("(upload)", sha256, actual)
+    key = store.content_key(kind, actual, suffix)
+    stored = store.put(key, data, sha256=actual)
+    head = store.head(key)
+    if head is None:
+        raise ObjectIntegrityError(f"object {key!r} is missing right after upload", key=key)
+    if head.sha256 != actual or head.size != len(data):
+        raise ObjectIntegrityError(
+            f"object {key!r} reads back as sha256 {head.sha256} ({head.size} bytes), "
+            f"uploaded {actual} ({len(data)} bytes)",
+            key=key,
+        )
+    return stored
+
+
+def publish_blob_then_row(
+    store: ObjectStore,
+    data: Data | bytes,
+    *,
+    kind: str,
+    suffix: str,
+    write_rows: Callable[[StoredObject], T],
+) -> T:
+    """Upload + verify `data`, then call `write_rows(stored)`, which commits one transaction."""
+    payload = data if isinstance(data, bytes) else data.read()
+    stored = upload_verified(store, payload, kind=kind, suffix=suffix)
+    return write_rows(stored)
+
+
+def store_dataset(
+    session: Session,
+    store: ObjectStore,
+    *,
+    tenant_id: int,
+    data: bytes,
+    filename: str,
+    format: str,
+    rows: int,
+    label_names: list[str],
+    task_type: str,
+    column_mapping: dict[str, Any],
+) -> Dataset:
+    """Upload a validated dataset file and publish its row."""
+    suffix = "." + format if format.isalnum() else ""
+    return publish_blob_then_row(
+        store,
+        data,
+        kind=DATASETS_KIND,
+        suffix=suffix,
+        write_rows=lambda stored: catalog.create_dataset(
+            session,
+            tenant_id=tenant_id,
+            stored=stored,
+            filename=filename,
+            format=format,
+            rows=rows,
+            label_names=label_names,
+            task_type=task_type,
+            column_mapping=column_mapping,
+        ),
+    )
+
+
+def publish_version(
+    session: Session,
+    store: ObjectStore,
+    *,
+    task_id: int,
+    diff_bytes: bytes,
+    nnz: int,
+    density: float,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    residual_bytes: bytes | None = None,
+    **version_fields: Any,
+) -> TaskVersion:
+    """Upload + verify a diff (and a residual diff), then publish the next task version.
+
+    `version_fields` go to `catalog.publish_task_version` (source_job_id, consolidation_run_id,
+    parent_version_id, shared_artifact_id, activate, label_names, finish_job_id, worker_id).
+    """
+    diff = upload_verified(store, diff_bytes, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
+    residual = (
+        upload_verified(store, residual_bytes, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
+        if residual_bytes is not None
+        else None
+    )
+    return catalog.publish_task_version(
+        session,
+        task_id=task_id,
+        diff=diff,
+        residual=residual,
+        nnz=nnz,
+        density=density,
+        metrics=metrics,
+        config=config,
+        **version_fields,
+    )
+
+
+def publish_shared_diff(session: Session, store: ObjectStore, *, run_id: int, data: bytes) -> int:
+    """Upload + verify a consolidation run's shared diff and attach it; the artifact id."""
+    stored = upload_verified(store, data, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
+    return catalog.set_shared_artifact(session, run_id=run_id, stored=stored).id
