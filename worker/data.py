@@ -174,12 +174,12 @@ def load_task_data(
 def split_table(table: Table, *, fraction: float, seed: int) -> tuple[Table, Table]:
     """Seeded train/validation split; stratified by label for classification.
 
-    Each class puts round(fraction * count) rows into validation, but never all of them,
-    so every label stays in training; regression takes round(fraction * rows) at random.
+    Validation gets max(1, round(fraction * rows)) rows, shared among the labels in
+    proportion to their counts (largest remainders first), never a label's last row, so
+    every label stays in training.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
-    rng = random.Random(seed)
     if table.task_type == "regression":
         groups = {"": list(range(table.rows))}
     else:
@@ -188,19 +188,35 @@ def split_table(table: Table, *, fraction: float, seed: int) -> tuple[Table, Tab
             by_label[label].append(i)
         groups = {label: by_label[label] for label in sorted(by_label)}
 
-    held_out: list[int] = []
-    for indices in groups.values():
-        shuffled = indices[:]
-        rng.shuffle(shuffled)
-        take = min(round(fraction * len(shuffled)), len(shuffled) - 1)
-        held_out.extend(shuffled[:take])
-    if not held_out:
+    quotas = _stratified_quotas({k: len(v) for k, v in groups.items()}, fraction)
+    if sum(quotas.values()) == 0:
         raise DatasetError(
             "too_few_rows",
-            f"{table.rows} rows are too few to carve a {fraction:.0%} validation split; "
-            "add rows or give a validation file",
+            f"{table.rows} rows are too few to carve a validation split "
+            "(every label needs two rows); add rows or give a validation file",
             file=table.filename,
         )
+    rng = random.Random(seed)
+    held_out: list[int] = []
+    for label, indices in groups.items():
+        shuffled = indices[:]
+        rng.shuffle(shuffled)
+        held_out.extend(shuffled[: quotas[label]])
     held = set(held_out)
     train_idx = [i for i in range(table.rows) if i not in held]
-    return table.select(train_idx), table.select(sorted(held_out))
+    return table.select(train_idx), table.select(sorted(held))
+
+
+def _stratified_quotas(counts: dict[str, int], fraction: float) -> dict[str, int]:
+    """Validation rows per group: proportional, largest remainders, at most count - 1 each."""
+    total = sum(counts.values())
+    capacity = {k: max(n - 1, 0) for k, n in counts.items()}
+    wanted = min(max(1, round(fraction * total)), sum(capacity.values()))
+    exact = {k: wanted * n / total for k, n in counts.items()}
+    quotas = {k: min(int(exact[k]), capacity[k]) for k in counts}
+    by_remainder = sorted(counts, key=lambda k: (-(exact[k] - int(exact[k])), k))
+    while sum(quotas.values()) < wanted:
+        for k in by_remainder:
+            if quotas[k] < capacity[k] and sum(quotas.values()) < wanted:
+                quotas[k] += 1
+    return quotas
