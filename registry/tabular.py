@@ -35,7 +35,7 @@ ERROR_CODES = {
     "text_not_string": "a text value is null or not a string",
     "text_too_long": "a text is longer than max_text_chars",
     "missing_label": "a label is null or empty",
-    "invalid_label": "a classification label is not a string or an integer",
+    "invalid_label": "a classification label is not a string, an integer or a boolean",
     "label_not_numeric": "a regression label is not a finite number",
     "single_class": "a classification table has fewer than two distinct labels",
     "too_many_labels": "more distinct labels than max_labels",
@@ -245,10 +245,8 @@ def read_table(
         rows, columns = _read_csv(data, name, limits)
         line_kind = "line"
     else:
-        rows, columns = _read_parquet(data, name, limits)
+        rows, columns = _read_parquet(data, name, limits, mapping.columns())
         line_kind = "row"
-    if not rows:
-        raise DatasetError("empty_file", "the file holds no data rows", file=name)
     return _build_table(
         rows,
         columns=columns,
@@ -301,7 +299,8 @@ def _too_many_rows(name: str, limits: TableLimits) -> DatasetError:
 
 def _read_jsonl(data: bytes, name: str, limits: TableLimits) -> list[Row]:
     rows: list[Row] = []
-    for line_no, line in enumerate(_decode_utf8(data, name).splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also break at U+2028 etc. inside strings
+    for line_no, line in enumerate(_decode_utf8(data, name).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -338,6 +337,14 @@ def _read_csv(data: bytes, name: str, limits: TableLimits) -> tuple[list[Row], l
                 continue
             if header is None:
                 header = [h.strip() for h in fields]
+                duplicates = sorted({h for h in header if header.count(h) > 1})
+                if duplicates:
+                    raise DatasetError(
+                        "malformed_row",
+                        f"the header repeats column(s) {', '.join(map(repr, duplicates))}",
+                        file=name,
+                        line=start_line,
+                    )
                 continue
             if len(fields) != len(header):
                 raise DatasetError(
@@ -356,7 +363,9 @@ def _read_csv(data: bytes, name: str, limits: TableLimits) -> tuple[list[Row], l
     return rows, header or []
 
 
-def _read_parquet(data: bytes, name: str, limits: TableLimits) -> tuple[list[Row], list[str]]:
+def _read_parquet(
+    data: bytes, name: str, limits: TableLimits, wanted: list[str]
+) -> tuple[list[Row], list[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -364,12 +373,12 @@ def _read_parquet(data: bytes, name: str, limits: TableLimits) -> tuple[list[Row
         parquet = pq.ParquetFile(io.BytesIO(data))
         if parquet.metadata.num_rows > limits.max_rows:
             raise _too_many_rows(name, limits)
-        arrow_table = parquet.read()
+        columns = parquet.schema_arrow.names
+        arrow_table = parquet.read(columns=[c for c in wanted if c in columns])
     except (pa.ArrowException, OSError) as exc:
         raise DatasetError(
             "malformed_file", f"not a readable Parquet file: {exc}", file=name
         ) from None
-    columns = arrow_table.column_names
     try:
         records = arrow_table.to_pylist()
     except UnicodeDecodeError as exc:
@@ -398,6 +407,8 @@ def _build_table(
     def error(code: str, message: str, line: int | None = None, column: str | None = None):
         return DatasetError(code, message, file=name, line=line, field=column, line_kind=line_kind)
 
+    if not rows and columns is None:
+        raise error("empty_file", "the file holds no data rows")
     for column in mapping.columns():
         present = column in columns if columns is not None else any(column in r for _, r in rows)
         if not present:
@@ -408,6 +419,8 @@ def _build_table(
                 column=column,
             )
 
+    if not rows:
+        raise error("empty_file", "the file holds no data rows")
     texts = _text_column(rows, mapping.text_field, limits, error)
     pairs = (
         _text_column(rows, mapping.text_pair_field, limits, error)
@@ -510,10 +523,13 @@ def _regression_label(value: Any, line: int, column: str, error) -> float:
 def _class_label(value: Any, line: int, column: str, error) -> str:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise error("missing_label", "the label is missing", line, column)
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, str | int | float):
         raise error(
             "invalid_label",
-            f"a classification label must be a string or an integer, got {_json_type(value)}",
+            f"a classification label must be a string, an integer or a boolean, "
+            f"got {_json_type(value)}",
             line,
             column,
         )

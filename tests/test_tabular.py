@@ -373,3 +373,28 @@ def test_error_dict_carries_code_field_file_and_line() -> None:
         "file": "d.jsonl",
         "line": 2,
     }
+
+
+def test_parquet_without_the_mapped_columns_names_the_missing_one() -> None:
+    error = expect_error(parquet_bytes({"other": ["a", "b"]}), "d.parquet", "missing_column")
+    assert error.field == "text"
+
+
+def test_csv_header_with_a_repeated_column_is_rejected() -> None:
+    error = expect_error(b"text,label,text\na,b,c\n", "d.csv", "malformed_row")
+    assert error.line == 1
+    assert "'text'" in str(error)
+
+
+def test_boolean_labels_are_classes_named_true_and_false() -> None:
+    rows = [{"text": "a", "label": True}, {"text": "b", "label": False}]
+    table = read_table(jsonl_bytes(rows), filename="b.jsonl")
+    assert table.label_names == ["false", "true"]
+
+
+def test_unicode_line_separator_inside_a_json_string_is_text_not_a_line_break() -> None:
+    rows = [{"text": "one\u2028two", "label": "a"}, {"text": "three", "label": "b"}]
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    table = read_table(data, filename="u.jsonl")
+    assert table.texts[0] == "one\u2028two"
+    assert table.line_numbers == [1, 2]
