@@ -276,6 +276,25 @@ def _parse_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
         raise ArtifactError(f"bad header JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ArtifactError("bad header JSON: not an object")
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ArtifactError(f"bad header JSON: tensor {name!r} has no valid data_offsets")
+        data_end = max(data_end, offsets[1])
+    available = len(data) - (8 + header_len)
+    if available < data_end:
+        raise ArtifactError(
+            f"truncated file: tensor data needs {data_end} bytes after the header, "
+            f"only {available} present"
+        )
     return header, 8 + header_len
 
 
