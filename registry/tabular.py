@@ -218,7 +218,7 @@ def read_table(
         data = source
     else:
         path = Path(source)
-        name = filename or path.name
+        name = path.name if filename is None else filename
         _check_size(path.stat().st_size, name, limits)
         data = path.read_bytes()
     kind = format_of(name)
