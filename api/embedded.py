@@ -92,6 +92,8 @@ class EmbeddedStack:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
         self.env["DIFFBANK_DATA_DIR"] = str(data_dir)
+        self.env["DIFFBANK_API_PORT"] = str(self.settings.api_port)
+        self.env["DIFFBANK_URL"] = self.settings.url
         redis_url = self.settings.redis_url
         if not redis_url:
             proc, redis_url = start_redis(data_dir)
