@@ -93,8 +93,49 @@ async def _http_error_handler(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# Catalog error classes -> HTTP status (looked up along the exception's MRO).
+_CATALOG_STATUS = {"NotFoundError": 404, "ConflictError": 409, "InvalidInputError": 422}
+# Dataset error codes that are not 422.
+_DATASET_STATUS = {"too_large": 413}
+
+
+async def _catalog_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    status = next(
+        (_CATALOG_STATUS[c.__name__] for c in type(exc).__mro__ if c.__name__ in _CATALOG_STATUS),
+        400,
+    )
+    return JSONResponse(
+        error_body(exc.code, exc.message, exc.field), status_code=status  # type: ignore[attr-defined]
+    )
+
+
+async def _dataset_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    code = exc.code  # type: ignore[attr-defined]
+    field = exc.field or "file"  # type: ignore[attr-defined]
+    return JSONResponse(error_body(code, str(exc), field), status_code=_DATASET_STATUS.get(code, 422))
+
+
+async def _store_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    from registry.stores import ObjectIntegrityError, ObjectNotFound
+
+    if isinstance(exc, ObjectIntegrityError):
+        code = "integrity_error"
+    elif isinstance(exc, ObjectNotFound):
+        code = "object_missing"
+    else:
+        code = "store_error"
+    return JSONResponse(error_body(code, str(exc)), status_code=500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer ApiError, validation errors and Starlette's HTTP errors in the one JSON shape."""
+    """Answer every error (ours, the registry's, FastAPI's) in the one JSON shape."""
+    from registry.catalog.errors import CatalogError
+    from registry.stores import ObjectStoreError
+    from registry.tabular import DatasetError
+
     app.add_exception_handler(ApiError, _api_error_handler)
+    app.add_exception_handler(CatalogError, _catalog_error_handler)
+    app.add_exception_handler(DatasetError, _dataset_error_handler)
+    app.add_exception_handler(ObjectStoreError, _store_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)

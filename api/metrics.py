@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+API_PREFIXES = ("/v1",)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -87,10 +88,17 @@ class MetricsMiddleware:
 
 def _route_template(scope: Scope) -> str:
     """The matched route's path template, so ids do not explode label cardinality."""
+    route = scope.get("route")
+    if route is not None:
+        template = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
+        # Routes of an included router carry their path relative to the include prefix.
+        for prefix in API_PREFIXES:
+            if scope.get("path", "").startswith(prefix + "/") and not template.startswith(prefix):
+                template = prefix + template
+        return template
     app = scope.get("app")
-    router = getattr(app, "router", None)
-    for route in getattr(router, "routes", []):
-        match, _ = route.matches(scope)
+    for candidate in getattr(getattr(app, "router", None), "routes", []):
+        match, _ = candidate.matches(scope)
         if match == Match.FULL:
-            return getattr(route, "path", "unmatched")
+            return getattr(candidate, "path", "unmatched")
     return "unmatched"

@@ -86,7 +86,11 @@ def density_grid(diff: SparseDiff) -> tuple[list[str], list[str], np.ndarray]:
         nnz[cell] = nnz.get(cell, 0) + int(idx.numel())
         numel[cell] = numel.get(cell, 0) + math.prod(diff.shapes[name])
     layers = sorted({layer for layer, _ in nnz}, key=_layer_order)
-    modules = sorted({module for _, module in nnz})
+    first_row = {}
+    for layer, module in nnz:  # columns grouped by the first layer they appear in
+        row = layers.index(layer)
+        first_row[module] = min(row, first_row.get(module, row))
+    modules = sorted(first_row, key=lambda module: (first_row[module], module))
     grid = np.full((len(layers), len(modules)), np.nan)
     for (layer, module), count in nnz.items():
         grid[layers.index(layer), modules.index(module)] = count / numel[(layer, module)]

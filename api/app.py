@@ -1,0 +1,76 @@
+"""`create_app(settings)`: the diffbank HTTP API (FastAPI), wired to the registry, store and broker.
+
+Importing this module never imports torch; prediction serving loads it on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from fastapi import FastAPI
+from sqlalchemy import func, select
+
+from api.errors import install_error_handlers
+from api.metrics import ApiMetrics, MetricsMiddleware
+from api.routes import datasets, health, jobs, predict, tasks
+from api.serving import Predictor
+from registry.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "0.1.0"
+OPENAPI_DESCRIPTION = """
+Continual task adaptation as sparse diffs against one shared encoder.
+
+Every `/v1` route takes `Authorization: Bearer KEY` (scopes `read`, `submit`, `admin`; `admin`
+implies the others). A tenant sees only its own datasets, tasks and jobs: another tenant's ids and
+names answer 404. Every error is `{"error": {"code", "message", "field"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API app; refuses to start when the database schema is not current."""
+    from registry.db import check_schema_current, make_engine, make_session_factory
+    from registry.stores import open_store
+    from worker.app import make_celery_app
+
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+    check_schema_current(engine)  # raises SchemaNotCurrentError naming the command to run
+
+    app = FastAPI(
+        title="diffbank",
+        version=API_VERSION,
+        description=OPENAPI_DESCRIPTION,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.store = open_store(settings.store_url, settings)
+    app.state.celery = make_celery_app(settings)
+    app.state.predictor = Predictor(cache_size=settings.serving_cache_size)
+    app.state.metrics = ApiMetrics()
+    app.state.metrics.watch_jobs(lambda: _count_jobs_by_state(app))
+
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.include_router(health.router)
+    for module in (datasets, jobs, tasks, predict):
+        app.include_router(module.router, prefix="/v1")
+    if importlib.util.find_spec("api.routes.consolidations") is not None:
+        from api.routes import consolidations
+
+        app.include_router(consolidations.router, prefix="/v1")
+    return app
+
+
+def _count_jobs_by_state(app: FastAPI) -> dict[str, int]:
+    """Jobs per state across tenants (read at scrape time)."""
+    from registry.models import JOB_STATES, Job
+
+    counts = dict.fromkeys(JOB_STATES, 0)
+    with app.state.session_factory() as session:
+        for state, count in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+            counts[state] = count
+    return counts

@@ -1,0 +1,222 @@
+"""Jobs: create (validated, then enqueued after the row commits), list, get, cancel, events."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from api.deps import ReadPrincipal, SessionDep, SettingsDep, SubmitPrincipal
+from api.errors import ApiError
+from api.schemas import (
+    ErrorPublic,
+    JobCreate,
+    JobErrorPublic,
+    JobEventPublic,
+    JobEventsPublic,
+    JobKind,
+    JobProgressPublic,
+    JobPublic,
+    JobsPublic,
+    JobState,
+)
+from registry import catalog
+from registry.basemodel import canonical_base_name
+from registry.models import Job, TaskVersion
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 422)}
+
+
+def job_public(job: Job, *, version: int | None = None) -> JobPublic:
+    """The API view of a job row."""
+    error = None
+    if job.error_code or job.error_message:
+        error = JobErrorPublic(code=job.error_code, message=job.error_message)
+    progress = {k: v for k, v in (job.progress or {}).items() if k in JobProgressPublic.model_fields}
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,
+        state=job.state,
+        task=job.task_name,
+        dataset_id=job.dataset_id,
+        validation_dataset_id=job.validation_dataset_id,
+        base_model=job.base_model,
+        params=job.params or {},
+        attempts=job.attempts,
+        cancel_requested=bool(job.cancel_requested),
+        progress=JobProgressPublic(**progress),
+        metrics=job.metrics or {},
+        error=error,
+        version=version,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _version_numbers(session, jobs: list[Job]) -> dict[int, int]:
+    """Result version number of each job that published one."""
+    from sqlalchemy import select
+
+    ids = [j.result_version_id for j in jobs if j.result_version_id is not None]
+    if not ids:
+        return {}
+    with session.begin():
+        rows = session.execute(
+            select(TaskVersion.id, TaskVersion.number).where(TaskVersion.id.in_(ids))
+        ).all()
+    return dict(rows)
+
+
+def jobs_public(session, jobs: list[Job]) -> list[JobPublic]:
+    """API views of jobs, with their result version numbers."""
+    numbers = _version_numbers(session, jobs)
+    return [job_public(j, version=numbers.get(j.result_version_id)) for j in jobs]
+
+
+def _resolve_base(session, settings, requested: str | None) -> str:
+    """What the worker loads for the job: a registered base's source, or the server default.
+
+    Anything else is an unknown base (422, field base_model): users cannot point the worker
+    at arbitrary paths or hub names.
+    """
+    from sqlalchemy import select
+
+    from registry.models import BaseModel
+
+    if requested is None or requested in (
+        settings.base_model, canonical_base_name(settings.base_model)
+    ):
+        return settings.base_model
+    with session.begin():
+        row = session.scalar(select(BaseModel).where(BaseModel.name == requested))
+    if row is None:
+        raise ApiError(422, "unknown_base_model",
+                       f"base model {requested!r} is not registered on this server",
+                       field="base_model")
+    return row.source
+
+
+def _check_task_compatible(session, *, tenant_id: int, name: str, base: str, task_type: str) -> None:
+    """409 when the task already exists on another base or with another task type."""
+    try:
+        task = catalog.get_task(session, tenant_id=tenant_id, name=name)
+    except catalog.NotFoundError:
+        return
+    if task.base_model.name != canonical_base_name(base):
+        raise ApiError(409, "base_model_mismatch",
+                       f"task {name!r} is on base model {task.base_model.name!r}",
+                       field="base_model")
+    if task.task_type != task_type:
+        raise ApiError(409, "task_type_mismatch",
+                       f"task {name!r} is a {task.task_type} task; the dataset is {task_type}",
+                       field="dataset_id")
+
+
+@router.post("", status_code=202, response_model=JobPublic, responses=ERRORS,
+             summary="Queue a training job")
+def create_job(
+    body: JobCreate,
+    request: Request,
+    principal: SubmitPrincipal,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> JobPublic:
+    """Validate everything, commit the job row, then enqueue `diffbank.train(job_id)`."""
+    tenant_id = principal.tenant_id
+    dataset = catalog.get_dataset(session, tenant_id=tenant_id, dataset_id=body.dataset_id)
+    if body.validation_dataset_id is not None:
+        validation = catalog.get_dataset(
+            session, tenant_id=tenant_id, dataset_id=body.validation_dataset_id
+        )
+        if validation.task_type != dataset.task_type:
+            raise ApiError(422, "task_type_mismatch",
+                           f"validation dataset is {validation.task_type}, training dataset is "
+                           f"{dataset.task_type}", field="validation_dataset_id")
+    # Plain values: a catalog lookup that fails (rolls back) expires loaded rows.
+    dataset_id, task_type = dataset.id, dataset.task_type
+    base = _resolve_base(session, settings, body.base_model)
+    _check_task_compatible(session, tenant_id=tenant_id, name=body.task, base=base,
+                           task_type=task_type)
+    job = catalog.create_job(
+        session,
+        tenant_id=tenant_id,
+        kind="train",
+        task_name=body.task,
+        dataset_id=dataset_id,
+        validation_dataset_id=body.validation_dataset_id,
+        base_model=base,
+        params=body.params(),
+        max_attempts=settings.job_max_attempts,
+    )
+    _enqueue(request, session, job)
+    return job_public(job)
+
+
+def _enqueue(request: Request, session, job: Job) -> None:
+    """Send the job's message after its row committed; a broker failure leaves it to the sweep."""
+    from worker.app import TRAIN_QUEUE, TRAIN_TASK
+
+    try:
+        request.app.state.celery.send_task(TRAIN_TASK, args=[job.id], queue=TRAIN_QUEUE)
+    except Exception:  # the job stays queued; the periodic sweep re-sends it
+        log.exception("could not enqueue job %s; the sweep will re-send it", job.id)
+        return
+    catalog.mark_enqueued(session, job_id=job.id)
+
+
+@router.get("", response_model=JobsPublic, responses=ERRORS, summary="List jobs")
+def list_jobs(
+    principal: ReadPrincipal,
+    session: SessionDep,
+    state: JobState | None = None,
+    task: Annotated[str | None, Query(max_length=128)] = None,
+    kind: JobKind | None = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobsPublic:
+    """The caller's jobs, newest first, filtered by state, task and kind; cursor pagination."""
+    rows, next_cursor = catalog.list_jobs(
+        session, tenant_id=principal.tenant_id, state=state, task=task, kind=kind,
+        cursor=cursor, limit=limit,
+    )
+    return JobsPublic(items=jobs_public(session, rows), next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=ERRORS, summary="Get a job")
+def get_job(job_id: int, principal: ReadPrincipal, session: SessionDep) -> JobPublic:
+    """State, progress, metrics, error and published version of one of the caller's jobs."""
+    job = catalog.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    return jobs_public(session, [job])[0]
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS,
+             summary="Cancel a job")
+def cancel_job(job_id: int, principal: SubmitPrincipal, session: SessionDep) -> JobPublic:
+    """A queued job is cancelled at once; a running one stops within seconds."""
+    job = catalog.request_cancel(session, tenant_id=principal.tenant_id, job_id=job_id)
+    return jobs_public(session, [job])[0]
+
+
+@router.get("/{job_id}/events", response_model=JobEventsPublic, responses=ERRORS,
+            summary="A job's events")
+def job_events(
+    job_id: int,
+    principal: ReadPrincipal,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> JobEventsPublic:
+    """State changes and progress reports with sequence numbers above `after`, oldest first."""
+    events = catalog.list_job_events(
+        session, tenant_id=principal.tenant_id, job_id=job_id, after_seq=after, limit=limit
+    )
+    return JobEventsPublic(items=[
+        JobEventPublic(seq=e.seq, kind=e.kind, payload=e.payload or {}, created_at=e.created_at)
+        for e in events
+    ])
