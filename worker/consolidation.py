@@ -36,10 +36,20 @@ import torch
 from torch import Tensor
 
 from registry.artifact import VALUE_DTYPES, ArtifactMeta, SparseDiff, build_task_model
-from registry.basemodel import LoadedBase, build_model
+from registry.basemodel import LoadedBase
 from worker import gates, lowrank, projection
 from worker.config import DiffPruneConfig
 from worker.data import TaskData
+from worker.trainer import (
+    Progress,
+    TrainingCancelled,
+    autocast_for,
+    encode_rows,
+    evaluate,
+    label_tensor,
+    prepare_model,
+    resolve_device,
+)
 
 SHARED = "shared"
 Strategy = Literal["elementwise", "rank"]
@@ -70,7 +80,7 @@ class ConsolidationConfig:
     value_dtype: str = "float16"
     checkpoint_every_steps: int = 50
     seed: int = 0
-    device: str = "cpu"
+    device: str = ""  # "" = cuda when available, else cpu
 
     def to_json(self) -> str:
         """Sorted JSON of every field."""
@@ -125,17 +135,6 @@ class ConsolidationResult:
     total_nnz: int
     train_seconds: float
     steps: int
-
-
-@dataclass
-class Progress:
-    """Progress of a run: phase is 'fit', 'fix' or 'evaluate'."""
-
-    step: int
-    total_steps: int
-    loss: float
-    expected_nnz: float
-    phase: str
 
 
 def accept(metric_before: float, metric_after: float, tolerance_points: float) -> bool:
@@ -344,10 +343,15 @@ def project_to_budget(diff_sets: dict[str, GatedDiffSet], budget: int) -> int:
                 diff_set.u[name].mul_(gate)
                 component_keys.append((role, name))
                 component_scores.append(
-                    lowrank.component_scores(diff_set.u[name], diff_set.v[name], torch.ones_like(gate))
+                    lowrank.component_scores(
+                        diff_set.u[name], diff_set.v[name], torch.ones_like(gate)
+                    )
                 )
         if not component_keys:
-            named = {f"{role}/{name}": mag for (role, name), mag in zip(entry_keys, entry_magnitudes, strict=True)}
+            named = {
+                f"{role}/{name}": mag
+                for (role, name), mag in zip(entry_keys, entry_magnitudes, strict=True)
+            }
             kept = projection.global_topk(named, budget)
             for role, name in entry_keys:
                 mask = torch.zeros(diff_sets[role].w[name].numel(), dtype=torch.bool)
@@ -356,7 +360,9 @@ def project_to_budget(diff_sets: dict[str, GatedDiffSet], budget: int) -> int:
                     diff_sets[role].w[name].device
                 )
         else:
-            _knapsack_masks(diff_sets, entry_keys, entry_magnitudes, component_keys, component_scores, budget)
+            _knapsack_masks(
+                diff_sets, entry_keys, entry_magnitudes, component_keys, component_scores, budget
+            )
         for diff_set in diff_sets.values():
             for name in diff_set.w:
                 diff_set.w[name].mul_(diff_set.mask[name])
@@ -401,7 +407,9 @@ def _knapsack_masks(
 # --- artifacts ----------------------------------------------------------------------------------
 
 
-def materialise(diff_sets: Sequence[GatedDiffSet], base_tensors: dict[str, Tensor]) -> tuple[dict, dict]:
+def materialise(
+    diff_sets: Sequence[GatedDiffSet], base_tensors: dict[str, Tensor]
+) -> tuple[dict, dict]:
     """Sparse (indices, values) of the sum of masked sets: the union of their stored positions."""
     indices: dict[str, Tensor] = {}
     values: dict[str, Tensor] = {}
@@ -417,7 +425,9 @@ def materialise(diff_sets: Sequence[GatedDiffSet], base_tensors: dict[str, Tenso
                     position_masks.append(mask)
                     total += (diff_set.w[name] * diff_set.mask[name]).flatten()
                 elif name in diff_set.u and bool(diff_set.mask[name].any()):
-                    position_masks.append(torch.ones(theta.numel(), dtype=torch.bool, device=theta.device))
+                    position_masks.append(
+                        torch.ones(theta.numel(), dtype=torch.bool, device=theta.device)
+                    )
                     total += diff_set.delta(name, "masked").flatten()
             if not position_masks:
                 continue
@@ -461,30 +471,6 @@ def make_artifact(
     )
 
 
-# --- data ---------------------------------------------------------------------------------------
-
-
-def _labels(data: TaskData, table: Any) -> Tensor:
-    """Label tensor of a table: class ids, or float targets for regression."""
-    if data.task_type == "regression":
-        return torch.tensor([float(x) for x in table.labels], dtype=torch.float32)
-    return torch.tensor(table.label_ids(), dtype=torch.long)
-
-
-def _batch(base: LoadedBase, data: TaskData, rows: Tensor, labels: Tensor, config: ConsolidationConfig) -> dict:
-    """Tokenised inputs and labels for the given training rows."""
-    table = data.train
-    ids = rows.tolist()
-    texts = [table.texts[i] for i in ids]
-    pairs = [table.text_pairs[i] for i in ids] if table.text_pairs is not None else None
-    encoded = base.tokenizer(
-        texts, pairs, truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
-    )
-    batch = {key: value.to(config.device) for key, value in encoded.items()}
-    batch["labels"] = labels[rows].to(config.device)
-    return batch
-
-
 # --- the fit ------------------------------------------------------------------------------------
 
 
@@ -498,15 +484,17 @@ class _Models:
     heads: list[dict[str, Tensor]]
 
 
-def _build_models(tasks: Sequence[ConsolidationTask], base: LoadedBase, device: str) -> _Models:
-    """Task models sharing one encoder; heads trainable copies of the current versions' heads."""
+def _build_models(
+    tasks: Sequence[ConsolidationTask], base: LoadedBase, device: torch.device
+) -> _Models:
+    """Task models sharing one frozen encoder (on CPU the cached base's own storage);
+    heads are trainable copies of the current versions' heads."""
     models: list[torch.nn.Module] = []
     heads: list[dict[str, Tensor]] = []
     shared_encoder = None
     prefix = ""
     for task in tasks:
-        model = build_model(base, task_type=task.data.task_type, num_labels=task.data.num_labels)
-        model.to(device)
+        model = prepare_model(base, task.data, device, share_base=shared_encoder is None)
         prefix = model.base_model_prefix
         if shared_encoder is None:
             shared_encoder = model.base_model
@@ -534,7 +522,12 @@ def _build_models(tasks: Sequence[ConsolidationTask], base: LoadedBase, device: 
 
 
 def _task_loss(
-    models: _Models, index: int, shared: GatedDiffSet, residual: GatedDiffSet, mode: str, batch: dict
+    models: _Models,
+    index: int,
+    shared: GatedDiffSet,
+    residual: GatedDiffSet,
+    mode: str,
+    batch: dict,
 ) -> Tensor:
     """Task `index`'s loss with encoder weights base + shared + residual."""
     params = {
@@ -617,31 +610,42 @@ def consolidate(
     started = time.monotonic()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    models = _build_models(tasks, base, config.device)
+    device = resolve_device(config.device)
+    models = _build_models(tasks, base, device)
     shapes = {name: tuple(t.shape) for name, t in models.base_tensors.items()}
     sets: dict[str, GatedDiffSet] = {
         SHARED: new_diff_set(
-            models.base_tensors, strategy=config.strategy, rank=config.rank,
-            alpha_init=config.alpha_init, init=None, generator=generator,
+            models.base_tensors,
+            strategy=config.strategy,
+            rank=config.rank,
+            alpha_init=config.alpha_init,
+            init=None,
+            generator=generator,
         )
     }
     for task in tasks:
         sets[task.name] = new_diff_set(
-            models.base_tensors, strategy=config.strategy, rank=config.rank,
-            alpha_init=config.alpha_init, init=dense_deltas(task.current, shapes), generator=generator,
+            models.base_tensors,
+            strategy=config.strategy,
+            rank=config.rank,
+            alpha_init=config.alpha_init,
+            init=dense_deltas(task.current, shapes),
+            generator=generator,
         )
     sizes = [len(t.data.train.texts) for t in tasks]
     if config.max_train_examples:
         sizes = [min(n, config.max_train_examples) for n in sizes]
-    labels = [_labels(t.data, t.data.train) for t in tasks]
+    labels = [label_tensor(t.data.train, t.data.task_type) for t in tasks]
     probabilities = torch.tensor(task_sampling_probabilities(sizes, config.temperature))
     fit_steps = _phase_steps(sizes, config.epochs, config.batch_size)
     fix_steps = _phase_steps(sizes, config.fix_epochs, config.batch_size)
     total_steps = fit_steps + fix_steps
-    choices = torch.multinomial(probabilities, max(1, total_steps), replacement=True, generator=generator)
+    choices = torch.multinomial(
+        probabilities, max(1, total_steps), replacement=True, generator=generator
+    )
     draws = [0] * len(tasks)
     step = 0
-    phase = "fit"
+    phase = "prune"
     saved = _load_checkpoint(checkpoint)
     if saved is not None:
         for role, diff_set in sets.items():
@@ -650,7 +654,11 @@ def consolidate(
             with torch.no_grad():
                 for name, tensor in head.items():
                     tensor.copy_(state[name])
-        step, phase, draws = int(saved["step"]), str(saved["phase"]), [int(d) for d in saved["draws"]]
+        step, phase, draws = (
+            int(saved["step"]),
+            str(saved["phase"]),
+            [int(d) for d in saved["draws"]],
+        )
         torch.set_rng_state(saved["torch_rng"])
     optimizers, scheduler = _optimizers(sets, models, config, phase, fit_steps, fix_steps)
     if saved is not None:
@@ -661,22 +669,24 @@ def consolidate(
     penalty_scale = config.l0_lambda
     while step < total_steps:
         if should_stop is not None and should_stop():
-            from worker.trainer import TrainingCancelled
-
             raise TrainingCancelled(f"consolidation run {run_id} cancelled at step {step}")
-        if phase == "fit" and step >= fit_steps:
+        if phase == "prune" and step >= fit_steps:
             project_to_budget(sets, config.budget)
             phase = "fix"
             optimizers, scheduler = _optimizers(sets, models, config, phase, fit_steps, fix_steps)
         index = int(choices[step])
         rows = _rows_for_draw(sizes[index], draws[index], config.batch_size, config.seed, index)
         draws[index] += 1
-        batch = _batch(base, tasks[index].data, rows, labels[index], config)
+        batch = encode_rows(
+            base.tokenizer, tasks[index].data.train, rows, config.max_length, device
+        )
+        batch["labels"] = labels[index][rows].to(device)
         residual = sets[tasks[index].name]
-        mode = "sample" if phase == "fit" else "masked"
-        loss = _task_loss(models, index, sets[SHARED], residual, mode, batch)
+        mode = "sample" if phase == "prune" else "masked"
+        with autocast_for(device):
+            loss = _task_loss(models, index, sets[SHARED], residual, mode, batch).float()
         total = loss
-        if phase == "fit":
+        if phase == "prune":
             expected = sets[SHARED].expected_l0() + residual.expected_l0()
             total = loss + penalty_scale * expected
         for optimizer in optimizers:
@@ -687,18 +697,24 @@ def consolidate(
         scheduler.step()
         step += 1
         if progress is not None:
-            progress(Progress(step, total_steps, float(loss.detach()), _expected_nnz(sets, phase), phase))
-        if checkpoint is not None and (step % config.checkpoint_every_steps == 0 or step == total_steps):
+            progress(
+                Progress(step, total_steps, float(loss.detach()), _expected_nnz(sets, phase), phase)
+            )
+        if checkpoint is not None and (
+            step % config.checkpoint_every_steps == 0 or step == total_steps
+        ):
             _save_checkpoint(checkpoint, sets, models, optimizers, scheduler, step, phase, draws)
-    if phase == "fit":  # no phase 2 configured
+    if phase == "prune":  # no phase 2 configured
         project_to_budget(sets, config.budget)
-    return _build_result(tasks, sets, models, shapes, n_params, config, run_id, started, total_steps)
+    return _build_result(
+        tasks, sets, models, shapes, n_params, config, run_id, started, total_steps
+    )
 
 
 def _expected_nnz(sets: dict[str, GatedDiffSet], phase: str) -> float:
     """Expected stored entries under the gates (phase 1) or the stored entries (phase 2)."""
     with torch.no_grad():
-        if phase == "fit":
+        if phase == "prune":
             return float(sum(float(s.expected_l0()) for s in sets.values()))
         return float(sum(s.stored_entries() for s in sets.values()))
 
@@ -714,15 +730,17 @@ def _optimizers(
     """AdamW on values + heads (warmup, linear decay); plain SGD on gate logits in phase 1."""
     values = [t for s in sets.values() for t in s.value_tensors()]
     heads = [t for head in models.heads for t in head.values()]
-    value_lr = config.lr if phase == "fit" else config.fix_lr
+    value_lr = config.lr if phase == "prune" else config.fix_lr
     main = torch.optim.AdamW(
         [{"params": values, "lr": value_lr}, {"params": heads, "lr": config.head_lr}],
         weight_decay=0.0,
     )
-    steps = fit_steps if phase == "fit" else fix_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(main, _linear_schedule(max(1, steps), config.warmup_fraction))
+    steps = fit_steps if phase == "prune" else fix_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        main, _linear_schedule(max(1, steps), config.warmup_fraction)
+    )
     optimizers: list[torch.optim.Optimizer] = [main]
-    if phase == "fit":
+    if phase == "prune":
         logits = [t for s in sets.values() for t in s.logit_tensors()]
         optimizers.append(torch.optim.SGD(logits, lr=config.alpha_lr))
     return optimizers, scheduler
@@ -755,44 +773,81 @@ def _load_checkpoint(checkpoint) -> dict | None:
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def _build_result(tasks, sets, models, shapes, n_params, config, run_id, started, steps) -> ConsolidationResult:
+def _build_result(
+    tasks, sets, models, shapes, n_params, config, run_id, started, steps
+) -> ConsolidationResult:
     """Artifacts of the fitted sets: the shared diff, and per task its residual and composed diff."""
     shared_set = sets[SHARED]
     lineage = {"run_id": run_id, "strategy": config.strategy, "budget": config.budget}
     template = tasks[0].current.meta
     indices, values = materialise([shared_set], models.base_tensors)
     shared = make_artifact(
-        indices, values, template=template, head={}, shapes=shapes, n_params=n_params, config=config,
+        indices,
+        values,
+        template=template,
+        head={},
+        shapes=shapes,
+        n_params=n_params,
+        config=config,
         extra={**lineage, "role": "shared", "stored_entries": shared_set.stored_entries()},
     )
     outcomes = []
     for task, head in zip(tasks, models.heads, strict=True):
         residual_set = sets[task.name]
         entries = residual_set.stored_entries()
-        common = {**lineage, "task": task.name, "stored_entries": entries,
-                  "shared_stored_entries": shared_set.stored_entries()}
+        common = {
+            **lineage,
+            "task": task.name,
+            "stored_entries": entries,
+            "shared_stored_entries": shared_set.stored_entries(),
+        }
         r_idx, r_val = materialise([residual_set], models.base_tensors)
         residual = make_artifact(
-            r_idx, r_val, template=task.current.meta, head=head, shapes=shapes, n_params=n_params,
-            config=config, extra={**common, "role": "residual"},
+            r_idx,
+            r_val,
+            template=task.current.meta,
+            head=head,
+            shapes=shapes,
+            n_params=n_params,
+            config=config,
+            extra={**common, "role": "residual"},
         )
         c_idx, c_val = materialise([shared_set, residual_set], models.base_tensors)
         composed = make_artifact(
-            c_idx, c_val, template=task.current.meta, head=head, shapes=shapes, n_params=n_params,
-            config=config, extra={**common, "role": "composed"},
+            c_idx,
+            c_val,
+            template=task.current.meta,
+            head=head,
+            shapes=shapes,
+            n_params=n_params,
+            config=config,
+            extra={**common, "role": "composed"},
         )
-        outcomes.append(TaskOutcome(name=task.name, residual=residual, composed=composed, nnz=entries))
+        outcomes.append(
+            TaskOutcome(name=task.name, residual=residual, composed=composed, nnz=entries)
+        )
     total = shared_set.stored_entries() + sum(o.nnz for o in outcomes)
     return ConsolidationResult(
-        shared=shared, shared_nnz=shared_set.stored_entries(), tasks=outcomes, total_nnz=total,
-        train_seconds=time.monotonic() - started, steps=steps,
+        shared=shared,
+        shared_nnz=shared_set.stored_entries(),
+        tasks=outcomes,
+        total_nnz=total,
+        train_seconds=time.monotonic() - started,
+        steps=steps,
     )
 
 
-def evaluate_diff(diff: SparseDiff, data: TaskData, *, base: LoadedBase, config: ConsolidationConfig) -> dict:
+def evaluate_diff(
+    diff: SparseDiff, data: TaskData, *, base: LoadedBase, config: ConsolidationConfig
+) -> dict:
     """Validation metrics of base + diff + its head (the trainer's evaluate)."""
-    model = build_task_model(base, diff).to(config.device)
-    return trainer.evaluate(
-        model, data.validation, tokenizer=base.tokenizer, max_length=config.max_length,
-        batch_size=config.eval_batch_size, task_type=data.task_type,
+    model = build_task_model(base, diff).to(resolve_device(config.device))
+    return evaluate(
+        model,
+        data.validation,
+        tokenizer=base.tokenizer,
+        task_type=data.task_type,
+        num_labels=data.num_labels,
+        max_length=config.max_length,
+        batch_size=config.eval_batch_size,
     )

@@ -37,7 +37,9 @@ def parse_schedule(text: str) -> float | crontab | None:
     if every:
         seconds = float(every.group(1))
         if seconds <= 0:
-            raise ScheduleError("consolidation_schedule: 'every' needs a positive number of seconds")
+            raise ScheduleError(
+                "consolidation_schedule: 'every' needs a positive number of seconds"
+            )
         return seconds
     fields = text.split()
     if len(fields) != 5:
