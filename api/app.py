@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 from fastapi import FastAPI
 from sqlalchemy import func, select
@@ -48,6 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.store = open_store(settings.store_url, settings)
+    app.state.upload_dir = str(settings.data_dir / "uploads")  # temp files of uploads in flight
+    os.makedirs(app.state.upload_dir, exist_ok=True)
     app.state.celery = make_celery_app(settings)
     app.state.predictor = Predictor(cache_size=settings.serving_cache_size)
     app.state.metrics = ApiMetrics()

@@ -55,6 +55,7 @@ class ApiWorld:
             for model in (Artifact, Dataset, Job, JobEvent, Task, TaskVersion):
                 result[model.__tablename__] = session.scalar(select(func.count()).select_from(model))
         result["objects"] = len(list(self.store.list("")))
+        result["upload_temp_files"] = len(list(Path(self.app.state.upload_dir).iterdir()))
         client = redis.Redis.from_url(self.redis_url)
         try:
             result["train_queue"] = client.llen("train")

@@ -99,7 +99,9 @@ async def upload_dataset(
     settings: SettingsDep,
 ) -> DatasetPublic:
     """Stream the file (size limit enforced while reading), validate it, store blob then row."""
-    upload = await receive_upload(request, max_bytes=settings.max_upload_bytes)
+    upload = await receive_upload(
+        request, max_bytes=settings.max_upload_bytes, tmp_dir=request.app.state.upload_dir
+    )
     try:
         mapping, task_type = _mapping(upload.fields)
         filename = upload.filename or ""

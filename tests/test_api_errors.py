@@ -1,0 +1,168 @@
+"""Every bad input gets a 4xx JSON error naming its code and field, and leaves nothing behind.
+
+One table: each row sends one bad request and states the status, `error.code` and
+`error.field` it must get. Before and after each request we count rows per table, stored
+objects, upload temp files and messages in the broker's `train` queue: all must be unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from tests.api_support import SENTIMENT_ROWS, ApiWorld, jsonl, make_world
+
+MAX_UPLOAD = 2048
+MAX_BATCH = 4
+MAX_CHARS = 200
+
+
+@dataclass
+class Ctx:
+    """Ids and names the bad requests refer to."""
+
+    world: ApiWorld
+    alice_dataset: int
+    bob_dataset: int
+    busy_dataset: int
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, redis_server, tiny_base_dir) -> Ctx:
+    world = make_world(
+        tmp_path_factory.mktemp("api-errors"), redis_server.url, tiny_base_dir,
+        max_upload_bytes=MAX_UPLOAD, serving_max_batch=MAX_BATCH, serving_max_text_chars=MAX_CHARS,
+    )
+    alice = world.upload_ok("alice", SENTIMENT_ROWS)["id"]
+    bob = world.upload_ok("bob", SENTIMENT_ROWS)["id"]
+    busy = world.upload_ok("alice", SENTIMENT_ROWS[:6] + SENTIMENT_ROWS[:2])["id"]
+    response = world.client.post("/v1/jobs", headers=world.headers("alice"),
+                                 json={"task": "busy", "dataset_id": busy})
+    assert response.status_code == 202, response.text
+    world.publish_version("alice", "sent", seed=1)
+    world.publish_version("alice", "scores", seed=2, task_type="regression", labels=())
+    world.publish_version("bob", "bobtask", seed=3)
+    return Ctx(world, alice, bob, busy)
+
+
+def upload(name: str, data: bytes, who: str = "alice", **form: str):
+    return lambda c: c.world.upload(who, name, data, **form)
+
+
+def post_job(body: dict | Callable[[Ctx], dict], who: str = "alice"):
+    def send(c: Ctx):
+        payload = body(c) if callable(body) else body
+        return c.world.client.post("/v1/jobs", headers=c.world.headers(who), json=payload)
+    return send
+
+
+def job(**fields):
+    return lambda c: {"task": "sent", "dataset_id": c.alice_dataset, **fields}
+
+
+def get(path: str, who: str | None = "alice", headers: dict | None = None):
+    def send(c: Ctx):
+        h = dict(c.world.headers(who)) if who else {}
+        h.update(headers or {})
+        return c.world.client.get(path, headers=h)
+    return send
+
+
+def predict(task: str, inputs, who: str = "alice"):
+    return lambda c: c.world.client.post(
+        f"/v1/tasks/{task}/predict", headers=c.world.headers(who), json={"inputs": inputs}
+    )
+
+
+ROWS_WITHOUT_LABEL = [{"text": r["text"]} for r in SENTIMENT_ROWS]
+ONE_CLASS = [{"text": r["text"], "label": "pos"} for r in SENTIMENT_ROWS]
+MALFORMED = jsonl(SENTIMENT_ROWS[:3]) + b'{"text": "broken", "label": \n'
+OVERSIZE = jsonl(SENTIMENT_ROWS * 40)
+assert len(OVERSIZE) > MAX_UPLOAD
+
+CASES = [
+    # (id, request, status, code, field)
+    ("wrong_file_type", upload("notes.txt", b"hello"), 422, "unsupported_format", "file"),
+    ("oversize_upload", upload("big.jsonl", OVERSIZE), 413, "too_large", "file"),
+    ("malformed_row", upload("bad.jsonl", MALFORMED), 422, "malformed_row", "file"),
+    ("missing_label_column", upload("t.jsonl", jsonl(ROWS_WITHOUT_LABEL)), 422,
+     "missing_column", "label"),
+    ("single_class", upload("t.jsonl", jsonl(ONE_CLASS)), 422, "single_class", "label"),
+    ("empty_file", upload("t.jsonl", b""), 422, "empty_file", "file"),
+    ("bad_task_type_form_field", upload("t.jsonl", jsonl(SENTIMENT_ROWS), task_type="poetry"),
+     422, "invalid_task_type", "task_type"),
+    ("unknown_form_field", upload("t.jsonl", jsonl(SENTIMENT_ROWS), colour="blue"), 422,
+     "unknown_field", "colour"),
+    ("upload_not_multipart",
+     lambda c: c.world.client.post("/v1/datasets", headers=c.world.headers("alice"),
+                                   json={"file": "x"}),
+     415, "unsupported_media_type", "file"),
+    ("upload_without_file_part",
+     lambda c: c.world.client.post("/v1/datasets", headers=c.world.headers("alice"),
+                                   files={"other": ("t.jsonl", io.BytesIO(b"{}"))}),
+     422, "missing_file", "file"),
+    ("unknown_base", post_job(job(base_model="no-such-encoder")), 422, "unknown_base_model",
+     "base_model"),
+    ("density_zero", post_job(job(density=0.0)), 422, "validation_error", "density"),
+    ("density_above_one", post_job(job(density=1.5)), 422, "validation_error", "density"),
+    ("epochs_zero", post_job(job(epochs=0)), 422, "validation_error", "epochs"),
+    ("epochs_too_many", post_job(job(epochs=101)), 422, "validation_error", "epochs"),
+    ("negative_lr", post_job(job(lr=-0.001)), 422, "validation_error", "lr"),
+    ("batch_size_not_int", post_job(job(batch_size="lots")), 422, "validation_error",
+     "batch_size"),
+    ("unknown_hyperparameter", post_job(job(dropout=0.1)), 422, "validation_error", "dropout"),
+    ("bad_task_name", post_job(job(task="no spaces allowed!")), 422, "validation_error", "task"),
+    ("unknown_dataset", post_job(job(dataset_id=999_999)), 404, "not_found", "dataset_id"),
+    ("other_tenants_dataset", post_job(lambda c: {"task": "x", "dataset_id": c.bob_dataset}),
+     404, "not_found", "dataset_id"),
+    ("task_exists_with_other_task_type",
+     post_job(lambda c: {"task": "scores", "dataset_id": c.alice_dataset}),
+     409, "task_type_mismatch", "dataset_id"),
+    ("other_tenants_task", get("/v1/tasks/bobtask"), 404, "not_found", "task"),
+    ("other_tenants_task_diff", get("/v1/tasks/bobtask/diff"), 404, "not_found", "task"),
+    ("other_tenants_task_predict", predict("bobtask", ["hi"]), 404, "not_found", "task"),
+    ("missing_key", get("/v1/jobs", who=None), 401, "missing_key", "Authorization"),
+    ("wrong_key", get("/v1/jobs", who=None,
+                      headers={"Authorization": "Bearer dbk_000000000000_nope"}),
+     401, "invalid_key", "Authorization"),
+    ("missing_scope", post_job(job(), who="reader"), 403, "missing_scope", "Authorization"),
+    ("bad_cursor", get("/v1/jobs?cursor=not-a-cursor"), 422, "invalid", "cursor"),
+    ("bad_state_filter", get("/v1/jobs?state=sleeping"), 422, "validation_error", "state"),
+    ("empty_predict_inputs", predict("sent", []), 422, "validation_error", "inputs"),
+    ("oversize_predict_batch", predict("sent", ["x"] * (MAX_BATCH + 1)), 422,
+     "too_many_inputs", "inputs"),
+    ("predict_text_too_long", predict("sent", ["ok", "x" * (MAX_CHARS + 1)]), 422,
+     "text_too_long", "inputs.1"),
+    ("pairs_for_single_text_task", predict("sent", [["a", "b"]]), 422, "invalid_inputs",
+     "inputs"),
+    ("unknown_version", get("/v1/tasks/sent/diff?version=7"), 404, "not_found", "version"),
+    ("unsatisfiable_range", get("/v1/tasks/sent/diff", headers={"Range": "bytes=99999999-"}),
+     416, "range_not_satisfiable", "Range"),
+    ("delete_dataset_in_use",
+     lambda c: c.world.client.delete(f"/v1/datasets/{c.busy_dataset}",
+                                     headers=c.world.headers("alice")),
+     409, "dataset_in_use", "dataset_id"),
+    ("unknown_job", get("/v1/jobs/424242"), 404, "not_found", "job_id"),
+]
+
+
+@pytest.mark.services
+@pytest.mark.parametrize(
+    "send,status,code,field", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_request_gets_json_error_and_leaves_nothing_behind(ctx, send, status, code, field):
+    before = ctx.world.counts()
+    response = send(ctx)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    assert error["field"] == field, error
+    assert error["message"]
+    assert ctx.world.counts() == before
+
+
+def test_the_table_covers_at_least_fifteen_bad_inputs():
+    assert len(CASES) >= 15
