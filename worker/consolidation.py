@@ -135,6 +135,7 @@ class ConsolidationResult:
     total_nnz: int
     train_seconds: float
     steps: int
+    config: ConsolidationConfig
 
 
 def accept(metric_before: float, metric_after: float, tolerance_points: float) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from celery.schedules import crontab
 
@@ -108,3 +109,113 @@ def over_budget_groups(
                 PolicyCandidate(tenant_id, base_model, tuple(sorted(group["tasks"])), total)
             )
     return candidates
+
+
+def stored_entries_of(version: Any) -> tuple[int, int | None, int]:
+    """(own stored entries, shared artifact id or None, the shared part's entries) of a version.
+
+    A consolidated version stores its residual's entries (`config["stored_entries"]`) plus a
+    share of the run's shared diff; any other version stores its diff's nonzeros.
+    """
+    config = version.config or {}
+    if version.shared_artifact_id is not None and "stored_entries" in config:
+        return (
+            int(config["stored_entries"]),
+            int(version.shared_artifact_id),
+            int(config.get("shared_stored_entries", 0)),
+        )
+    return int(version.nnz), None, 0
+
+
+def total_stored_entries(versions: list[Any]) -> int:
+    """Stored entries of a set of versions, each shared diff counted once."""
+    own = 0
+    shared: dict[int, int] = {}
+    for version in versions:
+        entries, shared_id, shared_entries = stored_entries_of(version)
+        own += entries
+        if shared_id is not None:
+            shared[shared_id] = shared_entries
+    return own + sum(shared.values())
+
+
+def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]]:
+    """(tenant, base, task, own entries, shared artifact id, shared entries) per active version."""
+    from sqlalchemy import and_, select
+
+    from registry.models import BaseModel, Task, TaskVersion
+
+    query = (
+        select(Task.tenant_id, BaseModel.name, Task.name, TaskVersion)
+        .join(BaseModel, Task.base_model_id == BaseModel.id)
+        .join(
+            TaskVersion,
+            and_(TaskVersion.task_id == Task.id, TaskVersion.number == Task.active_version),
+        )
+        .order_by(Task.tenant_id, BaseModel.name, Task.name)
+    )
+    with session.begin():
+        found = session.execute(query).unique().all()
+    return [(tenant, base, name, *stored_entries_of(version)) for tenant, base, name, version in found]
+
+
+def _run_in_flight(session: Any, tenant_id: int, base_model: str) -> bool:
+    """Whether a consolidation of this tenant and base is still queued or running."""
+    from sqlalchemy import select
+
+    from registry.models import ConsolidationRun, Job
+
+    with session.begin():
+        found = session.scalar(
+            select(ConsolidationRun.id)
+            .join(Job, ConsolidationRun.job_id == Job.id)
+            .where(
+                ConsolidationRun.tenant_id == tenant_id,
+                ConsolidationRun.base_model == base_model,
+                Job.state.in_(("queued", "running")),
+            )
+            .limit(1)
+        )
+    return found is not None
+
+
+def apply_consolidation_policy(settings: Settings, *, send: Any = None) -> list[int]:
+    """Create and enqueue a scheduled run for every group over the threshold; the new run ids.
+
+    `send(run_id)` enqueues a run (default: `diffbank.consolidate` on the consolidate queue).
+    """
+    from registry import catalog
+    from registry.db import get_session_factory
+
+    threshold = settings.consolidation_budget_nnz
+    if threshold <= 0:
+        return []
+    if send is None:
+        send = _send_consolidation
+    sessions = get_session_factory(settings)
+    created = []
+    with sessions() as session:
+        for group in over_budget_groups(stored_rows(session), threshold):
+            if _run_in_flight(session, group.tenant_id, group.base_model):
+                continue
+            run = catalog.create_consolidation_run(
+                session,
+                tenant_id=group.tenant_id,
+                base_model=group.base_model,
+                budget=threshold,
+                task_names=list(group.task_names),
+                tolerance=settings.consolidation_tolerance,
+                trigger="schedule",
+                max_attempts=settings.job_max_attempts,
+            )
+            send(run.id)
+            catalog.mark_enqueued(session, job_id=run.job_id)
+            created.append(run.id)
+    return created
+
+
+def _send_consolidation(run_id: int) -> None:
+    """Enqueue `diffbank.consolidate(run_id)`."""
+    from worker.app import CONSOLIDATE_QUEUE, CONSOLIDATE_TASK, celery_app
+
+    celery_app.send_task(CONSOLIDATE_TASK, args=[run_id], queue=CONSOLIDATE_QUEUE)

@@ -43,3 +43,27 @@ def sweep() -> int:
     if resent:
         log.warning("sweep re-sent %d job(s): %s", len(resent), resent)
     return len(resent)
+
+
+# --- consolidation (owned by the consolidation work) -------------------------------------------
+
+
+@celery_app.task(name="diffbank.consolidate", acks_late=True, reject_on_worker_lost=True)
+def consolidate(run_id: object) -> str:
+    """Run consolidation run `run_id` (a duplicate delivery of a claimed run is a no-op)."""
+    from worker.consolidation_runner import run_consolidation
+
+    outcome = run_consolidation(_parse_id(run_id, "run_id"), settings=get_settings())
+    log.info("consolidation run %s: %s", run_id, outcome)
+    return outcome
+
+
+@celery_app.task(name="diffbank.consolidation_policy", acks_late=False)
+def consolidation_policy() -> int:
+    """Start a consolidation for every tenant and base over the stored-nonzeros threshold."""
+    from worker.schedule import apply_consolidation_policy
+
+    started = apply_consolidation_policy(get_settings())
+    if started:
+        log.info("consolidation policy started run(s) %s", started)
+    return len(started)

@@ -1,0 +1,328 @@
+"""Run one consolidation end to end: claim its job, load every task, fit, judge, publish, report.
+
+For each task the runner loads its active version's diff and the datasets of the training job
+that produced the task (following `parent_version_id` through earlier consolidations), scores
+the current version on its validation split ("before"), re-fits all tasks together
+(`worker.consolidation.consolidate`), scores each composed diff ("after") and publishes a new
+version only for tasks within the run's tolerance. Lineage of a new version: the run, the
+parent version, the shared artifact (plus the residual artifact for the factored layout).
+
+Write order per the registry: the shared diff blob is uploaded and verified and attached to the
+run, then each accepted task's composed + residual blobs and its version row in one
+transaction. A resumed run (worker died) skips tasks that already got their version from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry import catalog
+from registry.db import get_session_factory
+from registry.models import ConsolidationRun, Job, TaskVersion
+from registry.settings import Settings
+from registry.stores import ObjectStore, checkpoint_key, open_store
+from worker.runner import (
+    CANCELLED,
+    LOST,
+    NOT_CLAIMED,
+    SUCCEEDED,
+    JobFailure,
+    JobMonitor,
+    StoreCheckpointIO,
+    _fail,
+    _finish,
+    _load_base,
+    _load_data,
+    worker_identity,
+)
+from worker.schedule import stored_entries_of, total_stored_entries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedTask:
+    """A task as the runner sees it: its row, active version, current diff and data."""
+
+    name: str
+    task_id: int
+    version: TaskVersion
+    diff: Any  # SparseDiff
+    diff_bytes: int
+    data: Any  # TaskData
+
+
+def _training_job(session: Session, version: TaskVersion) -> Job:
+    """The training job behind a version (through the parents of consolidated versions)."""
+    seen: set[int] = set()
+    current: TaskVersion | None = version
+    while current is not None and current.id not in seen:
+        seen.add(current.id)
+        if current.source_job_id is not None:
+            job = catalog.load_job(session, job_id=current.source_job_id)
+            if job is not None:
+                return job
+            break
+        if current.parent_version_id is None:
+            break
+        with session.begin():
+            current = session.get(TaskVersion, current.parent_version_id)
+    raise JobFailure(
+        "dataset_missing", f"version {version.number}: no training job (and so no dataset) behind it"
+    )
+
+
+def _load_tasks(
+    session: Session, store: ObjectStore, run: ConsolidationRun, base: Any, settings: Settings
+) -> list[LoadedTask]:
+    """Every task of the run with its active version's diff and its training data."""
+    from registry.artifact import ArtifactError, loads_artifact
+    from registry.stores import ObjectIntegrityError, ObjectNotFound
+
+    loaded = []
+    for name in run.task_names:
+        try:
+            task = catalog.get_task(session, tenant_id=run.tenant_id, name=name)
+            version = catalog.get_task_version(session, tenant_id=run.tenant_id, name=name)
+        except catalog.NotFoundError as exc:
+            raise JobFailure("task_missing", str(exc)) from exc
+        try:
+            raw = store.get(version.artifact.object_key, sha256=version.artifact.sha256)
+            diff = loads_artifact(raw, expected_fingerprint=base.fingerprint, base_shapes=base.shapes)
+        except (ObjectNotFound, ObjectIntegrityError, ArtifactError) as exc:
+            raise JobFailure("artifact_unreadable", f"task {name!r}: {exc}") from exc
+        job = _training_job(session, version)
+        seed = int((job.params or {}).get("seed", 0))
+        data = _load_data(session, store, job, settings, seed=seed)
+        loaded.append(LoadedTask(name, task.id, version, diff, len(raw), data))
+    return loaded
+
+
+def _config_for(run: ConsolidationRun, job: Job, tasks: list[LoadedTask], settings: Settings) -> Any:
+    """The run's ConsolidationConfig: job params over defaults, budget in stored entries."""
+    from worker.consolidation import ConsolidationConfig
+    from worker.device import select_device
+
+    values = dict(job.params or {})
+    values.update(
+        strategy=run.strategy,
+        tolerance=run.tolerance,
+        budget=_budget_entries(run, tasks),
+        checkpoint_every_steps=settings.checkpoint_every_steps,
+        device=select_device(settings),
+    )
+    return ConsolidationConfig.from_dict(values)
+
+
+def _budget_entries(run: ConsolidationRun, tasks: list[LoadedTask]) -> int:
+    """The budget in stored entries; a bytes budget is converted with the current bytes per entry."""
+    if run.budget_kind == "nnz":
+        return int(run.budget)
+    entries = sum(t.diff.nnz for t in tasks)
+    size = sum(t.diff_bytes for t in tasks)
+    bytes_per_entry = size / max(1, entries)
+    return max(1, int(run.budget // bytes_per_entry))
+
+
+def _published_by_run(session: Session, run: ConsolidationRun, name: str) -> TaskVersion | None:
+    """The version this run already published for a task (resumed runs), if any."""
+    versions = catalog.list_task_versions(session, tenant_id=run.tenant_id, name=name)
+    return next((v for v in versions if v.consolidation_run_id == run.id), None)
+
+
+def _publish(
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    run: ConsolidationRun,
+    tasks: list[LoadedTask],
+    result: Any,
+    rows: list[dict[str, Any]],
+) -> int | None:
+    """Shared blob → run, then each accepted task's version; the shared artifact id (None: none accepted)."""
+    from registry.artifact import dumps_artifact
+    from registry.publish import publish_shared_diff, publish_version
+
+    accepted = [row for row in rows if row["accepted"]]
+    if not accepted:
+        return None
+    shared_bytes = dumps_artifact(result.shared)
+    with sessions() as session:
+        shared_id = publish_shared_diff(session, store, run_id=run.id, data=shared_bytes)
+    outcomes = {o.name: o for o in result.tasks}
+    for task, row in zip(tasks, rows, strict=True):
+        if not row["accepted"]:
+            continue
+        outcome = outcomes[task.name]
+        with sessions() as session:
+            existing = _published_by_run(session, run, task.name)
+            if existing is None:
+                existing = publish_version(
+                    session,
+                    store,
+                    task_id=task.task_id,
+                    diff_bytes=dumps_artifact(outcome.composed),
+                    residual_bytes=dumps_artifact(outcome.residual),
+                    nnz=outcome.composed.nnz,
+                    density=float(outcome.composed.meta.density),
+                    metrics=row["metrics_after"],
+                    config={
+                        "consolidation": result.config.to_dict(),
+                        "run_id": run.id,
+                        "stored_entries": outcome.nnz,
+                        "shared_stored_entries": result.shared_nnz,
+                    },
+                    consolidation_run_id=run.id,
+                    parent_version_id=task.version.id,
+                    shared_artifact_id=shared_id,
+                )
+        row["version_after"] = existing.number
+    return shared_id
+
+
+def _report(
+    run: ConsolidationRun, config: Any, tasks: list[LoadedTask], result: Any,
+    before: list[dict], after: list[dict],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run report and its per-task rows (accepted by the tolerance rule)."""
+    from registry.artifact import dumps_artifact
+    from worker.consolidation import accept
+
+    outcomes = {o.name: o for o in result.tasks}
+    rows = []
+    for task, metrics_before, metrics_after in zip(tasks, before, after, strict=True):
+        outcome = outcomes[task.name]
+        own, _, _ = stored_entries_of(task.version)
+        rows.append({
+            "task": task.name,
+            "metric_name": metrics_after["metric_name"],
+            "metric_before": metrics_before["metric"],
+            "metric_after": metrics_after["metric"],
+            "metrics_before": metrics_before,
+            "metrics_after": metrics_after,
+            "version_before": task.version.number,
+            "version_after": None,
+            "nnz_before": own,
+            "nnz": outcome.nnz,
+            "composed_nnz": outcome.composed.nnz,
+            "bytes_before": task.diff_bytes,
+            "bytes": len(dumps_artifact(outcome.composed)),
+            "residual_bytes": len(dumps_artifact(outcome.residual)),
+            "accepted": accept(metrics_before["metric"], metrics_after["metric"], run.tolerance),
+        })
+    report = {
+        "strategy": config.strategy,
+        "budget": int(run.budget),
+        "budget_kind": run.budget_kind,
+        "budget_entries": config.budget,
+        "tolerance": run.tolerance,
+        "config": config.to_dict(),
+        "shared_nnz": result.shared_nnz,
+        "shared_bytes": len(dumps_artifact(result.shared)),
+        "fitted_nnz": result.total_nnz,
+        "steps": result.steps,
+        "train_seconds": round(result.train_seconds, 3),
+        "tasks": rows,
+    }
+    return report, rows
+
+
+def _total_after(rows: list[dict[str, Any]], shared_nnz: int, tasks: list[LoadedTask]) -> int:
+    """What stays stored for these tasks: the shared part if used, new residuals, kept old versions."""
+    any_accepted = any(r["accepted"] for r in rows)
+    kept = [t.version for t, r in zip(tasks, rows, strict=True) if not r["accepted"]]
+    new = sum(r["nnz"] for r in rows if r["accepted"])
+    return (shared_nnz if any_accepted else 0) + new + total_stored_entries(kept)
+
+
+def run_consolidation(run_id: int, *, settings: Settings) -> str:
+    """Claim and run consolidation run `run_id`; returns the outcome (worker.runner constants)."""
+    from worker.consolidation import (
+        ConsolidationError,
+        ConsolidationTask,
+        consolidate,
+        evaluate_diff,
+    )
+    from worker.trainer import Progress, TrainingCancelled
+
+    sessions = get_session_factory(settings)
+    store = open_store(settings.store_url, settings)
+    worker_id = worker_identity()
+    with sessions() as session:
+        run = catalog.load_consolidation_run(session, run_id=run_id)
+        if run is None:
+            log.warning("consolidation run %s does not exist", run_id)
+            return NOT_CLAIMED
+        job = catalog.claim_job(
+            session, job_id=run.job_id, worker_id=worker_id,
+            stale_after_s=settings.sweep_requeue_after_s,
+        )
+    if job is None:
+        return NOT_CLAIMED
+    checkpoint = StoreCheckpointIO(store, checkpoint_key(job.id))
+    monitor = JobMonitor(sessions, job.id, worker_id, settings, attempt=job.attempts,
+                         checkpoint=checkpoint)
+    try:
+        with monitor.heartbeating():
+            if job.kind != "consolidate":
+                raise JobFailure("wrong_job_kind", f"job {job.id} is a {job.kind} job")
+            base = _load_base(_base_source(sessions, run.base_model))
+            with sessions() as session:
+                tasks = _load_tasks(session, store, run, base, settings)
+            config = _config_for(run, job, tasks, settings)
+            before = [evaluate_diff(t.diff, t.data, base=base, config=config) for t in tasks]
+            result = consolidate(
+                [ConsolidationTask(t.name, t.data, t.diff) for t in tasks], config, base=base,
+                run_id=run.id, progress=monitor.progress, checkpoint=checkpoint,
+                should_stop=monitor.should_stop,
+            )
+            after = [
+                evaluate_diff(o.composed, t.data, base=base, config=config)
+                for o, t in zip(result.tasks, tasks, strict=True)
+            ]
+            monitor.progress(Progress(result.steps, result.steps, 0.0, result.total_nnz, "evaluate"))
+            if monitor.should_stop():
+                raise TrainingCancelled()
+            report, rows = _report(run, config, tasks, result, before, after)
+            shared_id = _publish(sessions, store, run, tasks, result, rows)
+            report["shared_artifact_id"] = shared_id
+            total_before = total_stored_entries([t.version for t in tasks])
+            total_after = _total_after(rows, result.shared_nnz, tasks)
+            report["total_nnz_before"], report["total_nnz_after"] = total_before, total_after
+            with sessions() as session:
+                catalog.record_report(
+                    session, run_id=run.id, report=report,
+                    total_nnz_before=total_before, total_nnz_after=total_after,
+                )
+            summary = {
+                "accepted": sum(r["accepted"] for r in rows), "tasks": len(rows),
+                "total_nnz_before": total_before, "total_nnz_after": total_after,
+            }
+            if not _finish(sessions, job.id, worker_id, SUCCEEDED, metrics=summary):
+                return LOST
+    except TrainingCancelled:
+        if monitor.lost or not _finish(sessions, job.id, worker_id, CANCELLED):
+            return LOST
+        checkpoint.remove()
+        return CANCELLED
+    except (JobFailure, ConsolidationError, catalog.CatalogError) as exc:
+        code = getattr(exc, "code", "invalid_request")
+        return _fail(sessions, checkpoint, job.id, worker_id, code, str(exc))
+    except Exception as exc:
+        log.exception("consolidation run %s failed", run_id)
+        return _fail(sessions, checkpoint, job.id, worker_id, "internal_error",
+                       f"{type(exc).__name__}: {exc}")
+    checkpoint.remove()
+    return SUCCEEDED
+
+
+def _base_source(sessions: sessionmaker[Session], name: str) -> str:
+    """Where to load a registered base model from (its recorded source), else the name itself."""
+    with sessions() as session:
+        try:
+            return catalog.get_base_model(session, name=name).source or name
+        except catalog.NotFoundError:
+            return name
