@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry.catalog._tx import transaction
 from registry.catalog.artifacts import release_artifacts
 from registry.models import FINISHED_JOB_STATES, Artifact, Job, utcnow
 from registry.stores.base import (
@@ -52,7 +53,7 @@ def gc(
     cutoff = utcnow() - timedelta(seconds=grace_s)
 
     # Artifact rows no dataset/version/run points at (e.g. left by a failed release).
-    with session.begin():
+    with transaction(session):
         artifact_ids = list(
             session.scalars(select(Artifact.id).where(Artifact.created_at < cutoff))
         )
@@ -68,7 +69,7 @@ def gc(
             after = set(session.scalars(select(Artifact.id)))
             report.deleted_artifact_rows = sorted(before - after)
 
-    with session.begin():
+    with transaction(session):
         referenced = set(session.scalars(select(Artifact.object_key)))
         if dry_run and report.deleted_artifact_rows:
             gone = session.scalars(
@@ -103,5 +104,5 @@ def gc(
 
 def _job_state(session: Session, job_id: int) -> str | None:
     # A job newer than the snapshot above may already have a checkpoint: ask again.
-    with session.begin():
+    with transaction(session):
         return session.scalar(select(Job.state).where(Job.id == job_id))

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 T = TypeVar("T")
 
@@ -17,7 +17,7 @@ def get_or_create(
     """Find a row or insert it, each try in its own transaction; a racing insert is re-read."""
     for attempt in range(attempts):
         try:
-            with session.begin():
+            with transaction(session):
                 found = find()
                 if found is not None:
                     return found
@@ -29,3 +29,15 @@ def get_or_create(
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def transaction(session: Session) -> SessionTransaction:
+    """`session.begin()`, first ending a transaction the session began implicitly.
+
+    A rollback expires every loaded row; touching one afterwards (e.g. `tenant.id`) makes the
+    session begin a transaction on its own, and a plain `session.begin()` would then fail.
+    That implicit transaction only read, so it is committed (ended) here.
+    """
+    if session.in_transaction():
+        session.commit()
+    return session.begin()

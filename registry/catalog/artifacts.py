@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
+from registry.catalog._tx import transaction
 from registry.catalog.errors import InvalidInputError
 from registry.models import ARTIFACT_KINDS, ARTIFACT_REFERENCES, Artifact
 from registry.stores.base import ObjectStore, StoredObject
@@ -49,7 +50,7 @@ def delete_blobs_if_unused(session: Session, store: ObjectStore, keys: Iterable[
     """After commit: delete each blob no artifact row names any more; the deleted keys."""
     deleted = []
     for key in keys:
-        with session.begin():
+        with transaction(session):
             in_use = session.scalar(select(exists().where(Artifact.object_key == key)))
         if not in_use:
             store.delete(key)

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry.catalog._tx import transaction
 from registry.catalog.artifacts import add_artifact
 from registry.catalog.errors import InvalidInputError, NotFoundError
 from registry.catalog.jobs import insert_job
@@ -53,7 +54,7 @@ def create_consolidation_run(
         raise InvalidInputError("tolerance must be >= 0", field="tolerance")
     if trigger not in TRIGGERS:
         raise InvalidInputError(f"trigger must be one of {', '.join(TRIGGERS)}", field="trigger")
-    with session.begin():
+    with transaction(session):
         tasks = _resolve_tasks(session, tenant_id, base_model, task_names)
         names = [t.name for t in tasks]
         job = insert_job(
@@ -115,7 +116,7 @@ def _resolve_tasks(
 
 def get_consolidation_run(session: Session, *, tenant_id: int, run_id: int) -> ConsolidationRun:
     """The tenant's consolidation run `run_id`, or NotFoundError."""
-    with session.begin():
+    with transaction(session):
         run = session.get(ConsolidationRun, run_id, populate_existing=True)
     if run is None or run.tenant_id != tenant_id:
         raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")
@@ -124,13 +125,13 @@ def get_consolidation_run(session: Session, *, tenant_id: int, run_id: int) -> C
 
 def load_consolidation_run(session: Session, *, run_id: int) -> ConsolidationRun | None:
     """Run `run_id` whatever its tenant (for workers), or None."""
-    with session.begin():
+    with transaction(session):
         return session.get(ConsolidationRun, run_id, populate_existing=True)
 
 
 def get_consolidation_run_for_job(session: Session, *, job_id: int) -> ConsolidationRun | None:
     """The run a 'consolidate' job belongs to, or None."""
-    with session.begin():
+    with transaction(session):
         return session.scalar(select(ConsolidationRun).where(ConsolidationRun.job_id == job_id))
 
 
@@ -138,14 +139,14 @@ def list_consolidation_runs(
     session: Session, *, tenant_id: int, cursor: str | None = None, limit: int = 50
 ) -> tuple[list[ConsolidationRun], str | None]:
     """A page of the tenant's consolidation runs, newest first."""
-    with session.begin():
+    with transaction(session):
         query = select(ConsolidationRun).where(ConsolidationRun.tenant_id == tenant_id)
         return paginate(session, query, ConsolidationRun.id, cursor=cursor, limit=limit)
 
 
 def set_shared_artifact(session: Session, *, run_id: int, stored: StoredObject) -> Artifact:
     """Insert the artifact of an uploaded, verified shared diff and attach it to the run."""
-    with session.begin():
+    with transaction(session):
         run = session.get(ConsolidationRun, run_id)
         if run is None:
             raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")
@@ -163,7 +164,7 @@ def record_report(
     total_nnz_after: int | None = None,
 ) -> ConsolidationRun:
     """Store a run's report (per-task metrics before/after, acceptance) and nnz totals."""
-    with session.begin():
+    with transaction(session):
         run = session.get(ConsolidationRun, run_id)
         if run is None:
             raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from registry.catalog._tx import transaction
 from registry.catalog.artifacts import add_artifact, delete_blobs_if_unused, release_artifacts
 from registry.catalog.errors import ConflictError, NotFoundError
 from registry.catalog.pagination import paginate
@@ -27,7 +28,7 @@ def create_dataset(
     column_mapping: dict[str, Any],
 ) -> Dataset:
     """Insert the artifact of an uploaded, verified file and its dataset row in one transaction."""
-    with session.begin():
+    with transaction(session):
         artifact = add_artifact(session, stored=stored, kind="dataset")
         row = Dataset(
             tenant_id=tenant_id,
@@ -48,7 +49,7 @@ def create_dataset(
 
 def get_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> Dataset:
     """The tenant's dataset `dataset_id`, or NotFoundError."""
-    with session.begin():
+    with transaction(session):
         row = session.get(Dataset, dataset_id)
     if row is None or row.tenant_id != tenant_id:
         raise NotFoundError(f"dataset {dataset_id} not found", field="dataset_id")
@@ -59,7 +60,7 @@ def list_datasets(
     session: Session, *, tenant_id: int, cursor: str | None = None, limit: int = 50
 ) -> tuple[list[Dataset], str | None]:
     """A page of the tenant's datasets, newest first, and the cursor of the next page."""
-    with session.begin():
+    with transaction(session):
         query = select(Dataset).where(Dataset.tenant_id == tenant_id)
         return paginate(session, query, Dataset.id, cursor=cursor, limit=limit)
 
@@ -71,7 +72,7 @@ def delete_dataset(
 
     Refused (ConflictError) while an unfinished job reads it.
     """
-    with session.begin():
+    with transaction(session):
         row = session.get(Dataset, dataset_id)
         if row is None or row.tenant_id != tenant_id:
             raise NotFoundError(f"dataset {dataset_id} not found", field="dataset_id")

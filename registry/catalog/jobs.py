@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from registry.catalog._tx import transaction
 from registry.catalog.errors import InvalidInputError, NotFoundError
 from registry.catalog.pagination import check_limit, paginate
 from registry.models import (
@@ -101,7 +102,7 @@ def create_job(
     max_attempts: int = 3,
 ) -> Job:
     """A new queued job with its first 'state' event; datasets must be the tenant's."""
-    with session.begin():
+    with transaction(session):
         return insert_job(
             session,
             tenant_id=tenant_id,
@@ -117,7 +118,7 @@ def create_job(
 
 def get_job(session: Session, *, tenant_id: int, job_id: int) -> Job:
     """The tenant's job `job_id`, or NotFoundError."""
-    with session.begin():
+    with transaction(session):
         job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.tenant_id != tenant_id:
         raise NotFoundError(f"job {job_id} not found", field="job_id")
@@ -126,13 +127,13 @@ def get_job(session: Session, *, tenant_id: int, job_id: int) -> Job:
 
 def load_job(session: Session, *, job_id: int) -> Job | None:
     """Job `job_id` whatever its tenant (for workers and the sweep), or None."""
-    with session.begin():
+    with transaction(session):
         return session.get(Job, job_id, populate_existing=True)
 
 
 def mark_enqueued(session: Session, *, job_id: int) -> None:
     """Record that a queue message for the job was (re)sent just now."""
-    with session.begin():
+    with transaction(session):
         now = utcnow()
         session.execute(
             update(_jobs).where(_jobs.c.id == job_id).values(enqueued_at=now, updated_at=now)
@@ -155,7 +156,7 @@ def claim_job(
         or_(_jobs.c.heartbeat_at.is_(None), _jobs.c.heartbeat_at < stale_before),
     )
     claimable = and_(_jobs.c.id == job_id, or_(_jobs.c.state == "queued", stale_running))
-    with session.begin():
+    with transaction(session):
         claimed = session.scalar(
             update(_jobs)
             .where(
@@ -222,7 +223,7 @@ def record_progress(
     None when the job is not running for `worker_id` any more (the worker should stop).
     """
     now = utcnow()
-    with session.begin():
+    with transaction(session):
         updated = session.scalar(
             update(_jobs)
             .where(_jobs.c.id == job_id, _jobs.c.state == "running", _jobs.c.worker_id == worker_id)
@@ -238,7 +239,7 @@ def record_progress(
 def heartbeat(session: Session, *, job_id: int, worker_id: str) -> Job | None:
     """Mark the job alive; None when it is not running for `worker_id` any more."""
     now = utcnow()
-    with session.begin():
+    with transaction(session):
         updated = session.scalar(
             update(_jobs)
             .where(_jobs.c.id == job_id, _jobs.c.state == "running", _jobs.c.worker_id == worker_id)
@@ -305,7 +306,7 @@ def finish_job(
     error_message: str | None = None,
 ) -> Job | None:
     """Compare-and-set a running job (of `worker_id`, if given) to a final state; else None."""
-    with session.begin():
+    with transaction(session):
         return finish_job_in_transaction(
             session,
             job_id=job_id,
@@ -321,7 +322,7 @@ def finish_job(
 def request_cancel(session: Session, *, tenant_id: int, job_id: int) -> Job:
     """Cancel a queued job now, or ask the worker of a running one to stop; finished: no-op."""
     now = utcnow()
-    with session.begin():
+    with transaction(session):
         job = session.get(Job, job_id)
         if job is None or job.tenant_id != tenant_id:
             raise NotFoundError(f"job {job_id} not found", field="job_id")
@@ -364,7 +365,7 @@ def list_jobs(
         raise InvalidInputError(f"unknown job state {state!r}", field="state")
     if kind is not None and kind not in JOB_KINDS:
         raise InvalidInputError(f"unknown job kind {kind!r}", field="kind")
-    with session.begin():
+    with transaction(session):
         query = select(Job).where(Job.tenant_id == tenant_id)
         if state is not None:
             query = query.where(Job.state == state)
@@ -380,7 +381,7 @@ def list_job_events(
 ) -> list[JobEvent]:
     """The job's events with seq > `after_seq`, in order."""
     check_limit(limit)
-    with session.begin():
+    with transaction(session):
         job = session.get(Job, job_id)
         if job is None or job.tenant_id != tenant_id:
             raise NotFoundError(f"job {job_id} not found", field="job_id")
@@ -398,7 +399,7 @@ def find_lost_jobs(session: Session, *, older_than_s: float) -> list[Job]:
     """Jobs whose queue message may be lost: queued and not (re)sent for `older_than_s`, or
     running with a heartbeat older than that (their worker died)."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    with session.begin():
+    with transaction(session):
         queued_stale = and_(
             Job.state == "queued",
             or_(

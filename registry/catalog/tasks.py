@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from registry.catalog._tx import get_or_create
+from registry.catalog._tx import get_or_create, transaction
 from registry.catalog.artifacts import add_artifact, delete_blobs_if_unused, release_artifacts
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from registry.catalog.jobs import finish_job_in_transaction
@@ -73,7 +73,7 @@ def get_or_create_task(
 def _task(session: Session, tenant_id: int, name: str, *, lock: bool = False) -> Task:
     query = select(Task).where(Task.tenant_id == tenant_id, Task.name == name)
     if lock:
-        query = query.with_for_update()
+        query = query.with_for_update(of=Task)
     task = session.scalar(query)
     if task is None:
         raise NotFoundError(f"task {name!r} not found", field="task")
@@ -82,7 +82,7 @@ def _task(session: Session, tenant_id: int, name: str, *, lock: bool = False) ->
 
 def get_task(session: Session, *, tenant_id: int, name: str) -> Task:
     """The tenant's task `name`, or NotFoundError."""
-    with session.begin():
+    with transaction(session):
         return _task(session, tenant_id, name)
 
 
@@ -95,7 +95,7 @@ def list_tasks(
     limit: int = 50,
 ) -> tuple[list[Task], str | None]:
     """A page of the tenant's tasks (optionally on one base model), newest first."""
-    with session.begin():
+    with transaction(session):
         query = select(Task).where(Task.tenant_id == tenant_id)
         if base_model is not None:
             query = query.join(BaseModel, Task.base_model_id == BaseModel.id).where(
@@ -108,7 +108,7 @@ def get_task_version(
     session: Session, *, tenant_id: int, name: str, number: int | None = None
 ) -> TaskVersion:
     """Version `number` of a task, or its active version when `number` is None."""
-    with session.begin():
+    with transaction(session):
         task = _task(session, tenant_id, name)
         if number is None:
             if task.active_version is None:
@@ -124,7 +124,7 @@ def get_task_version(
 
 def list_task_versions(session: Session, *, tenant_id: int, name: str) -> list[TaskVersion]:
     """Every version of a task, oldest first."""
-    with session.begin():
+    with transaction(session):
         task = _task(session, tenant_id, name)
         return list(
             session.scalars(
@@ -176,7 +176,7 @@ def publish_task_version(
     (pointing at the new version); if the job is no longer running nothing is published
     (ConflictError code `job_not_running`).
     """
-    with session.begin():
+    with transaction(session):
         number = _next_version_number(session, task_id)
         task = session.get(Task, task_id, populate_existing=True)
         assert task is not None
@@ -230,7 +230,7 @@ def publish_task_version(
 
 def activate_version(session: Session, *, tenant_id: int, name: str, number: int) -> Task:
     """Make version `number` the one served (rollback or roll forward)."""
-    with session.begin():
+    with transaction(session):
         task = _task(session, tenant_id, name, lock=True)
         found = session.scalar(
             select(TaskVersion.id).where(
@@ -250,7 +250,7 @@ def delete_task_version(
 
     Version numbers are never reused.
     """
-    with session.begin():
+    with transaction(session):
         task = _task(session, tenant_id, name, lock=True)
         version = session.scalar(
             select(TaskVersion).where(TaskVersion.task_id == task.id, TaskVersion.number == number)

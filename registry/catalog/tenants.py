@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from registry import keys as keylib
-from registry.catalog._tx import get_or_create
+from registry.catalog._tx import get_or_create, transaction
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from registry.models import API_SCOPES, ApiKey, BaseModel, Tenant, utcnow
 
@@ -34,7 +34,7 @@ def register_base_model(
 
 def get_base_model(session: Session, *, name: str) -> BaseModel:
     """The base model called `name`, or NotFoundError."""
-    with session.begin():
+    with transaction(session):
         row = session.scalar(select(BaseModel).where(BaseModel.name == name))
     if row is None:
         raise NotFoundError(f"base model {name!r} is not registered", field="base_model")
@@ -55,7 +55,7 @@ def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
 
 def get_tenant(session: Session, *, tenant_id: int) -> Tenant:
     """The tenant with `tenant_id`, or NotFoundError."""
-    with session.begin():
+    with transaction(session):
         row = session.get(Tenant, tenant_id)
     if row is None:
         raise NotFoundError(f"tenant {tenant_id} not found", field="tenant")
@@ -82,7 +82,7 @@ def create_api_key(
     """A new key for a tenant: the row and the plaintext, which is never stored or shown again."""
     scope_list = check_scopes(scopes)
     new = keylib.generate_key()
-    with session.begin():
+    with transaction(session):
         if session.get(Tenant, tenant_id) is None:
             raise NotFoundError(f"tenant {tenant_id} not found", field="tenant")
         row = ApiKey(
@@ -99,7 +99,7 @@ def authenticate_api_key(session: Session, *, key: str) -> tuple[Tenant, list[st
     prefix = keylib.parse_prefix(key or "")
     if prefix is None:
         return None
-    with session.begin():
+    with transaction(session):
         row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
         if row is None or row.revoked_at is not None or not keylib.key_matches(key, row.key_hash):
             return None
@@ -108,7 +108,7 @@ def authenticate_api_key(session: Session, *, key: str) -> tuple[Tenant, list[st
 
 def revoke_api_key(session: Session, *, tenant_id: int, key_id: int) -> ApiKey:
     """Mark a key revoked from now on (idempotent)."""
-    with session.begin():
+    with transaction(session):
         row = session.get(ApiKey, key_id)
         if row is None or row.tenant_id != tenant_id:
             raise NotFoundError(f"API key {key_id} not found", field="key_id")
