@@ -5,7 +5,6 @@ Importing this module never imports torch; prediction serving loads it on first 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 
@@ -14,7 +13,7 @@ from sqlalchemy import func, select
 
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
-from api.routes import datasets, health, jobs, predict, tasks
+from api.routes import consolidations, datasets, health, jobs, predict, tasks
 from api.serving import Predictor
 from registry.settings import Settings, get_settings
 
@@ -59,12 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
-    for module in (datasets, jobs, tasks, predict):
+    for module in (datasets, jobs, tasks, predict, consolidations):
         app.include_router(module.router, prefix="/v1")
-    if importlib.util.find_spec("api.routes.consolidations") is not None:
-        from api.routes import consolidations
-
-        app.include_router(consolidations.router, prefix="/v1")
     return app
 
 
