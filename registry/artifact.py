@@ -20,6 +20,7 @@ import json
 import math
 import re
 import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,9 +97,13 @@ class SparseDiff:
     shapes: dict[str, tuple[int, ...]]
     head: dict[str, torch.Tensor]
     meta: ArtifactMeta
-    # (name, dtype, device) -> values / (name, device) -> indices, ready for apply_diff.
+    # Caches for apply_diff: (name, dtype, device) -> values, (name, device) -> indices, and
+    # per encoder the validated list of targets. A diff is not to be mutated once applied.
     _prepared: dict[tuple, torch.Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
+    )
+    _plans: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False
     )
 
     @property
@@ -543,11 +548,11 @@ class AppliedDiff:
         self.revert()
 
 
-def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
-    """Add the diff to the encoder's parameters in place (base + delta in the base dtype).
-
-    O(nnz). Several diffs may be stacked if reverted in reverse order.
-    """
+def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> list[tuple]:
+    """(parameter, flat view, indices, delta) per diff tensor; validated once and cached."""
+    plan = diff._plans.get(encoder)
+    if plan is not None and all(flat.data_ptr() == p.data_ptr() for p, flat, _, _ in plan):
+        return plan
     params = dict(encoder.named_parameters())
     for name, shape in ((n, diff.shapes[n]) for n in diff.indices):
         param = params.get(name)
@@ -560,12 +565,23 @@ def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
             )
         if not param.is_contiguous():
             raise ArtifactError(f"parameter {name!r} is not contiguous; cannot apply in place")
+    plan = []
+    for name in diff.indices:
+        param = params[name]
+        idx, delta = diff.prepared(name, param.dtype, param.device)
+        plan.append((param, param.detach().view(-1), idx, delta))
+    diff._plans[encoder] = plan
+    return plan
+
+
+def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
+    """Add the diff to the encoder's parameters in place (base + delta in the base dtype).
+
+    O(nnz). Several diffs may be stacked if reverted in reverse order.
+    """
     targets = []
     with torch.no_grad():
-        for name in diff.indices:
-            param = params[name]
-            idx, delta = diff.prepared(name, param.dtype, param.device)
-            flat = param.detach().view(-1)
+        for _, flat, idx, delta in _apply_plan(encoder, diff):
             targets.append((flat, idx, flat.index_select(0, idx)))
             flat.index_add_(0, idx, delta)
     return AppliedDiff(targets)

@@ -449,3 +449,18 @@ def test_nonzeros_are_counted_per_layer(tiny_diff):
     )
     assert layer_module_of("embeddings.word_embeddings.weight") == ("embeddings", "word_embeddings")
     assert layer_module_of("pooler.dense.bias") == ("pooler", "dense")
+
+
+def test_apply_follows_a_parameter_whose_storage_was_replaced(tiny_base, tiny_diff):
+    model = build_model(tiny_base, task_type="classification", num_labels=2)
+    apply_diff(model.base_model, tiny_diff).revert()  # caches the targets for this encoder
+    name = "embeddings.word_embeddings.weight"
+    param = dict(model.base_model.named_parameters())[name]
+    param.data = param.data.clone()  # e.g. a reload: the cached view is now stale
+    idx = tiny_diff.indices[name]
+    with apply_diff(model.base_model, tiny_diff):
+        changed = param.detach().view(-1)[idx]
+        expected = dict(tiny_base.encoder.named_parameters())[name]
+        expected = expected.detach().view(-1)[idx] + tiny_diff.values[name].float()
+        assert torch.equal(changed, expected)
+    assert base_fingerprint(model.base_model) == tiny_base.fingerprint
