@@ -1,6 +1,7 @@
 """Catalog operations: keyword-only functions, first argument `session`, each owning its
 transaction and returning ORM rows usable after commit."""
 
+from registry.catalog._tx import transaction
 from registry.catalog.artifacts import (
     add_artifact,
     artifact_is_referenced,
@@ -109,4 +110,5 @@ __all__ = [
     "request_cancel",
     "revoke_api_key",
     "set_shared_artifact",
+    "transaction",
 ]
