@@ -1,0 +1,118 @@
+"""Concurrency on real databases with real processes: version numbers and job claims."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+from registry import catalog
+
+PUBLISHERS = 4
+VERSIONS_EACH = 5
+CLAIMERS = 4
+JOBS = 8
+
+
+def _publish_versions(
+    db_url: str, store_root: str, task_id: int, worker: int, barrier
+) -> list[int]:
+    from registry.db import make_engine, make_session_factory
+    from registry.publish import publish_version
+    from registry.stores import FileStore
+
+    engine = make_engine(db_url)
+    session = make_session_factory(engine)()
+    store = FileStore(store_root)
+    barrier.wait()
+    numbers = []
+    for i in range(VERSIONS_EACH):
+        version = publish_version(
+            session,
+            store,
+            task_id=task_id,
+            diff_bytes=f"w{worker}-v{i}".encode(),
+            nnz=1,
+            density=0.1,
+            metrics={"worker": worker},
+            config={},
+        )
+        numbers.append(version.number)
+    session.close()
+    engine.dispose()
+    return numbers
+
+
+def _claim_all(db_url: str, job_ids: list[int], worker: int, barrier) -> list[int]:
+    from registry.db import make_engine, make_session_factory
+
+    engine = make_engine(db_url)
+    session = make_session_factory(engine)()
+    barrier.wait()
+    won = [
+        job_id
+        for job_id in job_ids
+        if catalog.claim_job(session, job_id=job_id, worker_id=f"worker-{worker}") is not None
+    ]
+    session.close()
+    engine.dispose()
+    return won
+
+
+def test_concurrent_publishers_get_distinct_consecutive_version_numbers(session, db_url, tmp_path):
+    tenant = catalog.get_or_create_tenant(session, name="acme")
+    base = catalog.register_base_model(
+        session, name="m", source="/m", fingerprint="0" * 64, n_params=1
+    )
+    task = catalog.get_or_create_task(
+        session,
+        tenant_id=tenant.id,
+        name="race",
+        base_model_id=base.id,
+        task_type="regression",
+        label_names=[],
+    )
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(PUBLISHERS)
+        with ctx.Pool(PUBLISHERS) as pool:
+            results = pool.starmap(
+                _publish_versions,
+                [
+                    (db_url, str(tmp_path / "objects"), task.id, w, barrier)
+                    for w in range(PUBLISHERS)
+                ],
+            )
+    total = PUBLISHERS * VERSIONS_EACH
+    all_numbers = sorted(n for numbers in results for n in numbers)
+    assert all_numbers == list(range(1, total + 1))
+    for numbers in results:
+        assert numbers == sorted(numbers)  # each publisher sees its own numbers grow
+    stored = catalog.list_task_versions(session, tenant_id=tenant.id, name="race")
+    assert [v.number for v in stored] == list(range(1, total + 1))
+    assert catalog.get_task(session, tenant_id=tenant.id, name="race").active_version == total
+
+
+def test_workers_racing_for_the_same_jobs_each_job_is_claimed_exactly_once(session, db_url):
+    tenant = catalog.get_or_create_tenant(session, name="acme")
+    job_ids = [
+        catalog.create_job(session, tenant_id=tenant.id, kind="train", base_model="m", params={}).id
+        for _ in range(JOBS)
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(CLAIMERS)
+        with ctx.Pool(CLAIMERS) as pool:
+            results = pool.starmap(
+                _claim_all, [(db_url, job_ids, w, barrier) for w in range(CLAIMERS)]
+            )
+    won = sorted(j for claimed in results for j in claimed)
+    assert won == sorted(job_ids)  # every job has exactly one winner
+    for job_id in job_ids:
+        job = catalog.load_job(session, job_id=job_id)
+        assert job.state == "running" and job.attempts == 1
+        winners = [w for w, claimed in enumerate(results) if job_id in claimed]
+        assert job.worker_id == f"worker-{winners[0]}"
+        states = [
+            e.payload["state"]
+            for e in catalog.list_job_events(session, tenant_id=tenant.id, job_id=job_id)
+        ]
+        assert states == ["queued", "running"]
