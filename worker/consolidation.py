@@ -153,24 +153,17 @@ def task_sampling_probabilities(sizes: Sequence[int], temperature: float) -> lis
 
 
 # --- gate math (the trainer's hard-concrete gates, symmetric stretch l = -r) ---------------------
+# The reference (unfused) forms: consolidation gates two diff sets per step and needs the
+# gradient of both, which the trainer's fused single-tensor op does not give to its θ₀ input.
 
 GATE_LOWER, GATE_UPPER = DiffPruneConfig.gate_lower, DiffPruneConfig.gate_upper
-_ZERO = torch.zeros(())
-_ONE = torch.ones(())
 
 
 def _gate_sample(alpha: Tensor) -> Tensor:
     """A stochastic stretched hard-concrete gate per logit (global torch RNG)."""
-    noise = gates.sample_logistic_noise(alpha.shape, generator=None, device=alpha.device)
+    bits = gates.sample_noise_bits(alpha.numel(), device=alpha.device)
+    noise = gates.logistic_from_bits(bits).view(alpha.shape)
     return gates.stochastic_gate(alpha, noise, GATE_LOWER, GATE_UPPER)
-
-
-def _gated_values(w: Tensor, alpha: Tensor) -> Tensor:
-    """z * w with a sampled gate, through the trainer's fused op (saves only z for backward)."""
-    noise = gates.sample_logistic_noise(w.shape, generator=None, device=w.device)
-    return gates.gated_delta(
-        _ZERO.to(w.device), w, alpha, _ONE.to(w.device), noise, GATE_LOWER, GATE_UPPER
-    )
 
 
 def _gate_deterministic(alpha: Tensor) -> Tensor:
@@ -180,7 +173,7 @@ def _gate_deterministic(alpha: Tensor) -> Tensor:
 
 def _gate_l0_sum(alpha: Tensor) -> Tensor:
     """Sum of P(gate != 0) over the logits (expected L0)."""
-    return gates.expected_nonzero_sum(alpha, GATE_LOWER, GATE_UPPER)
+    return gates.prob_nonzero(alpha, GATE_LOWER, GATE_UPPER).sum()
 
 
 # --- the trainable state ------------------------------------------------------------------------
@@ -218,7 +211,7 @@ class GatedDiffSet:
             if mode == "masked":
                 return w * self.mask[name]
             if mode == "sample":
-                return _gated_values(w, self.alpha[name])
+                return w * _gate_sample(self.alpha[name])
             return w * _gate_deterministic(self.alpha[name])
         u, v = self.u[name], self.v[name]
         if mode == "masked":
@@ -325,7 +318,7 @@ def project_to_budget(diff_sets: dict[str, GatedDiffSet], budget: int) -> int:
 
     Scores are the deterministic-gate diff magnitudes; a factored component scores
     ||g u v^T||_F / sqrt(m + n). Element-wise only: the trainer's global top-k (ties by
-    position in a fixed order: sets in the given order, tensors by name). With factored
+    position in the order of the keys "role/tensor" sorted). With factored
     components: a greedy knapsack that fills the remainder with cost-1 entries.
     """
     with torch.no_grad():
@@ -835,6 +828,7 @@ def _build_result(
         total_nnz=total,
         train_seconds=time.monotonic() - started,
         steps=steps,
+        config=config,
     )
 
 

@@ -191,7 +191,7 @@ def apply_consolidation_policy(settings: Settings, *, send: Any = None) -> list[
     if threshold <= 0:
         return []
     if send is None:
-        send = _send_consolidation
+        send = _sender(settings)
     sessions = get_session_factory(settings)
     created = []
     with sessions() as session:
@@ -214,8 +214,13 @@ def apply_consolidation_policy(settings: Settings, *, send: Any = None) -> list[
     return created
 
 
-def _send_consolidation(run_id: int) -> None:
-    """Enqueue `diffbank.consolidate(run_id)`."""
-    from worker.app import CONSOLIDATE_QUEUE, CONSOLIDATE_TASK, celery_app
+def _sender(settings: Settings) -> Any:
+    """A function enqueueing `diffbank.consolidate(run_id)` on the configured broker."""
+    from worker.app import CONSOLIDATE_QUEUE, CONSOLIDATE_TASK, make_celery_app
 
-    celery_app.send_task(CONSOLIDATE_TASK, args=[run_id], queue=CONSOLIDATE_QUEUE)
+    app = make_celery_app(settings)
+
+    def send(run_id: int) -> None:
+        app.send_task(CONSOLIDATE_TASK, args=[run_id], queue=CONSOLIDATE_QUEUE)
+
+    return send
