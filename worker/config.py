@@ -1,0 +1,92 @@
+"""`DiffPruneConfig`: every hyperparameter of one diff-pruning run, saved as sorted JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class DiffPruneConfig:
+    """Hyperparameters of structured diff pruning (phase 1: L0-gated diff; phase 2: fixed mask).
+
+    Defaults are chosen for all-MiniLM-L6-v2 on small tasks (a few thousand rows): a few
+    epochs of gated training, projection to `density`, one epoch fine-tuning the kept values.
+    """
+
+    epochs: int = 3  # phase 1: gated diff training
+    fix_epochs: int = 1  # phase 2: fine-tune the kept values with the mask fixed
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_length: int = 128
+    lr: float = 1e-4  # diff weights w (AdamW, warmup + linear decay)
+    fix_lr: float = 5e-4  # kept values in phase 2 (few parameters, so a larger step)
+    head_lr: float = 1e-3  # the dense task head, both phases
+    alpha_lr: float = 0.1  # gate logits α and α_g (plain SGD, constant; no optimizer state)
+    alpha_init: float = 5.0
+    l0_lambda: float = 1.25e-7  # penalty per expected nonzero (Guo et al. 2021)
+    structured: bool = True  # per-tensor scalar gate z_g on top of the entry gates
+    gate_lower: float = -1.5  # stretch interval (l, r) of the hard-concrete gate
+    gate_upper: float = 1.5
+    density: float = 0.005  # kept fraction of the base parameters after projection
+    warmup: float = 0.1  # fraction of each phase's steps spent warming the lr up
+    weight_decay: float = 0.0  # head only; the diff is regularised by the L0 penalty
+    seed: int = 0
+    value_dtype: str = "float16"  # dtype of the stored diff values
+    device: str = ""  # "" = cuda when available, else cpu
+    compile_gates: bool = True  # torch.compile the fused gate kernels (eager fallback)
+    eval_batch_size: int = 64
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (with a CheckpointIO)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with an impossible value."""
+        positive_ints = ("batch_size", "grad_accum", "max_length", "eval_batch_size")
+        for name in positive_ints:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("epochs", "fix_epochs"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs + self.fix_epochs < 1:
+            raise ValueError("epochs + fix_epochs must be at least 1")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        for name in ("lr", "fix_lr", "head_lr", "alpha_lr", "l0_lambda", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if not self.gate_lower < 0.0 < 1.0 < self.gate_upper:
+            raise ValueError("gate_lower < 0 and gate_upper > 1 are required (stretched gate)")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict (JSON types only)."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """The config as sorted JSON, as stored in the artifact meta."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffPruneConfig:
+        """A config from a dict; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DiffPruneConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> DiffPruneConfig:
+        """Inverse of `to_json`."""
+        return cls.from_dict(json.loads(text))
