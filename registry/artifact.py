@@ -8,8 +8,9 @@ File layout (format version 1):
 - `diff.values` (float16 | bfloat16 | float32): the values, in the same global order;
 - `head.<name>`: the dense task-head tensors;
 - `__metadata__`: `format`, `format_version`, `index_coding`, `layout` (JSON
-  `[[name, shape, nnz], ...]`), `meta` (JSON of `ArtifactMeta`) and `sha256`, a digest over
-  the canonical header (without `sha256`) and the data bytes, so any changed byte is caught.
+  `[[name, shape, nnz], ...]`), `meta` (JSON of `ArtifactMeta`) and `sha256`, a digest of
+  the whole file with the digest's own 64 characters read as zeros, so any changed byte
+  is caught.
 """
 
 from __future__ import annotations
@@ -198,23 +199,37 @@ def _check_diff(diff: SparseDiff) -> None:
             raise ArtifactError(f"head tensor {name!r} must be finite floating point")
 
 
-def _header_digest(header: dict[str, Any], data_section: bytes | memoryview) -> str:
-    """sha256 over the canonical header (without the digest itself) and the data bytes."""
-    header = dict(header)
-    header["__metadata__"] = {k: v for k, v in header["__metadata__"].items() if k != "sha256"}
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
-    digest.update(data_section)
+DIGEST_PLACEHOLDER = "0" * 64
+
+
+def _digest_slot(data: bytes | bytearray, header_end: int, digest: str) -> int:
+    """Offset of the digest's value inside the raw header, or -1 when it is not there once."""
+    needle = b'"sha256":"' + digest.encode("ascii") + b'"'
+    first = data.find(needle, 8, header_end)
+    if first < 0 or data.find(needle, first + 1, header_end) >= 0:
+        return -1
+    return first + len(b'"sha256":"')
+
+
+def _file_digest(data: bytes | bytearray, slot: int) -> str:
+    """sha256 of the file with the 64 digest characters at `slot` read as zeros."""
+    digest = hashlib.sha256(memoryview(data)[:slot])
+    digest.update(DIGEST_PLACEHOLDER.encode("ascii"))
+    digest.update(memoryview(data)[slot + 64 :])
     return digest.hexdigest()
 
 
 def pack_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """Serialise tensors and metadata to safetensors bytes, adding the `sha256` digest."""
+    """Serialise tensors and metadata to safetensors bytes with a whole-file `sha256` digest."""
     from safetensors.torch import save
 
-    unsigned = save(tensors, metadata=metadata)
-    header, data_start = _parse_header(unsigned)
-    signed = dict(metadata, sha256=_header_digest(header, memoryview(unsigned)[data_start:]))
-    return save(tensors, metadata=signed)
+    blob = bytearray(save(tensors, metadata=dict(metadata, sha256=DIGEST_PLACEHOLDER)))
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    slot = _digest_slot(blob, 8 + header_len, DIGEST_PLACEHOLDER)
+    if slot < 0:
+        raise ArtifactError("metadata must not contain the digest placeholder")
+    blob[slot : slot + 64] = _file_digest(blob, slot).encode("ascii")
+    return bytes(blob)
 
 
 def dumps_artifact(diff: SparseDiff) -> bytes:
@@ -429,7 +444,9 @@ def loads_artifact(
         )
     if metadata.get("index_coding") != INDEX_CODING:
         raise ArtifactError(f"unsupported index coding {metadata.get('index_coding')!r}")
-    if metadata.get("sha256") != _header_digest(header, memoryview(data)[data_start:]):
+    digest = metadata.get("sha256", "")
+    slot = _digest_slot(data, data_start, digest) if re.fullmatch("[0-9a-f]{64}", digest) else -1
+    if slot < 0 or _file_digest(data, slot) != digest:
         raise ArtifactError("checksum mismatch: the file was modified or corrupted (sha256)")
 
     meta = _meta_from_json(_json_field(metadata, "meta"))

@@ -238,6 +238,9 @@ def bad_files(tiny_base: LoadedBase, diff: SparseDiff) -> dict[str, tuple[bytes,
 
     broken_json = bytearray(good)
     broken_json[8] = ord("[")
+    raw_header = b"{\n" + good[9:data_start].rstrip(b" ")  # JSON-equivalent whitespace
+    raw_header += b" " * (-len(raw_header) % 8)
+    respaced = struct.pack("<Q", len(raw_header)) + raw_header + good[data_start:]
 
     return {
         "truncated to half": (good[: len(good) // 2], "truncated"),
@@ -248,6 +251,7 @@ def bad_files(tiny_base: LoadedBase, diff: SparseDiff) -> dict[str, tuple[bytes,
         "tampered label names in header": (with_header(good, relabelled), "checksum mismatch"),
         "tampered tensor dtype in header": (with_header(good, widened), "checksum mismatch"),
         "bad header JSON": (bytes(broken_json), "bad header JSON"),
+        "whitespace changed in header": (bytes(respaced), "checksum mismatch"),
         "not an artifact": (pack_file({"x": torch.zeros(2)}, {"format": "other"}), "format"),
         "wrong format version": (repack(diff, metadata={"format_version": "2"}), "format version"),
         "bad meta JSON": (repack(diff, metadata={"meta": "{not json"}), "bad JSON in metadata"),
@@ -302,6 +306,7 @@ BAD_FILE_CASES = [
     "tampered label names in header",
     "tampered tensor dtype in header",
     "bad header JSON",
+    "whitespace changed in header",
     "not an artifact",
     "wrong format version",
     "bad meta JSON",
@@ -334,6 +339,32 @@ def test_reading_a_broken_artifact_fails_with_an_error_naming_the_problem(broken
 
 def test_every_bad_file_case_is_tested(broken):
     assert sorted(broken) == sorted(BAD_FILE_CASES)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_corruption_of_the_bytes_is_an_artifact_error(data, small_artifact):
+    mutation = data.draw(st.sampled_from(["flip", "cut", "insert", "overwrite"]))
+    blob = bytearray(small_artifact)
+    at = data.draw(st.integers(0, len(blob) - 1))
+    if mutation == "flip":
+        blob[at] ^= data.draw(st.integers(1, 255))
+    elif mutation == "cut":
+        del blob[at:]
+    elif mutation == "insert":
+        blob[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+    else:
+        chunk = data.draw(st.binary(min_size=1, max_size=32))
+        if bytes(blob[at : at + len(chunk)]) == chunk[: len(blob) - at]:
+            return
+        blob[at : at + len(chunk)] = chunk
+    with pytest.raises(ArtifactError):
+        loads_artifact(bytes(blob))
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tiny_base) -> bytes:
+    return dumps_artifact(random_diff(tiny_base, density=1e-5, seed=3))
 
 
 def test_artifact_for_another_base_is_rejected(tiny_base, tiny_diff, tmp_path):
