@@ -4,7 +4,7 @@ Random global masks on the default base (all-MiniLM-L6-v2) at several densities,
 values, a real 2-label head. The whole file (header, metadata, head) counts in bytes/nnz.
 The bound is log2 C(N, k) / (8k) + value bytes; the goal is <= 1.15 x bound for fp16 at 0.5%.
 
-Run: `HF_HUB_OFFLINE=1 python bench/artifact_bytes.py [--base NAME] [--switches 200]`
+Run: `HF_HUB_OFFLINE=1 python bench/artifact_bytes.py [--base NAME] [--switches 200] [--threads 1]`
 """
 
 from __future__ import annotations
@@ -97,7 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="all-MiniLM-L6-v2")
     parser.add_argument("--switches", type=int, default=200)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     base = load_base(args.base)
     encoder = build_model(base, task_type="classification", num_labels=2).base_model
