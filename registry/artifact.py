@@ -194,6 +194,7 @@ def _check_diff(diff: SparseDiff) -> None:
             raise ArtifactError(f"values of {name!r} contain NaN or infinity")
     if meta.nnz != diff.nnz:
         raise ArtifactError(f"meta.nnz is {meta.nnz} but the diff holds {diff.nnz} nonzeros")
+    _check_counts(meta, sum(math.prod(diff.shapes[name]) for name in diff.indices))
     for name, tensor in diff.head.items():
         if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
             raise ArtifactError(f"head tensor {name!r} must be finite floating point")
@@ -241,9 +242,9 @@ def dumps_artifact(diff: SparseDiff) -> bytes:
     universe = int(offsets[-1])
     if names:
         global_indices = np.concatenate(
-            [diff.indices[name].numpy() + offsets[i] for i, name in enumerate(names)]
+            [diff.indices[name].cpu().numpy() + offsets[i] for i, name in enumerate(names)]
         )
-        values = torch.cat([diff.values[name] for name in names])
+        values = torch.cat([diff.values[name].cpu() for name in names])
     else:
         global_indices = np.zeros(0, dtype=np.int64)
         values = torch.zeros(0, dtype=VALUE_DTYPES[diff.meta.value_dtype])
@@ -385,6 +386,17 @@ def _check_meta(meta: ArtifactMeta) -> None:
         raise ArtifactError("meta.n_params, meta.nnz and meta.max_length must be non-negative")
 
 
+def _check_counts(meta: ArtifactMeta, diff_entries: int) -> None:
+    """The diff's tensors fit in n_params and meta.density is nnz / n_params."""
+    if diff_entries > meta.n_params:
+        raise ArtifactError(
+            f"diff tensors hold {diff_entries} entries, more than meta.n_params {meta.n_params}"
+        )
+    expected = meta.nnz / meta.n_params if meta.n_params else 0.0
+    if not math.isclose(meta.density, expected, rel_tol=1e-9, abs_tol=1e-15):
+        raise ArtifactError(f"meta.density {meta.density} does not equal nnz / n_params")
+
+
 def _layout_from_json(raw: Any) -> list[tuple[str, tuple[int, ...], int]]:
     """Validate the decoded `layout`: sorted unique names, shapes, 1 <= nnz <= numel."""
     if not isinstance(raw, list):
@@ -491,10 +503,7 @@ def loads_artifact(
         raise ArtifactError(f"meta.nnz is {meta.nnz} but the layout holds {nnz} nonzeros")
     sizes = [math.prod(shape) for _, shape, _ in layout]
     universe = sum(sizes)
-    if universe > meta.n_params:
-        raise ArtifactError(f"diff tensors hold {universe} entries, more than n_params")
-    if not math.isclose(meta.density, nnz / meta.n_params if meta.n_params else 0.0, rel_tol=1e-9):
-        raise ArtifactError(f"meta.density {meta.density} does not equal nnz / n_params")
+    _check_counts(meta, universe)
     try:
         global_indices = index_coding.decode(low.numpy(), high.numpy(), nnz, universe)
     except index_coding.IndexCodingError as exc:

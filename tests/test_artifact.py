@@ -293,6 +293,10 @@ def bad_files(tiny_base: LoadedBase, diff: SparseDiff) -> dict[str, tuple[bytes,
             repack(diff, metadata={"meta": json.dumps(dict(meta, nnz=meta["nnz"] + 1))}),
             "meta.nnz",
         ),
+        "density in meta disagrees": (
+            repack(diff, metadata={"meta": json.dumps(dict(meta, density=0.5))}),
+            "meta.density",
+        ),
         "unexpected tensor": (repack(diff, tensors={"sneaky": torch.zeros(1)}), "unexpected"),
     }
 
@@ -321,6 +325,7 @@ BAD_FILE_CASES = [
     "NaN value",
     "layout count disagrees with the stream",
     "nnz in meta disagrees",
+    "density in meta disagrees",
     "unexpected tensor",
 ]
 
