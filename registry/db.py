@@ -122,13 +122,22 @@ def downgrade(engine_or_url: Engine | str, revision: str) -> None:
 
 def check_schema_current(engine: Engine) -> None:
     """Raise SchemaNotCurrentError unless the database is at the newest migration."""
+    from alembic.script import ScriptDirectory
+
     expected = head_revision()
     found = current_revision(engine)
-    if found != expected:
-        where = found or ("empty" if not inspect(engine).get_table_names() else "unversioned")
+    if found == expected:
+        return
+    known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if found is not None and found not in known:
         raise SchemaNotCurrentError(
-            f"database schema is at {where}, code expects {expected}: run `diffbank db upgrade`"
+            f"database schema is at {found}, newer than this code knows (it expects "
+            f"{expected}): upgrade diffbank instead"
         )
+    where = found or ("empty" if not inspect(engine).get_table_names() else "unversioned")
+    raise SchemaNotCurrentError(
+        f"database schema is at {where}, code expects {expected}: run `diffbank db upgrade`"
+    )
 
 
 def _as_engine(engine_or_url: Engine | str) -> Engine:

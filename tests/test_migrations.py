@@ -102,3 +102,13 @@ def test_db_upgrade_command_works_from_any_directory(tmp_path):
     engine = make_engine(f"sqlite:///{database}")
     check_schema_current(engine)
     engine.dispose()
+
+
+def test_database_newer_than_the_code_says_so(empty_engine):
+    from sqlalchemy import text
+
+    upgrade(empty_engine)
+    with empty_engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffffffffffff'"))
+    with pytest.raises(SchemaNotCurrentError, match="newer than this code"):
+        check_schema_current(empty_engine)
