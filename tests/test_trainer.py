@@ -1,0 +1,191 @@
+"""The diff-pruning trainer on the tiny random BERT: it learns, projects exactly, resumes, stops."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from registry.artifact import build_task_model, dumps_artifact, loads_artifact
+from registry.basemodel import load_base
+from registry.tabular import ColumnMapping
+from worker.config import DiffPruneConfig
+from worker.data import load_task_data
+from worker.projection import k_for_density
+from worker.trainer import Progress, TrainingCancelled, evaluate, train_diff
+
+POSITIVE = ["good", "great", "excellent", "wonderful", "fine"]
+NEGATIVE = ["bad", "awful", "terrible", "poor", "horrible"]
+FILLER = ["the", "a", "movie", "was", "it", "plot", "very"]
+
+
+def write_sentiment_task(path: Path, rows: int, seed: int) -> Path:
+    """A separable task: the label is which word list the one sentiment word comes from."""
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for i in range(rows):
+            positive = i % 2 == 0
+            words = [rng.choice(POSITIVE if positive else NEGATIVE)]
+            words += [rng.choice(FILLER) for _ in range(4)]
+            rng.shuffle(words)
+            out.write(json.dumps({"text": " ".join(words), "label": "pos" if positive else "neg"}) + "\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the CI machine's two cores are shared by many processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sentiment(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sentiment")
+    write_sentiment_task(directory / "train.jsonl", 320, seed=0)
+    write_sentiment_task(directory / "validation.jsonl", 80, seed=1)
+    return load_task_data(directory, mapping=ColumnMapping())
+
+
+@pytest.fixture(scope="module")
+def small_sentiment(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("small")
+    write_sentiment_task(directory / "train.jsonl", 48, seed=2)
+    write_sentiment_task(directory / "validation.jsonl", 16, seed=3)
+    return load_task_data(directory, mapping=ColumnMapping())
+
+
+def fast_config(**changes) -> DiffPruneConfig:
+    """Large learning rates and short sequences: the tiny random BERT learns in seconds."""
+    values = dict(
+        epochs=3, fix_epochs=2, batch_size=16, max_length=16, lr=1e-2, fix_lr=1e-2,
+        head_lr=1e-2, density=0.05, compile_gates=False, eval_batch_size=32,
+    )
+    values.update(changes)
+    return DiffPruneConfig(**values)
+
+
+class MemoryCheckpoint:
+    """A CheckpointIO keeping the last state in memory, counting saves."""
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.saves = 0
+
+    def load(self) -> bytes | None:
+        return self.data
+
+    def save(self, data: bytes) -> None:
+        self.data = data
+        self.saves += 1
+
+
+def assert_same_diff(a, b) -> None:
+    assert sorted(a.indices) == sorted(b.indices)
+    for name in a.indices:
+        assert torch.equal(a.indices[name], b.indices[name]), name
+        assert torch.equal(a.values[name], b.values[name]), name
+    for name in a.head:
+        assert torch.equal(a.head[name], b.head[name]), name
+
+
+def test_training_learns_a_separable_task_with_exactly_k_entries(sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    before = {n: p.detach().clone() for n, p in base.encoder.named_parameters()}
+    seen: list[Progress] = []
+    result = train_diff(sentiment, fast_config(), base=base, progress=seen.append)
+
+    assert result.metrics["metric_name"] == "accuracy"
+    assert result.metrics["accuracy"] >= 0.9  # chance is 0.5
+    assert 0.0 <= result.metrics["macro_f1"] <= 1.0
+    diff = result.diff
+    assert diff.nnz == k_for_density(0.05, base.n_params) == diff.meta.nnz
+    assert diff.meta.n_params == base.n_params
+    assert diff.meta.config == fast_config().to_dict()
+    assert set(diff.head) == {"classifier.weight", "classifier.bias"}
+    # the shared base is untouched, bit for bit
+    for name, param in base.encoder.named_parameters():
+        assert torch.equal(param, before[name]), name
+    # progress: every optimizer step once, prune phase then fix phase
+    assert [p.step for p in seen] == list(range(1, seen[-1].total_steps + 1))
+    assert [p.phase for p in seen] == ["prune"] * 60 + ["fix"] * 40
+    assert seen[-1].expected_nnz == diff.nnz
+    assert result.train_seconds > 0 and result.peak_memory_bytes > 0
+
+    # the stored artifact reproduces the reported metric
+    loaded = loads_artifact(dumps_artifact(diff), expected_fingerprint=base.fingerprint)
+    model = build_task_model(base, loaded)
+    again = evaluate(
+        model, sentiment.validation, tokenizer=base.tokenizer, task_type="classification",
+        num_labels=2, max_length=16,
+    )
+    assert again["accuracy"] == pytest.approx(result.metrics["accuracy"])
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(small_sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    config = fast_config(epochs=2, fix_epochs=2, batch_size=8, grad_accum=2, checkpoint_every=2)
+    # 48 rows, 6 micro-batches of 8, 2 per optimizer step: 3 steps/epoch, 12 steps in all
+    reference = train_diff(small_sentiment, config, base=base)
+
+    store = MemoryCheckpoint()
+    for stop_at in (5, 9):  # once in the prune phase, once in the fix phase
+        steps: list[int] = []
+        with pytest.raises(TrainingCancelled):
+            train_diff(
+                small_sentiment, config, base=base, checkpoint=store,
+                progress=lambda p, steps=steps: steps.append(p.step),
+                should_stop=lambda steps=steps, stop_at=stop_at: bool(steps) and steps[-1] >= stop_at,
+            )
+    resumed = train_diff(small_sentiment, config, base=base, checkpoint=store)
+    assert store.saves == 2 + 2 + 2  # (2, 4) (6, 8) (10, 12)
+    assert_same_diff(resumed.diff, reference.diff)
+    assert resumed.metrics == reference.metrics
+
+
+def test_checkpoint_from_another_config_is_refused(small_sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    store = MemoryCheckpoint()
+    train_diff(small_sentiment, fast_config(epochs=1, fix_epochs=0), base=base, checkpoint=store)
+    with pytest.raises(ValueError, match="lr"):
+        train_diff(small_sentiment, fast_config(epochs=1, fix_epochs=0, lr=0.5), base=base, checkpoint=store)
+
+
+def test_should_stop_cancels_before_any_step(small_sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    seen: list[Progress] = []
+    with pytest.raises(TrainingCancelled):
+        train_diff(small_sentiment, fast_config(), base=base, progress=seen.append, should_stop=lambda: True)
+    assert seen == []
+
+
+def test_regression_task_reports_correlations(tmp_path, tiny_base_dir):
+    rng = random.Random(0)
+    with (tmp_path / "train.jsonl").open("w") as out:
+        for _ in range(64):
+            n = rng.randint(0, 4)
+            text = " ".join(["good"] * n + ["movie"] * (4 - n))
+            out.write(json.dumps({"text": text, "label": n / 4}) + "\n")
+    data = load_task_data(tmp_path, mapping=ColumnMapping(), task_type="regression")
+    base = load_base(str(tiny_base_dir))
+    result = train_diff(data, fast_config(epochs=2, fix_epochs=1, structured=False), base=base)
+    assert result.metrics["metric_name"] == "pearson"
+    assert {"pearson", "spearman"} <= set(result.metrics)
+    assert result.diff.meta.task_type == "regression" and result.diff.meta.label_names == []
+    assert result.diff.head["classifier.weight"].shape == (1, 32)
+
+
+def test_config_is_sorted_json_and_rejects_bad_values():
+    config = DiffPruneConfig(density=0.001, epochs=2)
+    text = config.to_json()
+    assert list(json.loads(text)) == sorted(json.loads(text))
+    assert DiffPruneConfig.from_json(text) == config
+    with pytest.raises(ValueError, match="density"):
+        DiffPruneConfig(density=0.0)
+    with pytest.raises(ValueError, match="bogus"):
+        DiffPruneConfig.from_dict({"bogus": 1})
