@@ -1,0 +1,64 @@
+"""`diffbank train`: artifact on disk, one JSON summary line, data errors exit 2 without a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from api.cli import main
+from registry.artifact import load_artifact
+from tests.test_trainer import write_sentiment_task
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_json_reports_the_saved_artifact(tmp_path, tiny_base_dir, capsys):
+    data = write_sentiment_task(tmp_path / "data.jsonl", 60, seed=0)
+    out = tmp_path / "out" / "task.safetensors"
+    code = main([
+        "train", str(data), "--out", str(out), "--base", str(tiny_base_dir), "--density", "0.01",
+        "--epochs", "1", "--fix-epochs", "1", "--batch-size", "16", "--max-length", "16",
+        "--no-compile", "--json",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    diff = load_artifact(out)
+    assert summary["nnz"] == diff.nnz == round(0.01 * summary["n_params"])
+    assert summary["bytes"] == out.stat().st_size
+    assert summary["metric_name"] == "accuracy"
+    assert summary["accuracy"] == summary["metric"] == diff.meta.metrics["accuracy"]
+    assert summary["density"] == pytest.approx(0.01, rel=1e-3)
+    assert summary["train_seconds"] > 0 and summary["peak_memory_bytes"] > 0
+    assert "train" in captured.err  # the progress bar
+
+
+def test_train_data_error_exits_2_with_the_message_and_no_traceback(tmp_path, tiny_base_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "only text, no label"}\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "api", "train", str(data), "--out", str(tmp_path / "x.safetensors"),
+         "--base", str(tiny_base_dir)],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 2
+    assert "label" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_train_rejects_an_impossible_density(tmp_path, capsys):
+    data = write_sentiment_task(tmp_path / "data.jsonl", 10, seed=0)
+    code = main(["train", str(data), "--out", str(tmp_path / "x.safetensors"), "--density", "2"])
+    assert code == 2
+    assert "density" in capsys.readouterr().err
