@@ -551,21 +551,46 @@ def load_artifact(
 # ---------------------------------------------------------------- applying
 
 
+@dataclass(eq=False)
+class _ApplyPlan:
+    """One diff's validated targets on one encoder, with reusable buffers for saved values."""
+
+    params: list[torch.Tensor]
+    flats: list[torch.Tensor]  # flat views of the parameters' storage
+    indices: list[torch.Tensor]
+    deltas: list[torch.Tensor]  # in the parameter's dtype and device
+    buffers: list[torch.Tensor]  # where apply saves the overwritten base values
+    buffers_in_use: bool = False
+
+    def is_current(self) -> bool:
+        """Whether every view still points at its parameter's storage."""
+        return all(
+            f.data_ptr() == p.data_ptr() for f, p in zip(self.flats, self.params, strict=True)
+        )
+
+
 class AppliedDiff:
     """A diff applied in place to an encoder; `revert()` restores the base bit for bit."""
 
-    def __init__(self, targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        self._targets = targets  # (flat parameter view, indices, overwritten base values)
+    def __init__(self, plan: _ApplyPlan, saved: list[torch.Tensor], owns_buffers: bool) -> None:
+        self._plan = plan
+        self._saved = saved  # overwritten base values, one tensor per target
+        self._owns_buffers = owns_buffers
         self.reverted = False
 
     def revert(self) -> None:
         """Put the overwritten base values back (a second call does nothing)."""
         if self.reverted:
             return
+        plan = self._plan
         with torch.no_grad():
-            for flat, idx, saved in reversed(self._targets):
+            for flat, idx, saved in reversed(
+                list(zip(plan.flats, plan.indices, self._saved, strict=True))
+            ):
                 flat.index_copy_(0, idx, saved)
         self.reverted = True
+        if self._owns_buffers:
+            plan.buffers_in_use = False
 
     def __enter__(self) -> AppliedDiff:
         return self
@@ -574,10 +599,10 @@ class AppliedDiff:
         self.revert()
 
 
-def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> list[tuple]:
-    """(parameter, flat view, indices, delta) per diff tensor; validated once and cached."""
+def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> _ApplyPlan:
+    """The diff's targets in the encoder, validated once per (diff, encoder) and cached."""
     plan = diff._plans.get(encoder)
-    if plan is not None and all(flat.data_ptr() == p.data_ptr() for p, flat, _, _ in plan):
+    if plan is not None and plan.is_current():
         return plan
     params = dict(encoder.named_parameters())
     for name, shape in ((n, diff.shapes[n]) for n in diff.indices):
@@ -591,11 +616,15 @@ def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> list[tuple]:
             )
         if not param.is_contiguous():
             raise ArtifactError(f"parameter {name!r} is not contiguous; cannot apply in place")
-    plan = []
+    plan = _ApplyPlan([], [], [], [], [])
     for name in diff.indices:
         param = params[name]
         idx, delta = diff.prepared(name, param.dtype, param.device)
-        plan.append((param, param.detach().view(-1), idx, delta))
+        plan.params.append(param)
+        plan.flats.append(param.detach().view(-1))
+        plan.indices.append(idx)
+        plan.deltas.append(delta)
+        plan.buffers.append(torch.empty_like(delta))
     diff._plans[encoder] = plan
     return plan
 
@@ -603,14 +632,22 @@ def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> list[tuple]:
 def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
     """Add the diff to the encoder's parameters in place (base + delta in the base dtype).
 
-    O(nnz). Several diffs may be stacked if reverted in reverse order.
+    O(nnz), and after the first call on an encoder it allocates nothing. Several diffs
+    may be stacked if reverted in reverse order. Not thread-safe: serialise task
+    switches on one encoder.
     """
-    targets = []
+    plan = _apply_plan(encoder, diff)
+    owns_buffers = not plan.buffers_in_use
+    saved = plan.buffers if owns_buffers else [torch.empty_like(d) for d in plan.deltas]
+    if owns_buffers:
+        plan.buffers_in_use = True
     with torch.no_grad():
-        for _, flat, idx, delta in _apply_plan(encoder, diff):
-            targets.append((flat, idx, flat.index_select(0, idx)))
+        for flat, idx, delta, buffer in zip(
+            plan.flats, plan.indices, plan.deltas, saved, strict=True
+        ):
+            torch.index_select(flat, 0, idx, out=buffer)
             flat.index_add_(0, idx, delta)
-    return AppliedDiff(targets)
+    return AppliedDiff(plan, saved, owns_buffers)
 
 
 def load_head(model: PreTrainedModel, diff: SparseDiff) -> None:

@@ -442,6 +442,16 @@ def test_stacked_diffs_revert_in_reverse_order_to_the_exact_base(tiny_base):
     with apply_diff(model.base_model, first), apply_diff(model.base_model, second):
         assert base_fingerprint(model.base_model) != tiny_base.fingerprint
     assert base_fingerprint(model.base_model) == tiny_base.fingerprint
+    once = apply_diff(model.base_model, first)
+    twice = apply_diff(model.base_model, first)  # the same diff again: its own saved values
+    name = next(iter(first.indices))
+    param = dict(model.base_model.named_parameters())[name].detach().view(-1)
+    base_values = dict(tiny_base.encoder.named_parameters())[name].detach().view(-1)
+    idx, delta = first.indices[name], first.values[name].float()
+    assert torch.equal(param[idx], (base_values[idx] + delta) + delta)
+    twice.revert()
+    once.revert()
+    assert base_fingerprint(model.base_model) == tiny_base.fingerprint
 
 
 def test_apply_refuses_a_diff_for_other_tensors_before_touching_anything(tiny_base, tiny_diff):
