@@ -382,8 +382,10 @@ def _check_meta(meta: ArtifactMeta) -> None:
         raise ArtifactError("meta.label_names must name at least two labels for classification")
     if len(set(meta.label_names)) != len(meta.label_names):
         raise ArtifactError("meta.label_names must be unique")
-    if meta.n_params < 0 or meta.nnz < 0 or meta.max_length <= 0:
-        raise ArtifactError("meta.n_params, meta.nnz and meta.max_length must be non-negative")
+    if not 0 <= meta.n_params < 2**62 or meta.nnz < 0 or meta.max_length <= 0:
+        raise ArtifactError(
+            "meta.n_params (below 2**62), meta.nnz and meta.max_length must be non-negative"
+        )
 
 
 def _check_counts(meta: ArtifactMeta, diff_entries: int) -> None:
