@@ -27,7 +27,7 @@ class TaskData:
     validation: Table
     task_type: str
     label_names: list[str]
-    validation_source: str  # "file" or "split"
+    validation_source: str = "file"  # "file" or "split"
 
     @property
     def num_labels(self) -> int:
