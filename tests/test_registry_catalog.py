@@ -540,3 +540,37 @@ def test_consolidation_of_unknown_or_unpublished_tasks_is_rejected(session, tena
         )
     assert err.value.field == "strategy"
     assert catalog.list_jobs(session, tenant_id=tenant.id)[0] == []
+
+
+HUGE_ID = 2**63 + 12345  # larger than any INTEGER column (what a fuzzer sends in a URL)
+
+
+def test_ids_no_row_can_have_are_simply_not_found(session, objects, tenant, base):
+    task = make_task(session, tenant.id, base.id)
+    publish(session, objects, task.id, b"one")
+    lookups = [
+        lambda: catalog.get_dataset(session, tenant_id=tenant.id, dataset_id=HUGE_ID),
+        lambda: catalog.get_job(session, tenant_id=tenant.id, job_id=HUGE_ID),
+        lambda: catalog.request_cancel(session, tenant_id=tenant.id, job_id=-1),
+        lambda: catalog.list_job_events(session, tenant_id=tenant.id, job_id=HUGE_ID),
+        lambda: catalog.get_consolidation_run(session, tenant_id=tenant.id, run_id=HUGE_ID),
+        lambda: catalog.get_task_version(
+            session, tenant_id=tenant.id, name="sentiment", number=HUGE_ID
+        ),
+        lambda: catalog.activate_version(session, tenant_id=tenant.id, name="sentiment", number=0),
+        lambda: catalog.delete_dataset(session, objects, tenant_id=tenant.id, dataset_id=HUGE_ID),
+        lambda: catalog.create_job(
+            session,
+            tenant_id=tenant.id,
+            kind="train",
+            base_model="tiny-bert",
+            params={},
+            dataset_id=HUGE_ID,
+        ),
+    ]
+    for lookup in lookups:
+        with pytest.raises(NotFoundError):
+            lookup()
+    assert catalog.load_job(session, job_id=HUGE_ID) is None
+    assert catalog.claim_job(session, job_id=HUGE_ID, worker_id="w") is None
+    assert catalog.finish_job(session, job_id=HUGE_ID, state="failed") is None

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry.catalog._ids import get_row, in_id_range
 from registry.catalog._tx import transaction
 from registry.catalog.artifacts import add_artifact
 from registry.catalog.errors import InvalidInputError, NotFoundError
@@ -117,7 +118,7 @@ def _resolve_tasks(
 def get_consolidation_run(session: Session, *, tenant_id: int, run_id: int) -> ConsolidationRun:
     """The tenant's consolidation run `run_id`, or NotFoundError."""
     with transaction(session):
-        run = session.get(ConsolidationRun, run_id, populate_existing=True)
+        run = get_row(session, ConsolidationRun, run_id, populate_existing=True)
     if run is None or run.tenant_id != tenant_id:
         raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")
     return run
@@ -126,11 +127,13 @@ def get_consolidation_run(session: Session, *, tenant_id: int, run_id: int) -> C
 def load_consolidation_run(session: Session, *, run_id: int) -> ConsolidationRun | None:
     """Run `run_id` whatever its tenant (for workers), or None."""
     with transaction(session):
-        return session.get(ConsolidationRun, run_id, populate_existing=True)
+        return get_row(session, ConsolidationRun, run_id, populate_existing=True)
 
 
 def get_consolidation_run_for_job(session: Session, *, job_id: int) -> ConsolidationRun | None:
     """The run a 'consolidate' job belongs to, or None."""
+    if not in_id_range(job_id):
+        return None
     with transaction(session):
         return session.scalar(select(ConsolidationRun).where(ConsolidationRun.job_id == job_id))
 
@@ -147,7 +150,7 @@ def list_consolidation_runs(
 def set_shared_artifact(session: Session, *, run_id: int, stored: StoredObject) -> Artifact:
     """Insert the artifact of an uploaded, verified shared diff and attach it to the run."""
     with transaction(session):
-        run = session.get(ConsolidationRun, run_id)
+        run = get_row(session, ConsolidationRun, run_id)
         if run is None:
             raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")
         artifact = add_artifact(session, stored=stored, kind="shared-diff")
@@ -165,7 +168,7 @@ def record_report(
 ) -> ConsolidationRun:
     """Store a run's report (per-task metrics before/after, acceptance) and nnz totals."""
     with transaction(session):
-        run = session.get(ConsolidationRun, run_id)
+        run = get_row(session, ConsolidationRun, run_id)
         if run is None:
             raise NotFoundError(f"consolidation run {run_id} not found", field="run_id")
         run.report = dict(report)

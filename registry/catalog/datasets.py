@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from registry.catalog._ids import get_row
 from registry.catalog._tx import transaction
 from registry.catalog.artifacts import add_artifact, delete_blobs_if_unused, release_artifacts
 from registry.catalog.errors import ConflictError, NotFoundError
@@ -50,7 +51,7 @@ def create_dataset(
 def get_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> Dataset:
     """The tenant's dataset `dataset_id`, or NotFoundError."""
     with transaction(session):
-        row = session.get(Dataset, dataset_id)
+        row = get_row(session, Dataset, dataset_id)
     if row is None or row.tenant_id != tenant_id:
         raise NotFoundError(f"dataset {dataset_id} not found", field="dataset_id")
     return row
@@ -73,7 +74,7 @@ def delete_dataset(
     Refused (ConflictError) while an unfinished job reads it.
     """
     with transaction(session):
-        row = session.get(Dataset, dataset_id)
+        row = get_row(session, Dataset, dataset_id)
         if row is None or row.tenant_id != tenant_id:
             raise NotFoundError(f"dataset {dataset_id} not found", field="dataset_id")
         busy = session.scalar(

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from registry.catalog._ids import MAX_ID, get_row, in_id_range
 from registry.catalog._tx import transaction
 from registry.catalog.errors import InvalidInputError, NotFoundError
 from registry.catalog.pagination import check_limit, paginate
@@ -36,7 +37,7 @@ def _add_event(session: Session, job_id: int, kind: str, payload: dict[str, Any]
 
 
 def _reload(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id, populate_existing=True)
+    job = get_row(session, Job, job_id, populate_existing=True)
     assert job is not None
     return job
 
@@ -44,7 +45,7 @@ def _reload(session: Session, job_id: int) -> Job:
 def _check_dataset(session: Session, tenant_id: int, dataset_id: int | None, field: str) -> None:
     if dataset_id is None:
         return
-    dataset = session.get(Dataset, dataset_id)
+    dataset = get_row(session, Dataset, dataset_id)
     if dataset is None or dataset.tenant_id != tenant_id:
         raise NotFoundError(f"dataset {dataset_id} not found", field=field)
 
@@ -119,7 +120,7 @@ def create_job(
 def get_job(session: Session, *, tenant_id: int, job_id: int) -> Job:
     """The tenant's job `job_id`, or NotFoundError."""
     with transaction(session):
-        job = session.get(Job, job_id, populate_existing=True)
+        job = get_row(session, Job, job_id, populate_existing=True)
     if job is None or job.tenant_id != tenant_id:
         raise NotFoundError(f"job {job_id} not found", field="job_id")
     return job
@@ -128,11 +129,13 @@ def get_job(session: Session, *, tenant_id: int, job_id: int) -> Job:
 def load_job(session: Session, *, job_id: int) -> Job | None:
     """Job `job_id` whatever its tenant (for workers and the sweep), or None."""
     with transaction(session):
-        return session.get(Job, job_id, populate_existing=True)
+        return get_row(session, Job, job_id, populate_existing=True)
 
 
 def mark_enqueued(session: Session, *, job_id: int) -> None:
     """Record that a queue message for the job was (re)sent just now."""
+    if not in_id_range(job_id):
+        return
     with transaction(session):
         now = utcnow()
         session.execute(
@@ -149,6 +152,8 @@ def claim_job(
     (its worker died). A job out of attempts ends `failed` with `too_many_attempts`; a
     stale job with a cancel request ends `cancelled`.
     """
+    if not in_id_range(job_id):
+        return None
     now = utcnow()
     stale_before = now - timedelta(seconds=stale_after_s)
     stale_running = and_(
@@ -222,6 +227,8 @@ def record_progress(
 
     None when the job is not running for `worker_id` any more (the worker should stop).
     """
+    if not in_id_range(job_id):
+        return None
     now = utcnow()
     with transaction(session):
         updated = session.scalar(
@@ -238,6 +245,8 @@ def record_progress(
 
 def heartbeat(session: Session, *, job_id: int, worker_id: str) -> Job | None:
     """Mark the job alive; None when it is not running for `worker_id` any more."""
+    if not in_id_range(job_id):
+        return None
     now = utcnow()
     with transaction(session):
         updated = session.scalar(
@@ -263,6 +272,8 @@ def finish_job_in_transaction(
     """`finish_job` inside the caller's transaction."""
     if state not in FINISHED_JOB_STATES:
         raise InvalidInputError(f"a job cannot finish as {state!r}", field="state")
+    if not in_id_range(job_id):
+        return None
     now = utcnow()
     conditions = [_jobs.c.id == job_id, _jobs.c.state == "running"]
     if worker_id is not None:
@@ -323,7 +334,7 @@ def request_cancel(session: Session, *, tenant_id: int, job_id: int) -> Job:
     """Cancel a queued job now, or ask the worker of a running one to stop; finished: no-op."""
     now = utcnow()
     with transaction(session):
-        job = session.get(Job, job_id)
+        job = get_row(session, Job, job_id)
         if job is None or job.tenant_id != tenant_id:
             raise NotFoundError(f"job {job_id} not found", field="job_id")
         cancelled = session.scalar(
@@ -381,8 +392,9 @@ def list_job_events(
 ) -> list[JobEvent]:
     """The job's events with seq > `after_seq`, in order."""
     check_limit(limit)
+    after_seq = min(max(int(after_seq), 0), MAX_ID)
     with transaction(session):
-        job = session.get(Job, job_id)
+        job = get_row(session, Job, job_id)
         if job is None or job.tenant_id != tenant_id:
             raise NotFoundError(f"job {job_id} not found", field="job_id")
         return list(

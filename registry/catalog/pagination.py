@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
+from registry.catalog._ids import in_id_range
 from registry.catalog.errors import InvalidInputError
 
 MAX_PAGE_SIZE = 500
@@ -26,7 +27,7 @@ def decode_cursor(cursor: str) -> int:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode()))["before"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not in_id_range(value):
             raise ValueError
         return value
     except (ValueError, KeyError, TypeError, UnicodeError):

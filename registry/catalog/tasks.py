@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from registry.catalog._ids import get_row, in_id_range
 from registry.catalog._tx import get_or_create, transaction
 from registry.catalog.artifacts import add_artifact, delete_blobs_if_unused, release_artifacts
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
@@ -44,6 +45,8 @@ def get_or_create_task(
     check_task_name(name)
     if task_type not in TASK_TYPES:
         raise InvalidInputError(f"unknown task type {task_type!r}", field="task_type")
+    if not in_id_range(base_model_id):
+        raise NotFoundError(f"base model {base_model_id} not found", field="base_model")
     task = get_or_create(
         session,
         lambda: session.scalar(select(Task).where(Task.tenant_id == tenant_id, Task.name == name)),
@@ -114,6 +117,8 @@ def get_task_version(
             if task.active_version is None:
                 raise NotFoundError(f"task {name!r} has no active version", field="version")
             number = task.active_version
+        if not in_id_range(number):
+            raise NotFoundError(f"task {name!r} has no version {number}", field="version")
         version = session.scalar(
             select(TaskVersion).where(TaskVersion.task_id == task.id, TaskVersion.number == number)
         )
@@ -139,6 +144,8 @@ def _next_version_number(session: Session, task_id: int) -> int:
     # One atomic increment: PostgreSQL row-locks the task until commit (concurrent publishers
     # queue up); SQLite holds the database write lock (BEGIN IMMEDIATE). UNIQUE(task_id,
     # number) backs it up. The counter never goes down, so deleted numbers are never reused.
+    if not in_id_range(task_id):
+        raise NotFoundError(f"task {task_id} not found", field="task")
     table = Task.__table__
     number = session.scalar(
         update(table)
@@ -178,13 +185,16 @@ def publish_task_version(
     """
     with transaction(session):
         number = _next_version_number(session, task_id)
-        task = session.get(Task, task_id, populate_existing=True)
+        task = get_row(session, Task, task_id, populate_existing=True)
         assert task is not None
         artifact = add_artifact(session, stored=diff, kind="diff")
         residual_artifact = (
             add_artifact(session, stored=residual, kind="residual-diff") if residual else None
         )
-        if shared_artifact_id is not None and session.get(Artifact, shared_artifact_id) is None:
+        if (
+            shared_artifact_id is not None
+            and get_row(session, Artifact, shared_artifact_id) is None
+        ):
             raise NotFoundError(
                 f"shared artifact {shared_artifact_id} not found", field="shared_artifact_id"
             )
@@ -230,6 +240,8 @@ def publish_task_version(
 
 def activate_version(session: Session, *, tenant_id: int, name: str, number: int) -> Task:
     """Make version `number` the one served (rollback or roll forward)."""
+    if not in_id_range(number):
+        raise NotFoundError(f"task {name!r} has no version {number}", field="version")
     with transaction(session):
         task = _task(session, tenant_id, name, lock=True)
         found = session.scalar(
@@ -250,6 +262,8 @@ def delete_task_version(
 
     Version numbers are never reused.
     """
+    if not in_id_range(number):
+        raise NotFoundError(f"task {name!r} has no version {number}", field="version")
     with transaction(session):
         task = _task(session, tenant_id, name, lock=True)
         version = session.scalar(

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from registry import keys as keylib
+from registry.catalog._ids import get_row
 from registry.catalog._tx import get_or_create, transaction
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from registry.models import API_SCOPES, ApiKey, BaseModel, Tenant, utcnow
@@ -56,7 +57,7 @@ def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
 def get_tenant(session: Session, *, tenant_id: int) -> Tenant:
     """The tenant with `tenant_id`, or NotFoundError."""
     with transaction(session):
-        row = session.get(Tenant, tenant_id)
+        row = get_row(session, Tenant, tenant_id)
     if row is None:
         raise NotFoundError(f"tenant {tenant_id} not found", field="tenant")
     return row
@@ -83,7 +84,7 @@ def create_api_key(
     scope_list = check_scopes(scopes)
     new = keylib.generate_key()
     with transaction(session):
-        if session.get(Tenant, tenant_id) is None:
+        if get_row(session, Tenant, tenant_id) is None:
             raise NotFoundError(f"tenant {tenant_id} not found", field="tenant")
         row = ApiKey(
             tenant_id=tenant_id, prefix=new.prefix, key_hash=new.key_hash, scopes=scope_list
@@ -109,7 +110,7 @@ def authenticate_api_key(session: Session, *, key: str) -> tuple[Tenant, list[st
 def revoke_api_key(session: Session, *, tenant_id: int, key_id: int) -> ApiKey:
     """Mark a key revoked from now on (idempotent)."""
     with transaction(session):
-        row = session.get(ApiKey, key_id)
+        row = get_row(session, ApiKey, key_id)
         if row is None or row.tenant_id != tenant_id:
             raise NotFoundError(f"API key {key_id} not found", field="key_id")
         if row.revoked_at is None:
