@@ -29,7 +29,8 @@ from worker.runner import (
     run_training_job,
 )
 
-TINY_PARAMS = {"epochs": 2, "fix_epochs": 1, "batch_size": 8, "max_length": 16, "density": 0.01}
+# 43 training rows, batch 32: 2 steps per phase, 4 in all.
+TINY_PARAMS = {"epochs": 1, "fix_epochs": 1, "batch_size": 32, "max_length": 16, "density": 0.01}
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ def test_job_with_impossible_params_fails_naming_the_field(settings, dataset_pat
 
 
 def test_cancel_while_running_ends_cancelled_without_version_or_checkpoint(settings, dataset_path):
-    long_params = {**TINY_PARAMS, "epochs": 200}
+    long_params = {**TINY_PARAMS, "epochs": 200, "batch_size": 8}
     job_id = seed_training_job(settings, dataset_path, params=long_params)
     outcome: list[str] = []
     runner = threading.Thread(target=lambda: outcome.append(run_training_job(job_id, settings=settings)))

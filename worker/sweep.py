@@ -45,7 +45,7 @@ _RESENDABLE = {TRAIN_TASK: (TRAIN_QUEUE, "train"), CONSOLIDATE_TASK: (CONSOLIDAT
 MessageRef = tuple[str, int]  # (task name, first argument: job id or consolidation run id)
 
 
-def _message_ref(raw: bytes | str) -> MessageRef | None:
+def message_ref(raw: bytes | str) -> MessageRef | None:
     """(task name, first argument) of one kombu message as stored in Redis, or None."""
     try:
         message = json.loads(raw)
@@ -68,10 +68,10 @@ def broker_messages(client: redis.Redis, queues: Iterable[str]) -> tuple[set[Mes
         for priority in _PRIORITY_STEPS:
             name = queue if priority == 0 else f"{queue}{_PRIORITY_SEP}{priority}"
             for raw in client.lrange(name, 0, -1):
-                ref = _message_ref(raw)
+                ref = message_ref(raw)
                 if ref:
                     waiting.add(ref)
-    unacked = {ref for raw in client.hvals(_UNACKED_HASH) if (ref := _message_ref(raw))}
+    unacked = {ref for raw in client.hvals(_UNACKED_HASH) if (ref := message_ref(raw))}
     return waiting, unacked
 
 
