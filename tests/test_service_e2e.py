@@ -168,3 +168,46 @@ def test_job_whose_dataset_blob_vanished_fails_with_a_reason(stack, tmp_path):
     assert poison["error"]["code"] == "dataset_missing" and "missing" in poison["error"]["message"]
     assert poison["version"] is None
     assert healthy["state"] == "succeeded"  # the worker went on to the next job
+
+
+@pytest.mark.postgres
+def test_end_to_end_on_postgresql_and_s3(
+    postgres_server, moto_s3_server, redis_url, tiny_base_dir, tmp_path, api_server, celery_worker
+):
+    from registry.artifact import loads_artifact
+    from registry.basemodel import load_base
+    from tests.fixtures.backends import S3_TEST_ENV, fresh_postgres_database, make_s3_bucket
+    from tests.fixtures.services import (
+        FAST_JOB_ENV,
+        prepare_registry,
+        service_env_for,
+        settings_from_env,
+    )
+
+    env = {
+        **service_env_for(tmp_path / "data", redis_url, tiny_base_dir),
+        **FAST_JOB_ENV,
+        **S3_TEST_ENV,
+        "DIFFBANK_DATABASE_URL": fresh_postgres_database(postgres_server, None),
+        "DIFFBANK_STORE_URL": f"s3://{make_s3_bucket(moto_s3_server)}/diffbank",
+        "DIFFBANK_S3_ENDPOINT_URL": moto_s3_server.endpoint_url,
+        "DIFFBANK_S3_REGION": "us-east-1",
+    }
+    settings = settings_from_env(env)
+    key = prepare_registry(settings)  # migrates: the API refuses an unmigrated database
+    pg_stack = ServiceStack(env, settings, api_server(env), key, celery_worker)
+    pg_stack.start_worker()
+
+    job = pg_stack.wait_job(pg_stack.submit(tmp_path, "pgtask", ONE_STEP_JOB))
+
+    assert job["state"] == "succeeded" and job["version"] == 1, job
+    with pg_stack.client() as client:
+        blob = client.download_diff("pgtask")
+        prediction = client.predict("pgtask", ["this meal is lovely"])["predictions"][0]
+    base = load_base(settings.base_model)
+    diff = loads_artifact(blob, expected_fingerprint=base.fingerprint, base_shapes=base.shapes)
+    assert prediction["label"] in diff.meta.label_names
+    store = open_store(settings.store_url, settings)
+    assert len(list(store.list("artifacts/"))) == 1 and len(list(store.list("datasets/"))) == 1
+    assert list(store.list("checkpoints/")) == []
+    assert pg_stack.versions_of_job(job["id"]) == 1
