@@ -10,6 +10,7 @@ from celery.signals import worker_init
 
 from registry.settings import Settings, get_settings
 from worker.device import pin_visible_gpu
+from worker.schedule import POLICY_TASK, consolidation_beat_schedule
 
 TRAIN_QUEUE = "train"
 CONSOLIDATE_QUEUE = "consolidate"
@@ -38,10 +39,6 @@ def beat_schedule(settings: Settings) -> dict:
             "options": {"queue": MAINTENANCE_QUEUE, "expires": float(settings.sweep_interval_s)},
         }
     }
-    try:
-        from worker.schedule import consolidation_beat_schedule
-    except ImportError:  # consolidation scheduling not installed in this build
-        return schedule
     schedule.update(consolidation_beat_schedule(settings))
     return schedule
 
@@ -54,6 +51,7 @@ def make_celery_app(settings: Settings) -> Celery:
             TRAIN_TASK: {"queue": TRAIN_QUEUE},
             CONSOLIDATE_TASK: {"queue": CONSOLIDATE_QUEUE},
             SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
+            POLICY_TASK: {"queue": MAINTENANCE_QUEUE},
         },
         task_default_queue=TRAIN_QUEUE,
         task_create_missing_queues=True,

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     api.set_defaults(func=cmd_api)
 
     worker = subparsers.add_parser("worker", help="run a Celery worker (one job at a time)")
-    worker.add_argument("--queues", default="train,consolidate")
+    worker.add_argument("--queues", default="train,consolidate,maintenance")
     worker.add_argument("--device", default=None, help="pin a device, e.g. cuda:1 or cpu")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=cmd_worker)
