@@ -1,0 +1,183 @@
+"""The consolidation HTTP surface: start (admin), read, list, cancel, rollback, factored parts.
+
+Real app over SQLite + file store + a real Redis broker; every refused request is checked to
+have started nothing: no run row, no job row, no message in the `consolidate` queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from registry import catalog
+from registry.models import ConsolidationRun, Job
+from tests.api_support import make_world, random_artifact, register_base
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, redis_server, tiny_base_dir):
+    """carol (keys `admin`, `reader`) owns t1, t2 and t-nover (no version) on the tiny base and
+    t-other on another base; bob owns bobtask."""
+    world = make_world(tmp_path_factory.mktemp("consolidation-api"), redis_server.url, tiny_base_dir)
+    world.publish_version("admin", "t1", seed=1)
+    world.publish_version("admin", "t1", seed=2)
+    world.publish_version("admin", "t2", seed=3)
+    world.publish_version("bob", "bobtask", seed=4)
+    base_row = register_base(world.session_factory, tiny_base_dir)
+    with world.session_factory() as session:
+        other = catalog.register_base_model(
+            session, name="other-base", source="/nonexistent/other-base", fingerprint="0" * 64,
+            n_params=1000,
+        )
+        tenant = world.tenant_ids["admin"]
+        catalog.get_or_create_task(session, tenant_id=tenant, name="t-other", base_model_id=other.id,
+                                   task_type="classification", label_names=["neg", "pos"])
+        catalog.get_or_create_task(session, tenant_id=tenant, name="t-nover",
+                                   base_model_id=base_row.id, task_type="classification",
+                                   label_names=["neg", "pos"])
+    world.n_params, world.base_name = base_row.n_params, base_row.name
+    return world
+
+
+def _started(world) -> tuple[int, int, int]:
+    """(run rows, job rows, messages in the consolidate queue)."""
+    with world.session_factory() as session, session.begin():
+        runs = session.scalar(select(func.count()).select_from(ConsolidationRun))
+        jobs = session.scalar(select(func.count()).select_from(Job))
+    client = redis.Redis.from_url(world.redis_url)
+    try:
+        return runs, jobs, client.llen("consolidate")
+    finally:
+        client.close()
+
+
+BAD_REQUESTS = [
+    # (who, body, status, code, field)
+    ("admin", {"tasks": ["nope"], "budget": 100}, 404, "not_found", "tasks"),
+    ("admin", {"tasks": ["t1", "t-other"], "budget": 100}, 422, "different_base_models", "tasks"),
+    ("admin", {"tasks": ["t1", "t2"], "budget": 0}, 422, None, "budget"),
+    ("admin", {"tasks": ["t1", "t2"], "budget": -5}, 422, None, "budget"),
+    ("admin", {"tasks": ["t1", "t2"], "budget": "BIG"}, 422, "budget_too_large", "budget"),
+    ("admin", {"tasks": ["t1", "bobtask"], "budget": 100}, 404, "not_found", "tasks"),
+    ("admin", {"tasks": ["t1", "t-nover"], "budget": 100}, 422, None, "tasks"),
+    ("admin", {"tasks": ["t1", "t1"], "budget": 100}, 422, None, "tasks"),
+    ("admin", {"tasks": [], "budget": 100}, 422, None, "tasks"),
+    ("admin", {"tasks": ["t1"], "budget": 100, "strategy": "magic"}, 422, None, "strategy"),
+    ("admin", {"tasks": ["t1"], "budget": 100, "tolerance": -1}, 422, None, "tolerance"),
+    ("admin", {"tasks": ["t1"], "budget": 100, "surprise": 1}, 422, None, "surprise"),
+    ("admin", {"tasks": ["t1"], "budget": 100, "base_model": "other-base"}, 422,
+     "base_model_mismatch", "base_model"),
+    ("alice", {"tasks": ["t1"], "budget": 100}, 403, "missing_scope", "Authorization"),
+    ("reader", {"tasks": ["t1"], "budget": 100}, 403, "missing_scope", "Authorization"),
+    (None, {"tasks": ["t1"], "budget": 100}, 401, "missing_key", "Authorization"),
+]
+
+
+@pytest.mark.parametrize(("who", "body", "status", "code", "field"), BAD_REQUESTS)
+def test_invalid_consolidation_requests_are_refused_and_start_nothing(
+    world, who, body, status, code, field
+):
+    if body.get("budget") == "BIG":
+        body = {**body, "budget": world.n_params + 1}
+    before = _started(world)
+    headers = world.headers(who) if who else {}
+    response = world.client.post("/v1/consolidations", json=body, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    if code is not None:
+        assert error["code"] == code
+    assert error["field"] == field
+    assert _started(world) == before
+
+
+def test_admin_starts_a_run_that_is_queued_readable_listed_and_cancellable(world):
+    runs, jobs, queued = _started(world)
+    response = world.client.post(
+        "/v1/consolidations", headers=world.headers("admin"),
+        json={"tasks": ["t1", "t2"], "budget": 500, "strategy": "rank", "epochs": 2},
+    )
+    assert response.status_code == 202, response.text
+    run = response.json()
+    assert run["state"] == "queued" and run["task_names"] == ["t1", "t2"]
+    assert run["strategy"] == "rank" and run["budget"] == 500 and run["tolerance"] == 0.5
+    assert _started(world) == (runs + 1, jobs + 1, queued + 1)
+
+    got = world.client.get(f"/v1/consolidations/{run['id']}", headers=world.headers("reader"))
+    assert got.status_code == 200 and got.json()["id"] == run["id"]
+    listed = world.client.get("/v1/consolidations", headers=world.headers("reader")).json()
+    assert run["id"] in [item["id"] for item in listed["items"]]
+    # another tenant sees nothing
+    assert world.client.get(f"/v1/consolidations/{run['id']}",
+                            headers=world.headers("bob")).status_code == 404
+    assert world.client.get("/v1/consolidations", headers=world.headers("bob")).json()["items"] == []
+    with world.session_factory() as session:
+        job = catalog.load_job(session, job_id=run["job_id"])
+    assert job.kind == "consolidate" and job.params == {"epochs": 2.0}
+
+    cancelled = world.client.post(f"/v1/consolidations/{run['id']}/cancel",
+                                  headers=world.headers("admin"))
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    redis.Redis.from_url(world.redis_url).delete("consolidate")
+
+
+def test_without_task_names_every_task_with_a_version_on_the_base_is_taken(world):
+    response = world.client.post("/v1/consolidations", headers=world.headers("admin"),
+                                 json={"budget": 100})
+    assert response.status_code == 202, response.text
+    assert response.json()["task_names"] == ["t1", "t2"]
+    redis.Redis.from_url(world.redis_url).delete("consolidate")
+
+
+def test_activate_rolls_a_task_back_to_an_earlier_version(world):
+    headers = world.headers("admin")
+    assert world.client.get("/v1/tasks/t1", headers=headers).json()["active_version"] == 2
+    response = world.client.post("/v1/tasks/t1/versions/1/activate", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["active_version"] == 1
+    assert world.client.get("/v1/tasks/t1", headers=headers).json()["active_version"] == 1
+    missing = world.client.post("/v1/tasks/t1/versions/9/activate", headers=headers)
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "version"
+    other = world.client.post("/v1/tasks/t1/versions/1/activate", headers=world.headers("bob"))
+    assert other.status_code == 404
+    reader = world.client.post("/v1/tasks/t1/versions/2/activate", headers=world.headers("reader"))
+    assert reader.status_code == 403
+    world.client.post("/v1/tasks/t1/versions/2/activate", headers=headers)
+
+
+def test_factored_parts_of_a_consolidated_version_are_listed_and_downloadable(world):
+    from registry.publish import publish_shared_diff, publish_version
+
+    headers = world.headers("admin")
+    assert world.client.get("/v1/tasks/t2/versions/1/parts", headers=headers).status_code == 409
+    shared = random_artifact(world.base_dir, seed=10, task_type="classification",
+                             labels=("neg", "pos"), density=0.01)
+    residual = random_artifact(world.base_dir, seed=11, task_type="classification",
+                               labels=("neg", "pos"), density=0.01)
+    composed = random_artifact(world.base_dir, seed=12, task_type="classification",
+                               labels=("neg", "pos"), density=0.02)
+    tenant = world.tenant_ids["admin"]
+    with world.session_factory() as session:
+        run = catalog.create_consolidation_run(
+            session, tenant_id=tenant, base_model=world.base_name, budget=100, task_names=["t2"],
+        )
+        shared_id = publish_shared_diff(session, world.store, run_id=run.id, data=shared)
+        task = catalog.get_task(session, tenant_id=tenant, name="t2")
+        version = publish_version(
+            session, world.store, task_id=task.id, diff_bytes=composed, residual_bytes=residual,
+            nnz=1, density=0.0, metrics={}, config={}, consolidation_run_id=run.id,
+            shared_artifact_id=shared_id,
+        )
+    listing = world.client.get(f"/v1/tasks/t2/versions/{version.number}/parts", headers=headers)
+    assert listing.status_code == 200, listing.text
+    body = listing.json()
+    assert body["layout"] == "factored" and [p["role"] for p in body["parts"]] == ["shared", "residual"]
+    assert body["composed_sha256"] == hashlib.sha256(composed).hexdigest()
+    for part, data in zip(body["parts"], (shared, residual), strict=True):
+        download = world.client.get(part["url"], headers=headers)
+        assert download.status_code == 200 and download.content == data
+        assert download.headers["X-Diffbank-Sha256"] == part["sha256"]
+    assert world.client.get(body["parts"][0]["url"], headers=world.headers("bob")).status_code == 404
+    redis.Redis.from_url(world.redis_url).delete("consolidate")
