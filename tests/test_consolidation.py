@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.artifact import ArtifactMeta, apply_diff, diff_from_dense, dumps_artifact, loads_artifact
+from registry.artifact import (
+    ArtifactMeta,
+    apply_diff,
+    diff_from_dense,
+    dumps_artifact,
+    loads_artifact,
+)
 from registry.basemodel import load_base
 from worker import lowrank
 from worker.consolidation import (
