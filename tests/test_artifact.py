@@ -19,6 +19,7 @@ from registry.artifact import (
     ArtifactError,
     ArtifactMeta,
     SparseDiff,
+    all_finite,
     apply_diff,
     build_task_model,
     diff_from_dense,
@@ -510,3 +511,13 @@ def test_apply_follows_a_parameter_whose_storage_was_replaced(tiny_base, tiny_di
         expected = expected.detach().view(-1)[idx] + tiny_diff.values[name].float()
         assert torch.equal(changed, expected)
     assert base_fingerprint(model.base_model) == tiny_base.fingerprint
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_non_finite_values_are_found_in_every_float_dtype(dtype):
+    values = torch.tensor([0.0, -1.5, 3e-3, torch.finfo(dtype).max], dtype=dtype)
+    assert all_finite(values) and all_finite(values[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        spoiled = values.clone()
+        spoiled[2] = bad
+        assert not all_finite(spoiled)
