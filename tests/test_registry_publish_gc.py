@@ -131,18 +131,23 @@ KILLED_PUBLISHER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from registry import catalog
+    from sqlalchemy import event, func, select
+    from sqlalchemy.orm import Session
     from registry.db import make_engine, make_session_factory
+    from registry.models import TaskVersion
     from registry.publish import publish_version
     from registry.stores import FileStore
 
     db_url, store_root, task_id, marker = sys.argv[1:5]
 
-    def stall_before_commit(session, **kwargs):
-        Path(marker).write_text("uploaded")
-        time.sleep(600)  # the test SIGKILLs us here: blob uploaded, row never committed
+    @event.listens_for(Session, "before_commit")
+    def stall_inside_the_transaction(session):
+        # Blob uploaded and verified, version row inserted but not committed: die here.
+        inserted = session.scalar(select(func.count()).select_from(TaskVersion))
+        Path(marker + ".tmp").write_text(f"uploaded, {inserted} uncommitted version row(s)")
+        Path(marker + ".tmp").rename(marker)
+        time.sleep(600)
 
-    catalog.publish_task_version = stall_before_commit
     session = make_session_factory(make_engine(db_url))()
     publish_version(session, FileStore(store_root), task_id=int(task_id), diff_bytes=b"killed",
                     nnz=1, density=0.5, metrics={}, config={})
@@ -176,6 +181,7 @@ def test_process_killed_after_upload_leaves_only_an_orphan_blob(
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    assert marker.read_text() == "uploaded, 1 uncommitted version row(s)"
     orphan = content_key_of(objects, b"killed")
     assert objects.head(orphan) is not None
     assert version_count(session) == 0
