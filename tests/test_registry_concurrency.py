@@ -10,6 +10,8 @@ PUBLISHERS = 4
 VERSIONS_EACH = 5
 CLAIMERS = 4
 JOBS = 8
+REPORTERS = 3
+PROGRESS_EACH = 10
 
 
 def _publish_versions(
@@ -55,6 +57,42 @@ def _claim_all(db_url: str, job_ids: list[int], worker: int, barrier) -> list[in
     session.close()
     engine.dispose()
     return won
+
+
+def _report_progress(db_url: str, job_id: int, worker: int, barrier) -> int:
+    from registry.db import make_engine, make_session_factory
+
+    engine = make_engine(db_url)
+    session = make_session_factory(engine)()
+    barrier.wait()
+    for step in range(PROGRESS_EACH):
+        progress = {"reporter": worker, "step": step}
+        assert catalog.record_progress(session, job_id=job_id, worker_id="w", progress=progress)
+    if worker == 0:
+        catalog.request_cancel(
+            session, tenant_id=catalog.load_job(session, job_id=job_id).tenant_id, job_id=job_id
+        )
+    session.close()
+    engine.dispose()
+    return worker
+
+
+def test_concurrent_progress_reports_and_cancel_get_gapless_event_numbers(session, db_url):
+    tenant = catalog.get_or_create_tenant(session, name="acme")
+    job = catalog.create_job(session, tenant_id=tenant.id, kind="train", base_model="m", params={})
+    catalog.claim_job(session, job_id=job.id, worker_id="w")
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(REPORTERS)
+        with ctx.Pool(REPORTERS) as pool:
+            pool.starmap(_report_progress, [(db_url, job.id, w, barrier) for w in range(REPORTERS)])
+    events = catalog.list_job_events(session, tenant_id=tenant.id, job_id=job.id)
+    expected = 2 + REPORTERS * PROGRESS_EACH + 1  # queued, running, progress..., cancel request
+    assert [e.seq for e in events] == list(range(1, expected + 1))
+    for w in range(REPORTERS):  # each reporter's steps appear in its own order
+        steps = [e.payload["step"] for e in events if e.payload.get("reporter") == w]
+        assert steps == list(range(PROGRESS_EACH))
+    assert catalog.load_job(session, job_id=job.id).cancel_requested
 
 
 def test_concurrent_publishers_get_distinct_consecutive_version_numbers(session, db_url, tmp_path):
