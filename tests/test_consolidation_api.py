@@ -180,4 +180,11 @@ def test_factored_parts_of_a_consolidated_version_are_listed_and_downloadable(wo
         assert download.status_code == 200 and download.content == data
         assert download.headers["X-Diffbank-Sha256"] == part["sha256"]
     assert world.client.get(body["parts"][0]["url"], headers=world.headers("bob")).status_code == 404
+    # the task's diff download: composed by default, the listing with ?layout=factored
+    default = world.client.get("/v1/tasks/t2/diff", headers=headers)
+    assert default.status_code == 200 and default.content == composed
+    factored = world.client.get("/v1/tasks/t2/diff?layout=factored", headers=headers)
+    assert factored.status_code == 200 and factored.json() == body
+    plain = world.client.get("/v1/tasks/t2/diff?layout=factored&version=1", headers=headers)
+    assert plain.status_code == 409 and plain.json()["error"]["field"] == "layout"
     redis.Redis.from_url(world.redis_url).delete("consolidate")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from api.deps import ReadPrincipal, SessionDep, StoreDep, SubmitPrincipal
 from api.errors import ApiError
@@ -157,6 +157,11 @@ def download_diff(
     presign: Annotated[bool, Query(description="redirect to a presigned URL (S3 stores)")] = False,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+    layout: Annotated[
+        Literal["composed", "factored"],
+        Query(description="`factored`: JSON listing of a consolidated version's shared and "
+                          "residual diffs (see /v1/tasks/{name}/versions/{n}/parts)"),
+    ] = "composed",
 ) -> Response:
     """The artifact streamed with `ETag` and `X-Diffbank-Sha256`; `Range` answers 206.
 
@@ -166,6 +171,10 @@ def download_diff(
     row = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=version
     )
+    if layout == "factored":
+        from api.routes.consolidations import version_parts
+
+        return JSONResponse(version_parts(row, name=name, session=session).model_dump())
     artifact = row.artifact
     etag = f'"{artifact.sha256}"'
     headers = {
