@@ -34,6 +34,8 @@ class _ServingBase:
     model: Any  # transformers PreTrainedModel
     base_shapes: dict[str, tuple[int, ...]]
     head_names: set[str]
+    # A consolidation group's shared diff left applied between requests: (cache key, applied).
+    resident: tuple[str, Any] | None = None
 
 
 @dataclass
@@ -137,7 +139,39 @@ class Predictor:
         with self._lock:
             held = self._base_locked(base)
             prepared = self._cached(held, diff_key, fetch)
+            self._hold_shared(held, None, None)
             return self._predict_locked(held, prepared, inputs)
+
+    def predict_factored(
+        self,
+        *,
+        base: str,
+        shared_key: str,
+        fetch_shared: Callable[[], bytes],
+        residual_key: str,
+        fetch_residual: Callable[[], bytes],
+        inputs: Sequence[str] | Sequence[Sequence[str]],
+    ) -> list[dict[str, Any]]:
+        """Predict with a consolidated version: its group's shared diff stays applied across
+        requests of the group; only the task's residual (and head) is applied and reverted."""
+        with self._lock:
+            held = self._base_locked(base)
+            shared = self._cached(held, shared_key, fetch_shared)
+            residual = self._cached(held, residual_key, fetch_residual)
+            self._hold_shared(held, shared_key, shared)
+            return self._predict_locked(held, residual, inputs)
+
+    def _hold_shared(self, held: _ServingBase, key: str | None, shared: _PreparedDiff | None) -> None:
+        """Leave exactly `shared` applied to the base (None: the pristine base); O(nnz) on change."""
+        from registry.artifact import apply_diff
+
+        if held.resident is not None and held.resident[0] == key:
+            return
+        if held.resident is not None:
+            held.resident[1].revert()
+            held.resident = None
+        if shared is not None and key is not None:
+            held.resident = (key, apply_diff(held.model.base_model, shared.diff))
 
     def predict_artifact(
         self, data: bytes, inputs: Sequence[str] | Sequence[Sequence[str]], *, base: str
@@ -145,6 +179,7 @@ class Predictor:
         """Predict with an artifact given as bytes (library mode; nothing is cached)."""
         with self._lock:
             held = self._base_locked(base)
+            self._hold_shared(held, None, None)
             return self._predict_locked(held, self._prepare(held, data), inputs)
 
     def _predict_locked(

@@ -61,13 +61,24 @@ def predict(
         session, tenant_id=principal.tenant_id, name=name, number=version
     )
     artifact = row.artifact
+    shared, residual = row.shared_artifact, row.residual_artifact
     try:
-        predictions = predictor.predict(
-            base=task.base_model.source,
-            diff_key=artifact.sha256,
-            fetch=lambda: store.get(artifact.object_key, sha256=artifact.sha256),
-            inputs=body.inputs,
-        )
+        if shared is not None and residual is not None:  # consolidated: shared stays applied
+            predictions = predictor.predict_factored(
+                base=task.base_model.source,
+                shared_key=shared.sha256,
+                fetch_shared=lambda: store.get(shared.object_key, sha256=shared.sha256),
+                residual_key=residual.sha256,
+                fetch_residual=lambda: store.get(residual.object_key, sha256=residual.sha256),
+                inputs=body.inputs,
+            )
+        else:
+            predictions = predictor.predict(
+                base=task.base_model.source,
+                diff_key=artifact.sha256,
+                fetch=lambda: store.get(artifact.object_key, sha256=artifact.sha256),
+                inputs=body.inputs,
+            )
     except PredictionInputError as exc:
         raise ApiError(422, "invalid_inputs", str(exc), field="inputs") from None
     except ArtifactError as exc:

@@ -1,0 +1,68 @@
+"""Serving consolidated tasks: the group's shared diff stays applied, only residuals are swapped,
+predictions equal the composed diff's, and a plain task afterwards sees the pristine base."""
+
+from __future__ import annotations
+
+import torch
+
+from api.serving import Predictor
+from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact
+from registry.basemodel import load_base
+
+
+def _sparse(base, *, seed: int, density: float, head: bool):
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {
+        name: torch.randn(p.shape, generator=generator) * 0.3
+        * (torch.rand(p.shape, generator=generator) < density)
+        for name, p in base.encoder.named_parameters()
+    }
+    hidden = base.config.hidden_size
+    heads = {
+        "classifier.weight": torch.randn(2, hidden, generator=generator),
+        "classifier.bias": torch.randn(2, generator=generator),
+    } if head else {}
+    return deltas, heads
+
+
+def _artifact(base, deltas, head) -> bytes:
+    meta = ArtifactMeta(base_name=base.name, base_fingerprint=base.fingerprint,
+                        n_params=base.n_params, task_type="classification",
+                        label_names=["neg", "pos"], max_length=16)
+    return dumps_artifact(diff_from_dense(deltas, head, meta, "float32"))
+
+
+def test_factored_serving_matches_the_composed_diff_and_keeps_the_shared_part_resident(tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    shared_deltas, _ = _sparse(base, seed=0, density=0.05, head=False)
+    shared = _artifact(base, shared_deltas, {})
+    residuals, composed = {}, {}
+    for task, seed in (("a", 1), ("b", 2)):
+        deltas, head = _sparse(base, seed=seed, density=0.02, head=True)
+        residuals[task] = _artifact(base, deltas, head)
+        composed[task] = _artifact(
+            base, {n: shared_deltas[n] + deltas[n] for n in deltas}, head
+        )
+    predictor = Predictor(cache_size=8)
+    texts = ["a fine day", "a terrible night", "nothing much"]
+    pristine = {n: p.detach().clone()
+                for n, p in predictor.base(str(tiny_base_dir)).model.base_model.named_parameters()}
+
+    for task in ("a", "b", "a"):
+        factored = predictor.predict_factored(
+            base=str(tiny_base_dir), shared_key="shared", fetch_shared=lambda: shared,
+            residual_key=f"residual-{task}", fetch_residual=lambda task=task: residuals[task],
+            inputs=texts,
+        )
+        held = predictor.base(str(tiny_base_dir))
+        assert held.resident is not None and held.resident[0] == "shared"
+        merged = predictor.predict_artifact(composed[task], texts, base=str(tiny_base_dir))
+        assert [p["label"] for p in factored] == [p["label"] for p in merged]
+        for f, m in zip(factored, merged, strict=True):
+            assert abs(f["score"] - m["score"]) < 1e-5
+        # a plain (unconsolidated) prediction took the shared part off: the base is pristine
+        assert predictor.base(str(tiny_base_dir)).resident is None
+        for name, param in predictor.base(str(tiny_base_dir)).model.base_model.named_parameters():
+            assert torch.equal(param, pristine[name]), name
+    # the shared diff was decoded once and reused from the cache
+    assert predictor.cache_misses == 3
