@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 
+import pytest
+
 from registry import catalog
 
 PUBLISHERS = 4
@@ -12,6 +14,22 @@ CLAIMERS = 4
 JOBS = 8
 REPORTERS = 3
 PROGRESS_EACH = 10
+
+
+@pytest.fixture(scope="module")
+def spawn_pool():
+    """A pool of spawned processes (and a manager for barriers) shared by this module's tests."""
+    ctx = multiprocessing.get_context("spawn")
+    size = max(PUBLISHERS, CLAIMERS, REPORTERS)
+    with ctx.Manager() as manager, ctx.Pool(size) as pool:
+        yield pool, manager
+
+
+def run_together(spawn_pool, func, args_per_process: list[tuple]) -> list:
+    """Run `func` once per argument tuple, all released at the same moment by a barrier."""
+    pool, manager = spawn_pool
+    barrier = manager.Barrier(len(args_per_process), timeout=120)
+    return pool.starmap(func, [(*args, barrier) for args in args_per_process])
 
 
 def _publish_versions(
@@ -77,15 +95,13 @@ def _report_progress(db_url: str, job_id: int, worker: int, barrier) -> int:
     return worker
 
 
-def test_concurrent_progress_reports_and_cancel_get_gapless_event_numbers(session, db_url):
+def test_concurrent_progress_reports_and_cancel_get_gapless_event_numbers(
+    spawn_pool, session, db_url
+):
     tenant = catalog.get_or_create_tenant(session, name="acme")
     job = catalog.create_job(session, tenant_id=tenant.id, kind="train", base_model="m", params={})
     catalog.claim_job(session, job_id=job.id, worker_id="w")
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(REPORTERS)
-        with ctx.Pool(REPORTERS) as pool:
-            pool.starmap(_report_progress, [(db_url, job.id, w, barrier) for w in range(REPORTERS)])
+    run_together(spawn_pool, _report_progress, [(db_url, job.id, w) for w in range(REPORTERS)])
     events = catalog.list_job_events(session, tenant_id=tenant.id, job_id=job.id)
     expected = 2 + REPORTERS * PROGRESS_EACH + 1  # queued, running, progress..., cancel request
     assert [e.seq for e in events] == list(range(1, expected + 1))
@@ -95,7 +111,9 @@ def test_concurrent_progress_reports_and_cancel_get_gapless_event_numbers(sessio
     assert catalog.load_job(session, job_id=job.id).cancel_requested
 
 
-def test_concurrent_publishers_get_distinct_consecutive_version_numbers(session, db_url, tmp_path):
+def test_concurrent_publishers_get_distinct_consecutive_version_numbers(
+    spawn_pool, session, db_url, tmp_path
+):
     tenant = catalog.get_or_create_tenant(session, name="acme")
     base = catalog.register_base_model(
         session, name="m", source="/m", fingerprint="0" * 64, n_params=1
@@ -108,17 +126,11 @@ def test_concurrent_publishers_get_distinct_consecutive_version_numbers(session,
         task_type="regression",
         label_names=[],
     )
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(PUBLISHERS)
-        with ctx.Pool(PUBLISHERS) as pool:
-            results = pool.starmap(
-                _publish_versions,
-                [
-                    (db_url, str(tmp_path / "objects"), task.id, w, barrier)
-                    for w in range(PUBLISHERS)
-                ],
-            )
+    results = run_together(
+        spawn_pool,
+        _publish_versions,
+        [(db_url, str(tmp_path / "objects"), task.id, w) for w in range(PUBLISHERS)],
+    )
     total = PUBLISHERS * VERSIONS_EACH
     all_numbers = sorted(n for numbers in results for n in numbers)
     assert all_numbers == list(range(1, total + 1))
@@ -129,19 +141,15 @@ def test_concurrent_publishers_get_distinct_consecutive_version_numbers(session,
     assert catalog.get_task(session, tenant_id=tenant.id, name="race").active_version == total
 
 
-def test_workers_racing_for_the_same_jobs_each_job_is_claimed_exactly_once(session, db_url):
+def test_workers_racing_for_the_same_jobs_each_job_is_claimed_exactly_once(
+    spawn_pool, session, db_url
+):
     tenant = catalog.get_or_create_tenant(session, name="acme")
     job_ids = [
         catalog.create_job(session, tenant_id=tenant.id, kind="train", base_model="m", params={}).id
         for _ in range(JOBS)
     ]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(CLAIMERS)
-        with ctx.Pool(CLAIMERS) as pool:
-            results = pool.starmap(
-                _claim_all, [(db_url, job_ids, w, barrier) for w in range(CLAIMERS)]
-            )
+    results = run_together(spawn_pool, _claim_all, [(db_url, job_ids, w) for w in range(CLAIMERS)])
     won = sorted(j for claimed in results for j in claimed)
     assert won == sorted(job_ids)  # every job has exactly one winner
     for job_id in job_ids:
