@@ -12,6 +12,8 @@ Noise: u is drawn on a 2⁻¹⁶ grid, u = (b + 32768.5)/65536 for a uniform 16-
 so four gates share one 64-bit random draw (the random generator is the most expensive
 part of a gate on CPU) and L is always finite (|L| ≤ 11.8). z is strictly between 0 and
 1 only for L + α ∈ (0, log 5), where the grid moves L by at most 10⁻⁴.
+The kernels compute σ(L + α) as u / (u + (1 − u)·e^(−α)) and P(z ≠ 0) as
+1 / (1 + e^(−α)·e^(β log(−l/r))): one exponential per gate instead of four transcendentals.
 """
 
 from __future__ import annotations
@@ -50,6 +52,27 @@ def logistic_from_bits(bits: Tensor, dtype: torch.dtype = torch.float32) -> Tens
     return torch.log(u) - torch.log1p(-u)
 
 
+class GateNoise:
+    """16-bit gate noise staged in two reusable scratch buffers (no per-step allocation).
+
+    `bits(numel)` returns the draws as float values in [−32768, 32767], a view into the
+    scratch buffer that stays valid until the next call (the forward kernel reads it once).
+    """
+
+    def __init__(self, max_numel: int, *, device: torch.device | str, generator: torch.Generator):
+        self.generator = generator
+        self._words = torch.empty((max_numel + 3) // 4, dtype=torch.int64, device=device)
+        self._values = torch.empty(max_numel, dtype=torch.float32, device=device)
+
+    def bits(self, numel: int) -> Tensor:
+        """`numel` uniform 16-bit integers as float32, four per 64-bit draw of the generator."""
+        words = self._words[: (numel + 3) // 4]
+        words.random_(-(2**63), 2**63 - 1, generator=self.generator)
+        values = self._values[:numel]
+        values.copy_(words.view(torch.int16)[:numel])
+        return values
+
+
 def stochastic_gate(alpha: Tensor, noise: Tensor, lower: float, upper: float) -> Tensor:
     """Differentiable sampled gate z = clamp(σ(noise + α)·(r − l) + l, 0, 1) (reference form)."""
     return (torch.sigmoid(noise + alpha) * (upper - lower) + lower).clamp(0.0, 1.0)
@@ -74,12 +97,13 @@ def gate_forward_kernel(
     theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor, bits: Tensor,
     lower: float, upper: float, shift: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(θ₀ + z·g·w, z, Σ P(z ≠ 0)) with z the gate sampled from `bits`."""
+    """(θ₀ + z·g·w, z, Σ P(z ≠ 0)) with z the gate sampled from 16-bit `bits` (any dtype)."""
     u = (bits.to(alpha.dtype) + _U_OFFSET) * _U_SCALE
-    s = torch.sigmoid(torch.log(u) - torch.log1p(-u) + alpha)
+    e = torch.exp(-alpha)
+    s = u / (u + (1.0 - u) * e)  # σ(log u − log(1 − u) + α)
     z = torch.clamp(s * (upper - lower) + lower, 0.0, 1.0)
     theta = theta0 + z * gate_scale * w
-    expected = torch.sigmoid(alpha - shift).sum()
+    expected = (1.0 / (1.0 + e * math.exp(shift))).sum()
     return theta, z, expected
 
 
@@ -92,7 +116,7 @@ def gate_backward_kernel(
     grad_z = grad * z
     grad_scale = (grad_z * w).sum()
     grad_w = grad_z * gate_scale
-    p = torch.sigmoid(alpha - shift)
+    p = 1.0 / (1.0 + torch.exp(-alpha) * math.exp(shift))  # σ(α − shift)
     grad_alpha = grad * w * gate_scale * slope + grad_expected * (p * (1.0 - p))
     return grad_w, grad_alpha, grad_scale
 
@@ -139,7 +163,8 @@ class GatedDelta(torch.autograd.Function):
     """(θ = θ₀ + z ⊙ g ⊙ w, Σ P(z ≠ 0)) for one base tensor, in one autograd node.
 
     Inputs: theta0 (frozen base), w (diff weights), alpha (gate logits), gate_scale (0-d:
-    the structured gate z_g, or 1), bits (int16 noise, `sample_noise_bits`), lower, upper.
+    the structured gate z_g, or 1), bits (16-bit noise: `sample_noise_bits` or
+    `GateNoise.bits`), lower, upper.
     Saves only z besides the leaves w and α, and recovers s from z in backward, where
     autograd would keep five full-size intermediates.
     """

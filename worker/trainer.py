@@ -36,12 +36,12 @@ from registry.tabular import Table
 from worker.config import DiffPruneConfig
 from worker.data import TaskData
 from worker.gates import (
+    GateNoise,
     deterministic_gate,
     gated_delta,
     kernels,
     logistic_from_bits,
     prob_nonzero,
-    sample_noise_bits,
     stochastic_gate,
 )
 from worker.metrics import task_metrics
@@ -333,17 +333,19 @@ def train_diff(
         hooks = [w[n].register_post_accumulate_grad_hook(step_w(n)) for n in names]
         hooks += [alpha[n].register_post_accumulate_grad_hook(step_alpha) for n in names]
 
+    noise = GateNoise(max(p.numel() for p in theta0.values()), device=device, generator=gate_rng)
+
     def gated_params() -> tuple[dict[str, Tensor], Tensor]:
         """θ = θ₀ + z ⊙ z_g ⊙ w for every base tensor, and the expected L0 of the gates."""
         params, l0 = {}, torch.zeros((), device=device)
         for n in names:
             if config.structured:
-                bits = sample_noise_bits(1, device=device, generator=gate_rng)
+                bits = noise.bits(1)
                 z_g = stochastic_gate(alpha_g[n], logistic_from_bits(bits)[0], lower, upper)
                 p_g = prob_nonzero(alpha_g[n], lower, upper)
             else:
                 z_g = p_g = torch.ones((), device=device)
-            bits = sample_noise_bits(theta0[n].numel(), device=device, generator=gate_rng)
+            bits = noise.bits(theta0[n].numel())
             theta, expected = gated_delta(theta0[n], w[n], alpha[n], z_g, bits, lower, upper)
             params[prefix + n] = theta
             l0 = l0 + p_g * expected
@@ -436,6 +438,7 @@ def train_diff(
                 params, l0 = gated_params()
             with autocast:
                 task_loss = functional_call(model, params, args=(), kwargs=batch).loss
+            params.clear()  # autograd keeps the θ tensors it needs (not the embeddings')
             loss = task_loss.float()
             if l0 is not None:
                 expected_nnz = float(l0.detach())
