@@ -28,9 +28,9 @@ def upload_verified(
 ) -> StoredObject:
     """Put `data` under its content key, then read back head/metadata and check sha256 and size."""
     actual = hashlib.sha256(data).hexdigest()
-    if sha256 is not None:
-        check_digest("(upload)", sha256, actual)
     key = store.content_key(kind, actual, suffix)
+    if sha256 is not None:
+        check_digest(key, sha256, actual)
     stored = store.put(key, data, sha256=actual)
     head = store.head(key)
     if head is None:
@@ -46,7 +46,7 @@ def upload_verified(
 
 def publish_blob_then_row(
     store: ObjectStore,
-    data: Data | bytes,
+    data: Data,
     *,
     kind: str,
     suffix: str,

@@ -76,6 +76,7 @@ class FileStore(ObjectStore):
             if sha256 is not None:
                 check_digest(key, sha256, actual)
             path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o444)  # immutable content: read-only
             try:
                 os.link(tmp, path)  # atomic and never overwrites
             except FileExistsError:

@@ -13,7 +13,6 @@ from registry.stores.base import (
     CHUNK_BYTES,
     Data,
     ObjectConflictError,
-    ObjectIntegrityError,
     ObjectNotFound,
     ObjectStore,
     StoredObject,
@@ -228,4 +227,4 @@ class S3Store(ObjectStore):
             body.close()
 
 
-__all__ = ["S3Store", "ObjectIntegrityError", "make_s3_client"]
+__all__ = ["S3Store", "make_s3_client"]
