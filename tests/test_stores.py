@@ -140,7 +140,17 @@ def test_list_and_scan_filter_by_prefix(store):
 
 @pytest.mark.parametrize(
     "key",
-    ["../escape", "a/../../etc/passwd", "/abs/path", "a\\b", "nul\x00byte", "a//b", "./a", "", "a/."],
+    [
+        "../escape",
+        "a/../../etc/passwd",
+        "/abs/path",
+        "a\\b",
+        "nul\x00byte",
+        "a//b",
+        "./a",
+        "",
+        "a/.",
+    ],
 )
 def test_keys_that_could_escape_the_store_are_rejected(store, key):
     with pytest.raises(InvalidObjectKey):
