@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from registry.artifact import SparseDiff
 
+    from registry.artifact import SparseDiff
     from registry.basemodel import LoadedBase
 
 # A classification head is built once per base; each task's head tensors replace its parameters.
@@ -96,6 +96,7 @@ class Predictor:
 
     def _prepare(self, held: _ServingBase, data: bytes) -> _PreparedDiff:
         import torch
+
         from registry.artifact import ArtifactError, loads_artifact
 
         diff = loads_artifact(
@@ -189,6 +190,7 @@ class Predictor:
         inputs: Sequence[str] | Sequence[Sequence[str]],
     ) -> list[dict[str, Any]]:
         import torch
+
         from registry.artifact import apply_diff
 
         meta = prepared.diff.meta
