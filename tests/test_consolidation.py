@@ -94,7 +94,7 @@ def tasks(base, tmp_path_factory):
 
 
 def _config(**overrides) -> ConsolidationConfig:
-    values = dict(budget=2000, epochs=1, fix_epochs=1, batch_size=16, max_length=16,
+    values = dict(budget=2000, epochs=0.5, fix_epochs=0.5, batch_size=16, max_length=16,
                   value_dtype="float32", rank=2, device="cpu", lr=1e-3)
     values.update(overrides)
     return ConsolidationConfig(**values)
@@ -254,7 +254,7 @@ class MemoryCheckpoint:
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tasks, base, elementwise_result):
-    config = _config(strategy="elementwise", checkpoint_every_steps=3)
+    config = _config(strategy="elementwise", checkpoint_every_steps=2)
     checkpoint = MemoryCheckpoint()
     steps = []
 
@@ -265,6 +265,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tasks, base, elementwise_
         consolidate(tasks, config, base=base, run_id=7, checkpoint=checkpoint,
                     progress=steps.append, should_stop=stop_after_four)
     assert checkpoint.data is not None
+    assert steps[-1].phase == "fix" and steps[-1].step < steps[-1].total_steps  # past projection
     resumed = consolidate(tasks, config, base=base, run_id=7, checkpoint=checkpoint)
     assert resumed.total_nnz == elementwise_result.total_nnz
     for a, b in zip(resumed.tasks, elementwise_result.tasks, strict=True):
