@@ -77,6 +77,20 @@ def predict(task: str, inputs, who: str = "alice"):
     )
 
 
+def upload_streamed(name: str, data: bytes):
+    """A multipart upload sent chunked, without Content-Length: the limit must hold mid-stream."""
+    boundary = "diffbank-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    body += data + f"\r\n--{boundary}--\r\n".encode()
+    chunks = [body[i:i + 512] for i in range(0, len(body), 512)]
+    return lambda c: c.world.client.post(
+        "/v1/datasets", content=iter(chunks),
+        headers={**c.world.headers("alice"),
+                 "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+
+
 ROWS_WITHOUT_LABEL = [{"text": r["text"]} for r in SENTIMENT_ROWS]
 ONE_CLASS = [{"text": r["text"], "label": "pos"} for r in SENTIMENT_ROWS]
 MALFORMED = jsonl(SENTIMENT_ROWS[:3]) + b'{"text": "broken", "label": \n'
@@ -87,6 +101,8 @@ CASES = [
     # (id, request, status, code, field)
     ("wrong_file_type", upload("notes.txt", b"hello"), 422, "unsupported_format", "file"),
     ("oversize_upload", upload("big.jsonl", OVERSIZE), 413, "too_large", "file"),
+    ("oversize_upload_streamed_without_length", upload_streamed("big.jsonl", OVERSIZE), 413,
+     "too_large", "file"),
     ("malformed_row", upload("bad.jsonl", MALFORMED), 422, "malformed_row", "file"),
     ("missing_label_column", upload("t.jsonl", jsonl(ROWS_WITHOUT_LABEL)), 422,
      "missing_column", "label"),
