@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.gates import (
+    FixedNoise,
+    GateNoise,
     deterministic_gate,
     gate_forward_kernel,
     gated_delta,
@@ -110,7 +112,7 @@ def test_fused_gate_passes_gradcheck_in_double(seed):
     gate_scale.requires_grad_(True)
 
     def fused(w, alpha, gate_scale):
-        return gated_delta(theta0, w, alpha, gate_scale, bits, LOWER, UPPER)
+        return gated_delta(theta0, w, alpha, gate_scale, FixedNoise(bits), LOWER, UPPER)
 
     assert torch.autograd.gradcheck(fused, (w, alpha, gate_scale), eps=1e-6, atol=1e-7)
 
@@ -133,7 +135,7 @@ def test_fused_gate_matches_autograd_reference(seed, stretch):
         return theta0 + z * gate_scale * w, prob_nonzero(alpha, lower, upper).sum()
 
     def fused(w, alpha, gate_scale):
-        return gated_delta(theta0, w, alpha, gate_scale, bits, lower, upper)
+        return gated_delta(theta0, w, alpha, gate_scale, FixedNoise(bits), lower, upper)
 
     got, want = objective(fused), objective(reference)
     assert torch.allclose(got[0], want[0], atol=1e-12)
@@ -142,14 +144,28 @@ def test_fused_gate_matches_autograd_reference(seed, stretch):
         assert torch.allclose(g_fused, g_ref, atol=1e-10)
 
 
-def test_forward_kernel_keeps_base_and_opens_gates_at_init():
+def test_forward_kernel_keeps_base_and_counts_expected_nonzeros():
     theta0 = torch.randn(1000)
     w = torch.zeros(1000)
     alpha = torch.full((1000,), 5.0)
     bits = sample_noise_bits(1000, device="cpu", generator=torch.Generator().manual_seed(0))
-    theta, z, expected = gate_forward_kernel(
-        theta0, w, alpha, torch.tensor(1.0), bits, LOWER, UPPER, 0.0
-    )
+    theta, expected = gate_forward_kernel(theta0, w, alpha, torch.tensor(1.0), bits, LOWER, UPPER, 0.0)
     assert torch.equal(theta, theta0)  # w = 0: no change
-    assert float((z == 1).float().mean()) > 0.9  # α = 5 leaves almost every gate fully open
     assert float(expected) == pytest.approx(1000 * (1 / (1 + math.exp(-5))), rel=1e-5)
+    z = stochastic_gate(alpha, logistic_from_bits(bits), LOWER, UPPER)
+    assert float((z == 1).float().mean()) > 0.9  # α = 5 (the init) leaves almost every gate open
+
+
+def test_noise_draws_replay_the_same_values_without_disturbing_the_stream():
+    generator = torch.Generator().manual_seed(7)
+    noise = GateNoise(100, device="cpu", generator=generator)
+    first = noise.draw(100)
+    first_bits = first.bits().clone()
+    second = noise.draw(60)
+    second_bits = second.bits().clone()
+    state_after = generator.get_state()
+    assert torch.equal(first.bits(), first_bits)  # replayed from the saved state
+    assert torch.equal(second.bits(), second_bits)
+    assert torch.equal(generator.get_state(), state_after)
+    assert bool(((first_bits >= -(2**15)) & (first_bits < 2**15)).all())
+    assert first_bits.unique().numel() > 90  # 16-bit draws, not a constant

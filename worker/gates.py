@@ -53,24 +53,70 @@ def logistic_from_bits(bits: Tensor, dtype: torch.dtype = torch.float32) -> Tens
 
 
 class GateNoise:
-    """16-bit gate noise staged in two reusable scratch buffers (no per-step allocation).
+    """16-bit gate noise from one generator, staged in reusable scratch buffers.
 
-    `bits(numel)` returns the draws as float values in [−32768, 32767], a view into the
-    scratch buffer that stays valid until the next call (the forward kernel reads it once).
+    `draw(numel)` takes the next `numel` draws and returns a `NoiseDraw` that can hand
+    the same values out again later (backward replays the generator instead of keeping
+    the noise or the gates), so no per-step, per-gate tensor is kept between forward and
+    backward.
     """
 
     def __init__(self, max_numel: int, *, device: torch.device | str, generator: torch.Generator):
         self.generator = generator
         self._words = torch.empty((max_numel + 3) // 4, dtype=torch.int64, device=device)
         self._values = torch.empty(max_numel, dtype=torch.float32, device=device)
+        self._holder: NoiseDraw | None = None
 
-    def bits(self, numel: int) -> Tensor:
-        """`numel` uniform 16-bit integers as float32, four per 64-bit draw of the generator."""
+    def draw(self, numel: int) -> NoiseDraw:
+        """The next `numel` draws (they sit in the scratch buffer until the next draw)."""
+        state = self.generator.get_state()
+        self._fill(numel)
+        self._holder = NoiseDraw(self, state, numel)
+        return self._holder
+
+    def _fill(self, numel: int) -> Tensor:
         words = self._words[: (numel + 3) // 4]
         words.random_(-(2**63), 2**63 - 1, generator=self.generator)
         values = self._values[:numel]
         values.copy_(words.view(torch.int16)[:numel])
         return values
+
+    def _replay(self, draw: NoiseDraw) -> Tensor:
+        if self._holder is draw:
+            return self._values[: draw.numel]
+        current = self.generator.get_state()
+        self.generator.set_state(draw.state)
+        values = self._fill(draw.numel)
+        self.generator.set_state(current)
+        self._holder = draw
+        return values
+
+
+class NoiseDraw:
+    """One tensor's gate noise: `bits()` gives the same 16-bit values (as float32) every call."""
+
+    def __init__(self, source: GateNoise, state: Tensor, numel: int) -> None:
+        self.source, self.state, self.numel = source, state, numel
+
+    def bits(self) -> Tensor:
+        """The draws, valid until the next draw or replay of the same source."""
+        return self.source._replay(self)
+
+
+class FixedNoise:
+    """Noise given as a tensor of 16-bit values (tests, reference computations)."""
+
+    def __init__(self, bits: Tensor) -> None:
+        self._bits = bits
+
+    @property
+    def numel(self) -> int:
+        """Number of gates the noise covers."""
+        return self._bits.numel()
+
+    def bits(self) -> Tensor:
+        """The given values."""
+        return self._bits
 
 
 def stochastic_gate(alpha: Tensor, noise: Tensor, lower: float, upper: float) -> Tensor:
@@ -96,27 +142,37 @@ def prob_nonzero(alpha: Tensor, lower: float, upper: float) -> Tensor:
 def gate_forward_kernel(
     theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor, bits: Tensor,
     lower: float, upper: float, shift: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(θ₀ + z·g·w, z, Σ P(z ≠ 0)) with z the gate sampled from 16-bit `bits` (any dtype)."""
+) -> tuple[Tensor, Tensor]:
+    """(θ₀ + z·g·w, Σ P(z ≠ 0)) with z the gate sampled from 16-bit `bits` (any dtype)."""
     u = (bits.to(alpha.dtype) + _U_OFFSET) * _U_SCALE
     e = torch.exp(-alpha)
     s = u / (u + (1.0 - u) * e)  # σ(log u − log(1 − u) + α)
     z = torch.clamp(s * (upper - lower) + lower, 0.0, 1.0)
     theta = theta0 + z * gate_scale * w
     expected = (1.0 / (1.0 + e * math.exp(shift))).sum()
-    return theta, z, expected
+    return theta, expected
 
 
 def gate_backward_kernel(
-    grad: Tensor, grad_expected: Tensor, w: Tensor, z: Tensor, alpha: Tensor,
-    gate_scale: Tensor, lower: float, upper: float, shift: float,
+    grad: Tensor, grad_expected: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor,
+    bits: Tensor, lower: float, upper: float, shift: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (w, α, g): dz/dα = (z − l)(r − z)/(r − l) inside (0, 1), s recovered from z."""
-    slope = torch.where((z > 0.0) & (z < 1.0), (z - lower) * (upper - z) / (upper - lower), 0.0)
+    """Gradients (w, α, g), recomputing z from the replayed `bits` and α.
+
+    dz/dα = (r − l)·s·(1 − s) where the stretched s lies strictly inside (0, 1), else 0.
+    """
+    u = (bits.to(alpha.dtype) + _U_OFFSET) * _U_SCALE
+    e = torch.exp(-alpha)
+    s = u / (u + (1.0 - u) * e)
+    stretched = s * (upper - lower) + lower
+    z = torch.clamp(stretched, 0.0, 1.0)
+    slope = torch.where(
+        (stretched > 0.0) & (stretched < 1.0), (upper - lower) * s * (1.0 - s), 0.0
+    )
     grad_z = grad * z
     grad_scale = (grad_z * w).sum()
     grad_w = grad_z * gate_scale
-    p = 1.0 / (1.0 + torch.exp(-alpha) * math.exp(shift))  # σ(α − shift)
+    p = 1.0 / (1.0 + e * math.exp(shift))  # σ(α − shift)
     grad_alpha = grad * w * gate_scale * slope + grad_expected * (p * (1.0 - p))
     return grad_w, grad_alpha, grad_scale
 
@@ -163,33 +219,33 @@ class GatedDelta(torch.autograd.Function):
     """(θ = θ₀ + z ⊙ g ⊙ w, Σ P(z ≠ 0)) for one base tensor, in one autograd node.
 
     Inputs: theta0 (frozen base), w (diff weights), alpha (gate logits), gate_scale (0-d:
-    the structured gate z_g, or 1), bits (16-bit noise: `sample_noise_bits` or
-    `GateNoise.bits`), lower, upper.
-    Saves only z besides the leaves w and α, and recovers s from z in backward, where
-    autograd would keep five full-size intermediates.
+    the structured gate z_g, or 1), noise (a `NoiseDraw` or `FixedNoise`), lower, upper.
+    Saves nothing but references to the leaves w and α: backward replays the noise and
+    recomputes z, where autograd would keep five full-size intermediates per tensor.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor, bits: Tensor,
-        lower: float, upper: float,
+        ctx, theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor,
+        noise: NoiseDraw | FixedNoise, lower: float, upper: float,
     ) -> tuple[Tensor, Tensor]:
         shift = l0_shift(lower, upper)
-        theta, z, expected = kernels.run_forward(
+        theta, expected = kernels.run_forward(
             theta0.reshape(-1), w.reshape(-1), alpha.reshape(-1), gate_scale,
-            bits.reshape(-1), lower, upper, shift,
+            noise.bits().reshape(-1), lower, upper, shift,
         )
-        ctx.save_for_backward(w, z, alpha, gate_scale)
+        ctx.save_for_backward(w, alpha, gate_scale)
+        ctx.noise = noise
         ctx.bounds = (lower, upper, shift)
         return theta.view(theta0.shape), expected
 
     @staticmethod
     def backward(ctx, grad: Tensor, grad_expected: Tensor):  # type: ignore[override]
-        w, z, alpha, gate_scale = ctx.saved_tensors
+        w, alpha, gate_scale = ctx.saved_tensors
         lower, upper, shift = ctx.bounds
         grad_w, grad_alpha, grad_scale = kernels.backward(
-            grad.reshape(-1), grad_expected, w.reshape(-1), z, alpha.reshape(-1), gate_scale,
-            lower, upper, shift,
+            grad.reshape(-1), grad_expected, w.reshape(-1), alpha.reshape(-1), gate_scale,
+            ctx.noise.bits().reshape(-1), lower, upper, shift,
         )
         return (
             None,
@@ -201,8 +257,8 @@ class GatedDelta(torch.autograd.Function):
 
 
 def gated_delta(
-    theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor, bits: Tensor,
-    lower: float, upper: float,
+    theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor,
+    noise: NoiseDraw | FixedNoise, lower: float, upper: float,
 ) -> tuple[Tensor, Tensor]:
-    """(θ₀ + z·gate_scale·w, Σ P(z ≠ 0)) with z sampled from `bits`; fused (see `GatedDelta`)."""
-    return GatedDelta.apply(theta0, w, alpha, gate_scale, bits, lower, upper)
+    """(θ₀ + z·gate_scale·w, Σ P(z ≠ 0)) with z sampled from `noise`; fused (see `GatedDelta`)."""
+    return GatedDelta.apply(theta0, w, alpha, gate_scale, noise, lower, upper)

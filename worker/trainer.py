@@ -340,13 +340,13 @@ def train_diff(
         params, l0 = {}, torch.zeros((), device=device)
         for n in names:
             if config.structured:
-                bits = noise.bits(1)
+                bits = noise.draw(1).bits()
                 z_g = stochastic_gate(alpha_g[n], logistic_from_bits(bits)[0], lower, upper)
                 p_g = prob_nonzero(alpha_g[n], lower, upper)
             else:
                 z_g = p_g = torch.ones((), device=device)
-            bits = noise.bits(theta0[n].numel())
-            theta, expected = gated_delta(theta0[n], w[n], alpha[n], z_g, bits, lower, upper)
+            draw = noise.draw(theta0[n].numel())
+            theta, expected = gated_delta(theta0[n], w[n], alpha[n], z_g, draw, lower, upper)
             params[prefix + n] = theta
             l0 = l0 + p_g * expected
         return params, l0
