@@ -188,3 +188,44 @@ def test_factored_parts_of_a_consolidated_version_are_listed_and_downloadable(wo
     plain = world.client.get("/v1/tasks/t2/diff?layout=factored&version=1", headers=headers)
     assert plain.status_code == 409 and plain.json()["error"]["field"] == "layout"
     redis.Redis.from_url(world.redis_url).delete("consolidate")
+
+
+def _cli(world, monkeypatch, capsys, argv: list[str]) -> tuple[int, str, str]:
+    """Run the `diffbank` CLI against the in-process app (a real DiffbankClient over TestClient)."""
+    from fastapi.testclient import TestClient
+
+    import api.cli.consolidate as command
+    from api.cli import main
+    from api.client import DiffbankClient
+
+    def client_from_args(args):
+        return DiffbankClient("http://testserver", args.key, http=TestClient(world.app))
+
+    monkeypatch.setattr(command, "client_from_args", client_from_args)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_consolidate_queues_a_run_and_prints_json(world, monkeypatch, capsys):
+    import json
+
+    code, out, _ = _cli(world, monkeypatch, capsys, [
+        "consolidate", "--tasks", "t1,t2", "--budget", "300", "--strategy", "rank",
+        "--epochs", "1", "--json", "--key", world.keys["admin"],
+    ])
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["state"] == "queued" and summary["budget"] == 300
+    assert summary["strategy"] == "rank" and summary["tasks"] == []
+    assert {"id", "total_nnz_before", "total_nnz_after"} <= set(summary)
+    redis.Redis.from_url(world.redis_url).delete("consolidate")
+
+
+def test_cli_consolidate_reports_the_server_error(world, monkeypatch, capsys):
+    before = _started(world)
+    code, _, err = _cli(world, monkeypatch, capsys, [
+        "consolidate", "--tasks", "t1,nope", "--budget", "300", "--key", world.keys["admin"],
+    ])
+    assert code == 1 and "nope" in err
+    assert _started(world) == before

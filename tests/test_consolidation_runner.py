@@ -283,3 +283,24 @@ def test_unknown_run_is_not_claimed(settings, world):
     from worker.runner import NOT_CLAIMED
 
     assert run_consolidation(999_999, settings=settings) == NOT_CLAIMED
+
+
+def test_finished_run_reads_back_through_the_api_and_renders_in_the_cli(accepted_run, world, settings):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.cli.consolidate import format_table, summary
+
+    _, run, _ = accepted_run
+    with world["sessions"]() as session:
+        _, key = catalog.create_api_key(session, tenant_id=world["tenant_id"], scopes=["admin"])
+    client = TestClient(create_app(settings))
+    body = client.get(f"/v1/consolidations/{run.id}", headers={"Authorization": f"Bearer {key}"})
+    assert body.status_code == 200, body.text
+    view = body.json()
+    assert view["state"] == "succeeded" and view["total_nnz_after"] == 3000
+    assert [t["task"] for t in view["tasks"]] == list(TASKS)
+    printed = summary(view)
+    assert printed["tasks"][0].keys() >= {"task", "metric_before", "metric_after", "nnz", "accepted"}
+    table = format_table(view)
+    assert "reviews" in table and "fewshot" in table and "-> 3000" in table
