@@ -149,9 +149,12 @@ def _publish(
     accepted = [row for row in rows if row["accepted"]]
     if not accepted:
         return None
-    shared_bytes = dumps_artifact(result.shared)
     with sessions() as session:
-        shared_id = publish_shared_diff(session, store, run_id=run.id, data=shared_bytes)
+        shared_id = catalog.load_consolidation_run(session, run_id=run.id).shared_artifact_id
+        if shared_id is None:  # a resumed run keeps the shared artifact it already published
+            shared_id = publish_shared_diff(
+                session, store, run_id=run.id, data=dumps_artifact(result.shared)
+            )
     outcomes = {o.name: o for o in result.tasks}
     for task, row in zip(tasks, rows, strict=True):
         if not row["accepted"]:
