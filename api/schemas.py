@@ -30,6 +30,14 @@ class ErrorPublic(BaseModel):
     error: ErrorDetail
 
 
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the JSON error body for each status."""
+    return {status: {"model": ErrorPublic} for status in statuses}
+
+
+ROUTE_ERRORS = error_responses(401, 403, 404, 409, 422)
+
+
 # -- datasets ---------------------------------------------------------------------------
 
 

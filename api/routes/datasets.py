@@ -9,14 +9,14 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import ReadPrincipal, SessionDep, SettingsDep, StoreDep, SubmitPrincipal
 from api.errors import ApiError
-from api.schemas import DatasetPublic, DatasetsPublic, ErrorPublic
+from api.schemas import DatasetPublic, DatasetsPublic, error_responses
 from api.uploads import FILE_FIELD, receive_upload
 from registry import tabular
 from registry.models import Dataset
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
-ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422)}
+ERRORS = error_responses(401, 403, 404, 409, 413, 415, 422)
 MAPPING_FIELDS = ("text_field", "text_pair_field", "label_field", "task_type")
 
 UPLOAD_BODY = {

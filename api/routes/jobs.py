@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from api.deps import ReadPrincipal, SessionDep, SettingsDep, SubmitPrincipal
 from api.errors import ApiError
 from api.schemas import (
-    ErrorPublic,
+    ROUTE_ERRORS,
     JobCreate,
     JobErrorPublic,
     JobEventPublic,
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 422)}
+ERRORS = ROUTE_ERRORS
 
 
 def job_public(job: Job, *, version: int | None = None) -> JobPublic:

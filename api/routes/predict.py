@@ -8,13 +8,13 @@ from fastapi import APIRouter, Path, Query, Request
 
 from api.deps import PredictorDep, ReadPrincipal, SessionDep, SettingsDep, StoreDep
 from api.errors import ApiError
-from api.schemas import ErrorPublic, PredictionPublic, PredictionsPublic, PredictRequest
+from api.schemas import ROUTE_ERRORS, PredictionPublic, PredictionsPublic, PredictRequest
 from api.serving import PredictionInputError
 from registry import catalog
 
 router = APIRouter(prefix="/tasks", tags=["predictions"])
 
-ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 422)}
+ERRORS = ROUTE_ERRORS
 
 
 def _check_limits(body: PredictRequest, *, max_batch: int, max_chars: int) -> None:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from api.deps import ReadPrincipal, SessionDep, StoreDep, SubmitPrincipal
 from api.errors import ApiError
 from api.schemas import (
+    ROUTE_ERRORS,
     ErrorPublic,
     LineagePublic,
     TaskPublic,
@@ -26,7 +27,7 @@ from registry.models import Task, TaskVersion
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
-ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 422)}
+ERRORS = ROUTE_ERRORS
 TaskNamePath = Annotated[str, Path(max_length=128)]
 VersionQuery = Annotated[int | None, Query(ge=1, description="version number (default: active)")]
 PRESIGN_EXPIRES_S = 900
