@@ -171,14 +171,14 @@ def make_world(tmp_path: Path, redis_url: str, base_dir: Path, **overrides: Any)
     from registry.db import upgrade
 
     data_dir = tmp_path / "data"
-    settings = Settings(
-        data_dir=data_dir,
-        database_url=f"sqlite:///{data_dir / 'diffbank.db'}",
-        store_url=(data_dir / "objects").resolve().as_uri(),
-        redis_url=redis_url,
-        base_model=str(base_dir),
-        **overrides,
-    )
+    fields: dict[str, Any] = {
+        "data_dir": data_dir,
+        "database_url": f"sqlite:///{data_dir / 'diffbank.db'}",
+        "store_url": (data_dir / "objects").resolve().as_uri(),
+        "redis_url": redis_url,
+        "base_model": str(base_dir),
+    }
+    settings = Settings(**{**fields, **overrides})
     upgrade(settings.database_url)
     app = create_app(settings)
     world = ApiWorld(app=app, client=TestClient(app), settings=settings, base_dir=base_dir,

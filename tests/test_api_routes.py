@@ -206,3 +206,30 @@ def test_deleting_the_active_version_activates_the_previous_and_removes_the_blob
     gone = world.client.get(f"/v1/tasks/deletable/diff?version={second}",
                             headers=world.headers("alice"))
     assert gone.status_code == 404
+
+
+def test_diff_on_an_s3_store_streams_or_redirects_to_a_presigned_url(
+    tmp_path, redis_server, tiny_base_dir, moto_s3_server
+):
+    import httpx
+
+    from tests.api_support import make_world
+    from tests.fixtures.backends import make_s3_bucket
+
+    s3 = make_world(
+        tmp_path, redis_server.url, tiny_base_dir,
+        store_url=f"s3://{make_s3_bucket(moto_s3_server)}/diffbank",
+        s3_endpoint_url=moto_s3_server.endpoint_url, s3_region="us-east-1",
+    )
+    assert s3.upload_ok("alice", SENTIMENT_ROWS)["rows"] == len(SENTIMENT_ROWS)
+    s3.publish_version("alice", "on-s3", seed=61)
+    streamed = s3.client.get("/v1/tasks/on-s3/diff", headers=s3.headers("alice"))
+    assert streamed.status_code == 200
+    sha = streamed.headers["x-diffbank-sha256"]
+    assert hashlib.sha256(streamed.content).hexdigest() == sha
+    redirect = s3.client.get("/v1/tasks/on-s3/diff?presign=1", headers=s3.headers("alice"),
+                             follow_redirects=False)
+    assert redirect.status_code == 307
+    assert redirect.headers["x-diffbank-sha256"] == sha
+    presigned = httpx.get(redirect.headers["location"])
+    assert presigned.status_code == 200 and presigned.content == streamed.content
