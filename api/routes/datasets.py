@@ -11,8 +11,9 @@ from api.deps import ReadPrincipal, SessionDep, SettingsDep, StoreDep, SubmitPri
 from api.errors import ApiError
 from api.schemas import DatasetPublic, DatasetsPublic, error_responses
 from api.uploads import FILE_FIELD, receive_upload
-from registry import tabular
+from registry import catalog, tabular
 from registry.models import Dataset
+from registry.publish import store_dataset
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -125,8 +126,6 @@ async def upload_dataset(
 
 def _publish_dataset(session, store, *, tenant_id: int, upload_path, filename: str, table) -> Dataset:
     """Blob -> verify -> row (registry write order)."""
-    from registry.publish import store_dataset
-
     return store_dataset(
         session, store,
         tenant_id=tenant_id,
@@ -152,8 +151,6 @@ def list_datasets(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> DatasetsPublic:
     """The caller's datasets, newest first, with a cursor for the next page."""
-    from registry import catalog
-
     rows, next_cursor = catalog.list_datasets(
         session, tenant_id=principal.tenant_id, cursor=cursor, limit=limit
     )
@@ -164,8 +161,6 @@ def list_datasets(
             summary="Get a dataset")
 def get_dataset(dataset_id: int, principal: ReadPrincipal, session: SessionDep) -> DatasetPublic:
     """One of the caller's datasets (another tenant's id answers 404)."""
-    from registry import catalog
-
     return dataset_public(
         catalog.get_dataset(session, tenant_id=principal.tenant_id, dataset_id=dataset_id)
     )
@@ -176,7 +171,5 @@ def delete_dataset(
     dataset_id: int, principal: SubmitPrincipal, session: SessionDep, store: StoreDep
 ) -> Response:
     """Delete a dataset (409 while an unfinished job uses it); its blob goes if unshared."""
-    from registry import catalog
-
     catalog.delete_dataset(session, store, tenant_id=principal.tenant_id, dataset_id=dataset_id)
     return Response(status_code=204)

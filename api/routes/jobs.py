@@ -6,6 +6,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from sqlalchemy import select
 
 from api.deps import ReadPrincipal, SessionDep, SettingsDep, SubmitPrincipal
 from api.errors import ApiError
@@ -23,7 +24,7 @@ from api.schemas import (
 )
 from registry import catalog
 from registry.basemodel import canonical_base_name
-from registry.models import Job, TaskVersion
+from registry.models import BaseModel, Job, TaskVersion
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def job_public(job: Job, *, version: int | None = None) -> JobPublic:
 
 def _version_numbers(session, jobs: list[Job]) -> dict[int, int]:
     """Result version number of each job that published one."""
-    from sqlalchemy import select
-
     ids = [j.result_version_id for j in jobs if j.result_version_id is not None]
     if not ids:
         return {}
@@ -85,10 +84,6 @@ def _resolve_base(session, settings, requested: str | None) -> str:
     Anything else is an unknown base (422, field base_model): users cannot point the worker
     at arbitrary paths or hub names.
     """
-    from sqlalchemy import select
-
-    from registry.models import BaseModel
-
     if requested is None or requested in (
         settings.base_model, canonical_base_name(settings.base_model)
     ):
