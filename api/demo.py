@@ -44,7 +44,7 @@ def _demo_settings() -> Settings:
 def run_demo(*, task: str | None, plot_path: str) -> int:
     """Start the stack, upload a sample task, train it as a job, show results, stop."""
     from api.bootstrap import bootstrap_embedded
-    from api.cli.client import _wait_with_progress
+    from api.cli.client import wait_with_progress
     from api.client import DiffbankClient
     from api.embedded import EmbeddedStack
 
@@ -77,7 +77,7 @@ def run_demo(*, task: str | None, plot_path: str) -> int:
         print(f"training job {job['id']} queued: learning a sparse diff at "
               f"density {DEMO_TRAINING['density']:.1%} of the base encoder's parameters")
         started = time.monotonic()
-        job = _wait_with_progress(client, job["id"], poll_s=1.0)
+        job = wait_with_progress(client, job["id"], poll_s=1.0)
         if job["state"] != "succeeded":
             print(f"job {job['id']} {job['state']}: {job.get('error_message') or ''}",
                   file=sys.stderr)

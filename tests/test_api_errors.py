@@ -28,6 +28,7 @@ class Ctx:
     alice_dataset: int
     bob_dataset: int
     busy_dataset: int
+    three_label_dataset: int
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,11 @@ def ctx(tmp_path_factory, redis_server, tiny_base_dir) -> Ctx:
     response = world.client.post("/v1/jobs", headers=world.headers("alice"),
                                  json={"task": "busy", "dataset_id": busy})
     assert response.status_code == 202, response.text
+    three = world.upload_ok("alice", SENTIMENT_ROWS + [{"text": "meh", "label": "mixed"}])["id"]
     world.publish_version("alice", "sent", seed=1)
     world.publish_version("alice", "scores", seed=2, task_type="regression", labels=())
     world.publish_version("bob", "bobtask", seed=3)
-    return Ctx(world, alice, bob, busy)
+    return Ctx(world, alice, bob, busy, three)
 
 
 def upload(name: str, data: bytes, who: str = "alice", **form: str):
@@ -131,6 +133,10 @@ CASES = [  # at least 15 kinds of bad input, by the brief
      "batch_size"),
     ("unknown_hyperparameter", post_job(job(dropout=0.1)), 422, "validation_error", "dropout"),
     ("bad_task_name", post_job(job(task="no spaces allowed!")), 422, "validation_error", "task"),
+    ("validation_label_unseen_in_training",
+     post_job(lambda c: {"task": "sent", "dataset_id": c.alice_dataset,
+                         "validation_dataset_id": c.three_label_dataset}),
+     422, "unknown_label", "validation_dataset_id"),
     ("unknown_dataset", post_job(job(dataset_id=999_999)), 404, "not_found", "dataset_id"),
     ("other_tenants_dataset", post_job(lambda c: {"task": "x", "dataset_id": c.bob_dataset}),
      404, "not_found", "dataset_id"),

@@ -135,7 +135,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 if args.json:
                     print_json(_job_summary(job))
                 return 0
-            job = _wait_with_progress(client, job["id"], poll_s=args.poll)
+            job = wait_with_progress(client, job["id"], poll_s=args.poll)
         except DiffbankError as exc:
             return fail(exc)
     if args.json:
@@ -145,7 +145,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if job["state"] == "succeeded" else 1
 
 
-def _wait_with_progress(client, job_id: int, *, poll_s: float) -> dict[str, Any]:
+def wait_with_progress(client, job_id: int, *, poll_s: float) -> dict[str, Any]:
     """Poll the job, drawing a tqdm bar on stderr from its progress."""
     from tqdm import tqdm
 

@@ -133,6 +133,11 @@ def create_job(
             raise ApiError(422, "task_type_mismatch",
                            f"validation dataset is {validation.task_type}, training dataset is "
                            f"{dataset.task_type}", field="validation_dataset_id")
+        unseen = sorted(set(validation.label_names or []) - set(dataset.label_names or []))
+        if unseen:
+            raise ApiError(422, "unknown_label",
+                           f"validation label {unseen[0]!r} never occurs in the training dataset",
+                           field="validation_dataset_id")
     # Plain values: a catalog lookup that fails (rolls back) expires loaded rows.
     dataset_id, task_type = dataset.id, dataset.task_type
     base = _resolve_base(session, settings, body.base_model)
