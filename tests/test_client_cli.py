@@ -72,8 +72,18 @@ def test_submit_queues_a_job_that_jobs_job_and_tasks_show_and_errors_exit_non_ze
     listed = _last_json(capsys.readouterr().out)
     assert [j["id"] for j in listed["items"]] == [submitted["job_id"]]
     assert diffbank(["job", str(submitted["job_id"]), "--json", *conn]) == 0
+    assert _last_json(capsys.readouterr().out)["params"] == {"density": 0.01, "epochs": 2}
+
+    # A directory submits train.* and validation.* as two datasets of one job.
+    folder = tmp_path / "task-dir"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(jsonl(SENTIMENT_ROWS))
+    (folder / "validation.jsonl").write_bytes(jsonl(SENTIMENT_ROWS[:4]))
+    assert diffbank(["submit", str(folder), "--task", "dir-task", "--json", *conn]) == 0
     job = _last_json(capsys.readouterr().out)
-    assert job["params"] == {"density": 0.01, "epochs": 2}
+    assert diffbank(["job", str(job["job_id"]), "--json", *conn]) == 0
+    shown = _last_json(capsys.readouterr().out)
+    assert shown["validation_dataset_id"] not in (None, shown["dataset_id"])
 
     # The server and key may come from DIFFBANK_URL / DIFFBANK_API_KEY instead.
     _publish(server, tiny_base_dir, "env-task", seed=3)
