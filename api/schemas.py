@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 TaskName = Annotated[
     str,
@@ -84,6 +84,15 @@ class JobCreate(BaseModel):
     lr: float | None = Field(default=None, gt=0.0, le=1.0)
     max_length: int | None = Field(default=None, ge=8, le=512)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_is_text(cls, value: str | None) -> str | None:
+        if value is not None:
+            if any(ord(ch) < 32 for ch in value):
+                raise ValueError("must not contain control characters")
+            value.encode("utf-8")  # lone surrogates raise UnicodeEncodeError (a ValueError)
+        return value
 
     def params(self) -> dict[str, Any]:
         """The hyperparameters the user set (others keep the trainer's defaults)."""

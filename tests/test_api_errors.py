@@ -124,6 +124,11 @@ CASES = [  # at least 15 kinds of bad input, by the brief
      422, "missing_file", "file"),
     ("unknown_base", post_job(job(base_model="no-such-encoder")), 422, "unknown_base_model",
      "base_model"),
+    ("base_model_not_text",
+     lambda c: c.world.client.post(
+         "/v1/jobs", headers={**c.world.headers("alice"), "Content-Type": "application/json"},
+         content=b'{"task": "sent", "dataset_id": %d, "base_model": "x\\ud800"}' % c.alice_dataset),
+     422, "validation_error", "base_model"),
     ("density_zero", post_job(job(density=0.0)), 422, "validation_error", "density"),
     ("density_above_one", post_job(job(density=1.5)), 422, "validation_error", "density"),
     ("epochs_zero", post_job(job(epochs=0)), 422, "validation_error", "epochs"),
@@ -158,6 +163,11 @@ CASES = [  # at least 15 kinds of bad input, by the brief
      "too_many_inputs", "inputs"),
     ("predict_text_too_long", predict("sent", ["ok", "x" * (MAX_CHARS + 1)]), 422,
      "text_too_long", "inputs.1"),
+    ("predict_text_with_lone_surrogate",
+     lambda c: c.world.client.post(
+         "/v1/tasks/sent/predict", content=b'{"inputs": ["ok", "\\ud800"]}',
+         headers={**c.world.headers("alice"), "Content-Type": "application/json"}),
+     422, "invalid_text", "inputs.1"),
     ("pairs_for_single_text_task", predict("sent", [["a", "b"]]), 422, "invalid_inputs",
      "inputs"),
     ("unknown_version", get("/v1/tasks/sent/diff?version=7"), 404, "not_found", "version"),

@@ -174,6 +174,10 @@ def test_diff_download_streams_verified_bytes_with_etag_and_ranges(world):
     tail = world.client.get("/v1/tasks/download-me/diff",
                             headers={**world.headers("alice"), "Range": "bytes=-5"})
     assert tail.content == full.content[-5:]
+    for ignored in ("items=0-1", "bytes=0-1,5-6"):  # other units, several ranges: whole file
+        whole = world.client.get("/v1/tasks/download-me/diff",
+                                 headers={**world.headers("alice"), "Range": ignored})
+        assert whole.status_code == 200 and whole.content == full.content
     cached = world.client.get("/v1/tasks/download-me/diff", headers={
         **world.headers("alice"), "If-None-Match": full.headers["etag"]})
     assert cached.status_code == 304

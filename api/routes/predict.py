@@ -31,6 +31,11 @@ def _check_limits(body: PredictRequest, *, max_batch: int, max_chars: int) -> No
                 raise ApiError(422, "text_too_long",
                                f"{where} has {len(text)} characters; the limit is {max_chars}",
                                field=where)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates (e.g. "\ud800") are not text
+                raise ApiError(422, "invalid_text", f"{where} is not valid Unicode text",
+                               field=where) from None
 
 
 @router.post(

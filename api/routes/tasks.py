@@ -119,7 +119,10 @@ def delete_version(
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """`bytes=a-b` / `bytes=a-` / `bytes=-n` -> [start, end) or None for 'not satisfiable'."""
+    """`bytes=a-b` / `bytes=a-` / `bytes=-n` -> [start, end); None when not satisfiable.
+
+    Only single byte ranges are served; callers ignore other Range forms (see `_wants_range`).
+    """
     match = _RANGE_RE.match(header.strip())
     if not match or match.group(1) == match.group(2) == "":
         return None
@@ -134,6 +137,14 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size or end <= start:
         return None
     return start, end
+
+
+def _wants_range(header: str | None) -> bool:
+    """A single `bytes=` range; other units and multi-range requests get the whole file (RFC 9110)."""
+    if not header:
+        return False
+    value = header.strip()
+    return value.lower().startswith("bytes=") and "," not in value
 
 
 @router.get(
@@ -192,7 +203,7 @@ def download_diff(
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
     size = artifact.size_bytes
-    if range_header:
+    if _wants_range(range_header):
         span = _parse_range(range_header, size)
         if span is None:
             raise ApiError(416, "range_not_satisfiable",
