@@ -210,6 +210,7 @@ def bench_serving(args: argparse.Namespace) -> None:
     from registry.basemodel import build_model, load_base, resolve_base_path
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)  # 1: robust on a shared machine (no thread oversubscription)
     base_path = resolve_base_path("all-MiniLM-L6-v2")
     base = load_base(base_path)
     predictor = Predictor(cache_size=args.tasks + 1)
@@ -241,14 +242,15 @@ def bench_serving(args: argparse.Namespace) -> None:
     # Switch cost alone: revert the previous task's diff, apply the next (round robin).
     encoder = held.model.base_model
     diffs = [predictor._cached(held, keys[t], lambda t=t: blobs[t]).diff for t in range(args.tasks)]
-    switch_s = []
+    switch_s, switch_cpu_s = [], []
     applied = apply_diff(encoder, diffs[0])
     for r in range(args.rounds * args.tasks):
         nxt = diffs[(r + 1) % args.tasks]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         applied.revert()
         applied = apply_diff(encoder, nxt)
         switch_s.append(time.perf_counter() - start)
+        switch_cpu_s.append(time.process_time() - cpu_start)
     applied.revert()
 
     # Throughput, three modes interleaved block by block so that load drift on a shared
@@ -281,13 +283,16 @@ def bench_serving(args: argparse.Namespace) -> None:
         "one task merged once (forward only)": one_task_merged,
     }
     per_request: dict[str, list[float]] = {name: [] for name in modes}
+    cpu_per_request: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(args.rounds):
         for name, run in modes.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
             per_request[name].append((time.perf_counter() - start) / args.tasks)
+            cpu_per_request[name].append((time.process_time() - cpu_start) / args.tasks)
     medians = {name: statistics.median(times) for name, times in per_request.items()}
-    merged_median = medians["one task merged once (forward only)"]
+    cpu_medians = {name: statistics.median(times) for name, times in cpu_per_request.items()}
+    merged_name = "one task merged once (forward only)"
     n_requests = args.rounds * args.tasks
 
     # The alternative: a fully finetuned checkpoint per task, loaded at each switch.
@@ -307,16 +312,21 @@ def bench_serving(args: argparse.Namespace) -> None:
         f"diffs at density {args.density} (nnz={nnz:,} per task), batch of {len(batch)} sentences, "
         f"{n_requests} requests per mode in {args.rounds} interleaved blocks, torch threads "
         f"{torch.get_num_threads()} ({MACHINE_NOTE})",
-        ["mode", "median ms / request", "requests/s", "throughput vs one merged task"],
-        [[name, m * 1000, 1 / m, merged_median / m] for name, m in medians.items()],
+        ["mode", "wall ms/request", "CPU ms/request", "requests/s (wall)",
+         "vs merged (wall)", "vs merged (CPU)"],
+        [[name, m * 1000, cpu_medians[name] * 1000, 1 / m, medians[merged_name] / m,
+          cpu_medians[merged_name] / cpu_medians[name]] for name, m in medians.items()],
     )
     print_table(
         "Task switch cost",
         ["what", "n", "p50 ms", "p99 ms", "mean ms"],
         [
-            ["revert + apply sparse diff (in place)", len(switch_s),
+            ["revert + apply sparse diff (in place), wall", len(switch_s),
              percentile([s * 1000 for s in switch_s], 50), percentile([s * 1000 for s in switch_s], 99),
              statistics.mean(switch_s) * 1000],
+            ["revert + apply sparse diff (in place), CPU", len(switch_cpu_s),
+             percentile([s * 1000 for s in switch_cpu_s], 50),
+             percentile([s * 1000 for s in switch_cpu_s], 99), statistics.mean(switch_cpu_s) * 1000],
             ["decode artifact (LRU miss, once per task)", len(decode_s),
              percentile([s * 1000 for s in decode_s], 50), percentile([s * 1000 for s in decode_s], 99),
              statistics.mean(decode_s) * 1000],
@@ -343,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved blocks per mode")
     parser.add_argument("--full-loads", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for serving")
     args = parser.parse_args(argv)
     import os
 
