@@ -75,6 +75,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rows and steps (smoke run)")
     parser.add_argument("--train-rows", type=int, default=256)
     parser.add_argument("--validation-rows", type=int, default=200)
+    parser.add_argument("--low-resource-rows", type=int, default=0,
+                        help="training rows of the low-resource task (default: a quarter of --train-rows)")
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2, help="phase-1 epochs of the single-task runs")
     parser.add_argument("--fit-epochs", type=float, default=1.0, help="consolidation phase 1")
@@ -104,14 +106,18 @@ def main() -> int:
     base = load_base("all-MiniLM-L6-v2")
     print(f"machine: {os.cpu_count()}-core CPU, no GPU; torch threads {torch.get_num_threads()}; "
           f"base {base.name} ({base.n_params} parameters)")
-    print(f"rows per task: train <= {args.train_rows}, validation <= {args.validation_rows}; "
+    print(f"rows per task: train <= {args.train_rows} (low-resource task: a quarter), "
+          f"validation <= {args.validation_rows}; "
           f"max_length {args.max_length}; single-task epochs {args.epochs}+1 fix; "
           f"consolidation epochs {args.fit_epochs}+{args.fix_epochs} fix")
     tasks = []
     eval_config = ConsolidationConfig(max_length=args.max_length, device="cpu")
     single_rows = []
     for name in TASKS:
-        data = capped(load_sample_task(name), args.train_rows, args.validation_rows)
+        rows = args.train_rows
+        if name == LOW_RESOURCE:
+            rows = args.low_resource_rows or max(16, args.train_rows // 4)
+        data = capped(load_sample_task(name), rows, args.validation_rows)
         diff, seconds = train_alone(name, data, base, args)
         metrics = evaluate_diff(diff, data, base=base, config=eval_config)
         tasks.append((ConsolidationTask(name, data, diff), metrics))
