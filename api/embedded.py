@@ -78,6 +78,11 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds through `finally`/`__exit__`, so the children are stopped too.
+    raise SystemExit(128 + signum)
+
+
 @dataclass
 class EmbeddedStack:
     """Child processes of `diffbank up`, stopped together."""
@@ -88,6 +93,7 @@ class EmbeddedStack:
 
     def start(self, *, api: bool = True, worker: bool = True, beat: bool = True) -> None:
         """Start Redis (unless DIFFBANK_REDIS_URL is set), then worker, beat and API."""
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
