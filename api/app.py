@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.read_session_factory = make_session_factory(engine, reads_only=True)
     app.state.store = open_store(settings.store_url, settings)
     app.state.upload_dir = str(settings.data_dir / "uploads")  # temp files of uploads in flight
     os.makedirs(app.state.upload_dir, exist_ok=True)

@@ -25,8 +25,14 @@ def get_app_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """A registry session for one request (catalog functions own their transactions)."""
-    session = request.app.state.session_factory()
+    """A registry session for one request (catalog functions own their transactions).
+
+    GET and HEAD requests only read, so they get a session that takes no write lock.
+    """
+    if request.method in ("GET", "HEAD"):
+        session = request.app.state.read_session_factory()
+    else:
+        session = request.app.state.session_factory()
     try:
         yield session
     finally:

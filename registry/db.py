@@ -14,6 +14,7 @@ from registry.settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READS_ONLY_OPTION = "diffbank_reads_only"
 
 
 class SchemaNotCurrentError(RuntimeError):
@@ -49,14 +50,24 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     def _begin_immediate(conn: Any) -> None:
         # Take the write lock up front: a deferred transaction that reads and then writes
         # fails with SQLITE_BUSY (no waiting) when another writer got in between.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Sessions that only read (see make_session_factory) skip the lock: in WAL mode a
+        # reader never waits for a writer, and readers must not queue behind each other.
+        if conn.get_execution_options().get(READS_ONLY_OPTION):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions on `engine` that keep loaded rows usable after commit."""
-    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+def make_session_factory(engine: Engine, *, reads_only: bool = False) -> sessionmaker[Session]:
+    """Sessions on `engine` that keep loaded rows usable after commit.
+
+    `reads_only` sessions begin SQLite transactions without the write lock; a write in one
+    may fail with SQLITE_BUSY under contention, so use them only where nothing is written.
+    """
+    bind = engine.execution_options(**{READS_ONLY_OPTION: True}) if reads_only else engine
+    return sessionmaker(bind=bind, expire_on_commit=False, autoflush=False)
 
 
 @functools.cache
