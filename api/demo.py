@@ -116,8 +116,9 @@ def _report(client, task: str, job: dict, started: float, plot_path: str,
     artifact = settings.data_dir / "demo" / f"{task}-v{version['number']}.safetensors"
     artifact.parent.mkdir(parents=True, exist_ok=True)
     client.download_diff(task, version=version["number"], dest=artifact)
-    n_params = int(metrics.get("n_params") or version.get("n_params") or 0)
-    nnz = int(version.get("nnz") or metrics.get("nnz") or 0)
+    nnz = int(version.get("nnz") or 0)
+    density = float(version.get("density") or 0.0)
+    n_params = round(nnz / density) if density else 0
     size = artifact.stat().st_size
     metric_name = metrics.get("metric_name", "accuracy")
     print(f"\ndone in {time.monotonic() - started:.0f} s")
@@ -141,8 +142,9 @@ def _report(client, task: str, job: dict, started: float, plot_path: str,
                    check=True, stdout=subprocess.DEVNULL)
     print(f"\nwhere the nonzeros sit (layer x module): {Path(plot_path).resolve()}")
     print(f"the diff itself: {artifact}")
+    url = get_settings().url  # where `diffbank up` will listen
     print("\nnext:")
     print("  diffbank up                                  # keep the stack running")
-    print(f"  export DIFFBANK_URL={settings.url} DIFFBANK_API_KEY=$(cat {settings.data_dir}/admin.key)")
+    print(f"  export DIFFBANK_URL={url} DIFFBANK_API_KEY=$(cat {settings.data_dir}/admin.key)")
     print("  diffbank submit your.jsonl --task my-task --wait   # your own data (text,label)")
-    print(f"  API docs: {settings.url}/docs")
+    print(f"  API docs: {url}/docs")
