@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def get_or_create(
@@ -41,3 +43,18 @@ def transaction(session: Session) -> SessionTransaction:
     if session.in_transaction():
         session.commit()
     return session.begin()
+
+
+def in_own_transaction(
+    body: Callable[Concatenate[Session, P], T], *, name: str, doc: str
+) -> Callable[Concatenate[Session, P], T]:
+    """`body`, which runs inside the caller's transaction, as function `name` owning its own."""
+
+    @functools.wraps(body)
+    def run(session: Session, *args: P.args, **kwargs: P.kwargs) -> T:
+        with transaction(session):
+            return body(session, *args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = doc
+    return run
