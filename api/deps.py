@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, DB session, object store, predictor, and API-key auth with scopes."""
+"""FastAPI dependencies: settings, DB session, object store, predictor, API-key auth with scopes,
+and the page parameters of list routes."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.serving import Predictor
+from registry.catalog.pagination import MAX_PAGE_SIZE
 from registry.settings import Settings
 from registry.stores import ObjectStore
 
@@ -53,6 +55,10 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+
+# The page parameters of list routes (cursor pagination, `registry.catalog.pagination`).
+CursorQuery = Annotated[str | None, Query(max_length=200)]
+PageLimitQuery = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 
 
 @dataclass(frozen=True)

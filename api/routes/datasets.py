@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import ReadPrincipal, SessionDep, SettingsDep, StoreDep, SubmitPrincipal
+from api.deps import (
+    CursorQuery,
+    PageLimitQuery,
+    ReadPrincipal,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    SubmitPrincipal,
+)
 from api.errors import ApiError
 from api.schemas import DatasetPublic, DatasetsPublic, error_responses
 from api.uploads import FILE_FIELD, receive_upload
@@ -147,8 +153,8 @@ def _publish_dataset(session, store, *, tenant_id: int, upload_path, filename: s
 def list_datasets(
     principal: ReadPrincipal,
     session: SessionDep,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: CursorQuery = None,
+    limit: PageLimitQuery = 50,
 ) -> DatasetsPublic:
     """The caller's datasets, newest first, with a cursor for the next page."""
     rows, next_cursor = catalog.list_datasets(

@@ -8,7 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 
-from api.deps import ReadPrincipal, SessionDep, SettingsDep, SubmitPrincipal
+from api.deps import (
+    CursorQuery,
+    PageLimitQuery,
+    ReadPrincipal,
+    SessionDep,
+    SettingsDep,
+    SubmitPrincipal,
+)
 from api.errors import ApiError
 from api.schemas import (
     ROUTE_ERRORS,
@@ -177,8 +184,8 @@ def list_jobs(
     state: JobState | None = None,
     task: Annotated[str | None, Query(max_length=128)] = None,
     kind: JobKind | None = None,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: CursorQuery = None,
+    limit: PageLimitQuery = 50,
 ) -> JobsPublic:
     """The caller's jobs, newest first, filtered by state, task and kind; cursor pagination."""
     rows, next_cursor = catalog.list_jobs(

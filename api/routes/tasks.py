@@ -10,7 +10,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
-from api.deps import ReadPrincipal, SessionDep, StoreDep, SubmitPrincipal
+from api.deps import (
+    CursorQuery,
+    PageLimitQuery,
+    ReadPrincipal,
+    SessionDep,
+    StoreDep,
+    SubmitPrincipal,
+)
 from api.errors import ApiError
 from api.schemas import (
     ROUTE_ERRORS,
@@ -72,8 +79,8 @@ def version_public(
 def list_tasks(
     principal: ReadPrincipal,
     session: SessionDep,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: CursorQuery = None,
+    limit: PageLimitQuery = 50,
 ) -> TasksPublic:
     """The caller's tasks, newest first."""
     rows, next_cursor = catalog.list_tasks(
