@@ -7,19 +7,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from api.cli import main
 from registry.artifact import load_artifact
 from tests.test_trainer import write_sentiment_task
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_json_reports_the_saved_artifact(tmp_path, tiny_base_dir, capsys):

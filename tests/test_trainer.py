@@ -17,6 +17,8 @@ from worker.data import load_task_data
 from worker.projection import k_for_density
 from worker.trainer import Progress, TrainingCancelled, evaluate, train_diff
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 POSITIVE = ["good", "great", "excellent", "wonderful", "fine"]
 NEGATIVE = ["bad", "awful", "terrible", "poor", "horrible"]
 FILLER = ["the", "a", "movie", "was", "it", "plot", "very"]
@@ -33,15 +35,6 @@ def write_sentiment_task(path: Path, rows: int, seed: int) -> Path:
             rng.shuffle(words)
             out.write(json.dumps({"text": " ".join(words), "label": "pos" if positive else "neg"}) + "\n")
     return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CI machine's two cores are shared by many processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
