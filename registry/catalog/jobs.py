@@ -200,6 +200,18 @@ def _case_cancel_or_fail(cancelled: Any = "cancelled", failed: Any = "failed") -
     return case((_jobs.c.cancel_requested.is_(True), literal(cancelled)), else_=literal(failed))
 
 
+def _beat_if_running(session: Session, job_id: int, worker_id: str, **values: Any) -> bool:
+    """Stamp the heartbeat (and `values`) if the job runs for `worker_id`; whether it does."""
+    now = utcnow()
+    updated = session.scalar(
+        update(_jobs)
+        .where(_jobs.c.id == job_id, _jobs.c.state == "running", _jobs.c.worker_id == worker_id)
+        .values(**values, heartbeat_at=now, updated_at=now)
+        .returning(_jobs.c.id)
+    )
+    return updated is not None
+
+
 def record_progress(
     session: Session, *, job_id: int, worker_id: str, progress: dict[str, Any]
 ) -> Job | None:
@@ -209,15 +221,8 @@ def record_progress(
     """
     if not in_id_range(job_id):
         return None
-    now = utcnow()
     with transaction(session):
-        updated = session.scalar(
-            update(_jobs)
-            .where(_jobs.c.id == job_id, _jobs.c.state == "running", _jobs.c.worker_id == worker_id)
-            .values(progress=dict(progress), heartbeat_at=now, updated_at=now)
-            .returning(_jobs.c.id)
-        )
-        if updated is None:
+        if not _beat_if_running(session, job_id, worker_id, progress=dict(progress)):
             return None
         _add_event(session, job_id, "progress", dict(progress))
         return _reload(session, job_id)
@@ -227,15 +232,10 @@ def heartbeat(session: Session, *, job_id: int, worker_id: str) -> Job | None:
     """Mark the job alive; None when it is not running for `worker_id` any more."""
     if not in_id_range(job_id):
         return None
-    now = utcnow()
     with transaction(session):
-        updated = session.scalar(
-            update(_jobs)
-            .where(_jobs.c.id == job_id, _jobs.c.state == "running", _jobs.c.worker_id == worker_id)
-            .values(heartbeat_at=now, updated_at=now)
-            .returning(_jobs.c.id)
-        )
-        return None if updated is None else _reload(session, job_id)
+        if not _beat_if_running(session, job_id, worker_id):
+            return None
+        return _reload(session, job_id)
 
 
 def finish_job_in_transaction(
