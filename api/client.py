@@ -239,6 +239,17 @@ class DiffbankClient:
         )
 
 
+    # -- consolidations ----------------------------------------------------------------
+
+    def create_consolidation(self, **body: Any) -> dict[str, Any]:
+        """Start a consolidation run (`budget`, `tasks`, `strategy`, `tolerance`, ...)."""
+        return self._json("POST", "/v1/consolidations", json=body)
+
+    def get_consolidation(self, run_id: int) -> dict[str, Any]:
+        """A consolidation run with its state, progress and report."""
+        return self._json("GET", f"/v1/consolidations/{run_id}")
+
+
 def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 

@@ -145,6 +145,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if job["state"] == "succeeded" else 1
 
 
+def advance_bar(bar: Any, progress: dict[str, Any]) -> None:
+    """Move a tqdm bar to the step (and total) a job or run reports."""
+    total = progress.get("total_steps") or 0
+    if total and bar.total != total:
+        bar.total = total
+    step = progress.get("step") or 0
+    if step > bar.n:
+        bar.update(step - bar.n)
+
+
 def wait_with_progress(client, job_id: int, *, poll_s: float) -> dict[str, Any]:
     """Poll the job, drawing a tqdm bar on stderr from its progress."""
     from tqdm import tqdm
@@ -153,12 +163,7 @@ def wait_with_progress(client, job_id: int, *, poll_s: float) -> dict[str, Any]:
 
     def update(job: dict[str, Any]) -> None:
         progress = job.get("progress") or {}
-        total = progress.get("total_steps") or 0
-        if total and bar.total != total:
-            bar.total = total
-        step = progress.get("step") or 0
-        if step > bar.n:
-            bar.update(step - bar.n)
+        advance_bar(bar, progress)
         postfix = {"state": job["state"]}
         if progress.get("loss") is not None:
             postfix["loss"] = f"{progress['loss']:.4f}"

@@ -15,7 +15,13 @@ import sys
 import time
 from typing import Any
 
-from api.cli.client import add_connection_args, client_from_args, fail, print_json
+from api.cli.client import (
+    add_connection_args,
+    advance_bar,
+    client_from_args,
+    fail,
+    print_json,
+)
 
 FINISHED = ("succeeded", "failed", "cancelled")
 KNOBS = ("epochs", "fix_epochs", "batch_size", "max_length", "lr", "temperature", "rank", "seed")
@@ -129,14 +135,9 @@ def wait_for_run(client: Any, run_id: int, *, poll_s: float, show_progress: bool
                dynamic_ncols=True, disable=not show_progress)
     try:
         while True:
-            run = client._json("GET", f"/v1/consolidations/{run_id}")
+            run = client.get_consolidation(run_id)
             progress = run.get("progress") or {}
-            total = progress.get("total_steps") or 0
-            if total and bar.total != total:
-                bar.total = total
-            step = progress.get("step") or 0
-            if step > bar.n:
-                bar.update(step - bar.n)
+            advance_bar(bar, progress)
             bar.set_postfix({"state": run["state"], "phase": progress.get("phase")}, refresh=True)
             if run["state"] in FINISHED:
                 return run
@@ -151,7 +152,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
     with client_from_args(args) as client:
         try:
-            run = client._json("POST", "/v1/consolidations", json=request_body(args))
+            run = client.create_consolidation(**request_body(args))
             if not args.json:
                 print(f"consolidation {run['id']} queued: tasks {', '.join(run['task_names'])}")
             if args.wait:
