@@ -55,7 +55,7 @@ def test_worker_killed_mid_training_is_resumed_from_its_checkpoint_by_another_wo
     )
     resumed = [e["payload"] for e in events[second_start:] if e["kind"] == "progress"]
     assert resumed[0]["resumed"] is True
-    assert resumed[0]["step"] > 2  # continued from the checkpoint, not from step 1
+    assert resumed[0]["step"] >= 2  # continued from a checkpoint (every 2 steps), not from 0
     assert store.get_mutable(checkpoint_key(job_id)) is None
 
 

@@ -280,9 +280,11 @@ def train_diff(
     opt_kept: torch.optim.Optimizer | None = None
     projected = False
     step = 0
+    last_report = (0.0, float(n_params))  # (loss, expected nnz) of the last finished step
 
     # -- resume
     saved = checkpoint.load() if checkpoint is not None else None
+    resumed = saved is not None
     if saved is not None:
         state = torch.load(io.BytesIO(saved), map_location=device, weights_only=True)
         check_resumable(state, config)
@@ -295,6 +297,7 @@ def train_diff(
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
         gate_rng.set_state(state["gate_rng"].cpu())
+        last_report = (float(state.get("loss", 0.0)), float(state.get("expected_nnz", n_params)))
         if state["projected"]:
             projected = True
             w, alpha, alpha_g, opt_w = {}, {}, {}, {}
@@ -310,6 +313,10 @@ def train_diff(
                     alpha_g[n].copy_(state["alpha_g"][n])
                     opt_w[n].load_state_dict(state["opt_w"][n])
         del state, saved
+
+    if resumed and progress is not None:
+        # Say where the resumed run stands before its first step (it may have none left).
+        progress(Progress(step, total_steps, *last_report, "fix" if projected else "prune"))
 
     # -- w and α step inside backward, as soon as each tensor's gradient is complete
     update_now = [False]
@@ -368,6 +375,8 @@ def train_diff(
             "opt_head": opt_head.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "gate_rng": gate_rng.get_state(),
+            "loss": last_report[0],
+            "expected_nnz": last_report[1],
         }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
@@ -458,8 +467,9 @@ def train_diff(
                         a.add_(a.grad, alpha=-config.alpha_lr)
                         a.grad = None
         step += 1
+        last_report = (loss_sum / len(batches), expected_nnz)
         if progress is not None:
-            progress(Progress(step, total_steps, loss_sum / len(batches), expected_nnz, phase))
+            progress(Progress(step, total_steps, *last_report, phase))
         if checkpoint is not None and (step % config.checkpoint_every == 0 or step == total_steps):
             save_checkpoint()
 
