@@ -102,3 +102,16 @@ def test_export_without_a_findable_base_asks_for_one(tiny_base_dir, tmp_path, ca
     path.write_bytes(dumps_artifact(diff))
     assert main(["export", str(path), str(tmp_path / "out")]) == 1
     assert "--base" in capsys.readouterr().err
+
+
+def test_inspect_piped_into_a_reader_that_stops_early_ends_without_a_traceback(artifact_file):
+    # A pipe buffer is 64 KiB: read one line and close, then the rest of the table hits EPIPE.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api", "inspect", str(artifact_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) in (0, 141)
+    assert b"Traceback" not in err
