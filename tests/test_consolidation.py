@@ -190,6 +190,22 @@ def test_projection_keeps_exactly_the_budget_over_shared_and_residuals_with_dete
     assert bool((sets["t1"].w["x"][~sets["t1"].mask["x"]] == 0).all())
 
 
+def test_balanced_projection_does_not_starve_a_task_whose_values_are_small():
+    def set_of(values: torch.Tensor) -> GatedDiffSet:
+        s = GatedDiffSet()
+        s.w["x"] = values.clone()
+        s.alpha["x"] = torch.full(values.shape, 5.0)
+        return s
+
+    ramp = torch.linspace(0.1, 2.0, 20).view(4, 5)
+    plain = {"big": set_of(ramp), "small": set_of(ramp * 0.01)}
+    balanced = {"big": set_of(ramp), "small": set_of(ramp * 0.01)}
+    assert project_to_budget(plain, 20) == 20
+    assert int(plain["small"].mask["x"].sum()) == 0  # global magnitudes: all go to "big"
+    assert project_to_budget(balanced, 20, balance_roles=True) == 20
+    assert int(balanced["big"].mask["x"].sum()) == int(balanced["small"].mask["x"].sum()) == 10
+
+
 def test_knapsack_fills_the_budget_exactly_with_cost_one_items():
     scores = torch.tensor([9.0, 8.0, 7.0, 1.0, 1.0, 1.0, 1.0, 0.5])
     costs = torch.tensor([10, 1, 10, 1, 1, 1, 1, 1])

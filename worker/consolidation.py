@@ -74,6 +74,7 @@ class ConsolidationConfig:
     l0_lambda: float = 1.25e-7  # per parameter, on the expected L0 of every gated set in a step
     alpha_init: float = 5.0
     rank: int = 8  # max components per factored matrix and per set (rank strategy)
+    balance_roles: bool = True  # element-wise projection ranks each set's magnitudes relative to its mean
     warmup_fraction: float = 0.1
     max_train_examples: int = 0  # per task; 0 = all
     eval_batch_size: int = 64
@@ -313,10 +314,14 @@ def dense_deltas(diff: SparseDiff, shapes: dict[str, tuple[int, ...]]) -> dict[s
 # --- projection to the budget -------------------------------------------------------------------
 
 
-def project_to_budget(diff_sets: dict[str, GatedDiffSet], budget: int) -> int:
+def project_to_budget(
+    diff_sets: dict[str, GatedDiffSet], budget: int, *, balance_roles: bool = False
+) -> int:
     """Keep exactly `budget` stored entries over all sets (shared once), fold gates; returns entries kept.
 
-    Scores are the deterministic-gate diff magnitudes; a factored component scores
+    Scores are the deterministic-gate diff magnitudes (with `balance_roles`, each set's
+    magnitudes divided by that set's mean nonzero magnitude, so a task whose diff is small
+    overall is not starved by tasks with larger values); a factored component scores
     ||g u v^T||_F / sqrt(m + n). Element-wise only: the trainer's global top-k (ties by
     position in the order of the keys "role/tensor" sorted). With factored
     components: a greedy knapsack that fills the remainder with cost-1 entries.
@@ -342,8 +347,9 @@ def project_to_budget(diff_sets: dict[str, GatedDiffSet], budget: int) -> int:
                     )
                 )
         if not component_keys:
+            scale = _role_scales(entry_keys, entry_magnitudes) if balance_roles else {}
             named = {
-                f"{role}/{name}": mag
+                f"{role}/{name}": mag / scale.get(role, 1.0)
                 for (role, name), mag in zip(entry_keys, entry_magnitudes, strict=True)
             }
             kept = projection.global_topk(named, budget)
@@ -363,6 +369,16 @@ def project_to_budget(diff_sets: dict[str, GatedDiffSet], budget: int) -> int:
             for name in diff_set.u:
                 diff_set.u[name].mul_(diff_set.mask[name])
         return sum(diff_set.stored_entries() for diff_set in diff_sets.values())
+
+
+def _role_scales(keys: list[tuple[str, str]], magnitudes: list[Tensor]) -> dict[str, float]:
+    """Mean nonzero magnitude of each role's entries (1.0 for a role with none)."""
+    totals: dict[str, list[float]] = {}
+    for (role, _), mag in zip(keys, magnitudes, strict=True):
+        entry = totals.setdefault(role, [0.0, 0.0])
+        entry[0] += float(mag.sum())
+        entry[1] += float((mag > 0).sum())
+    return {role: (total / count if count else 1.0) or 1.0 for role, (total, count) in totals.items()}
 
 
 def _knapsack_masks(
@@ -665,7 +681,7 @@ def consolidate(
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"consolidation run {run_id} cancelled at step {step}")
         if phase == "prune" and step >= fit_steps:
-            project_to_budget(sets, config.budget)
+            project_to_budget(sets, config.budget, balance_roles=config.balance_roles)
             phase = "fix"
             optimizers, scheduler = _optimizers(sets, models, config, phase, fit_steps, fix_steps)
         index = int(choices[step])
@@ -699,7 +715,7 @@ def consolidate(
         ):
             _save_checkpoint(checkpoint, sets, models, optimizers, scheduler, step, phase, draws)
     if phase == "prune":  # no phase 2 configured
-        project_to_budget(sets, config.budget)
+        project_to_budget(sets, config.budget, balance_roles=config.balance_roles)
     return _build_result(
         tasks, sets, models, shapes, n_params, config, run_id, started, total_steps
     )
