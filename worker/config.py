@@ -23,8 +23,8 @@ class DiffPruneConfig:
     grad_accum: int = 1
     max_length: int = 128
     lr: float = 1e-4  # diff weights w (AdamW, warmup + linear decay)
-    fix_lr: float = 5e-4  # kept values in phase 2 (few parameters, so a larger step)
-    head_lr: float = 1e-3  # the dense task head, both phases
+    fix_lr: float = 2e-3  # kept values in phase 2 (few parameters, so a larger step)
+    head_lr: float = 3e-3  # the dense task head, both phases
     alpha_lr: float = 0.1  # gate logits α and α_g (plain SGD, constant; no optimizer state)
     alpha_init: float = 5.0
     l0_lambda: float = 1.25e-7  # penalty per expected nonzero (Guo et al. 2021)
