@@ -14,12 +14,14 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import (
     AdminPrincipal,
+    CursorQuery,
+    PageLimitQuery,
     ReadPrincipal,
     SessionDep,
     SettingsDep,
@@ -256,8 +258,8 @@ def _enqueue(request: Request, session, run: ConsolidationRun) -> None:
 def list_consolidations(
     principal: ReadPrincipal,
     session: SessionDep,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
-    limit: Annotated[int, Query(ge=1, le=catalog.MAX_PAGE_SIZE)] = 50,
+    cursor: CursorQuery = None,
+    limit: PageLimitQuery = 50,
 ) -> ConsolidationsPublic:
     """Your runs, newest first, with cursor pagination."""
     runs, next_cursor = catalog.list_consolidation_runs(
