@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from registry.catalog._tx import transaction
-from registry.catalog.artifacts import release_artifacts
+from registry.catalog.artifacts import delete_blob_if_unused, release_artifacts
 from registry.models import FINISHED_JOB_STATES, Artifact, Job, utcnow
 from registry.stores.base import (
     CHECKPOINT_PREFIX,
@@ -96,9 +96,10 @@ def gc(
         if obj.modified_at is not None and obj.modified_at > cutoff:
             report.kept_young_blobs.append(key)
             continue
-        report.deleted_blobs.append(key)
-        if not dry_run:
-            store.delete(key)
+        if dry_run:
+            report.deleted_blobs.append(key)
+        elif delete_blob_if_unused(session, store, key):  # a row may have named it since
+            report.deleted_blobs.append(key)
     return report
 
 

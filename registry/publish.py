@@ -1,7 +1,9 @@
 """The write order: upload the blob, verify it by reading back, then one transaction for the rows.
 
 A failure before the commit leaves at most an orphan blob (removed by `gc`), never a row that
-points at missing or wrong bytes.
+points at missing or wrong bytes. Blobs are content-addressed, so a delete of an identical,
+unreferenced blob can race a publish; after its commit the publisher checks the blob is
+still there and uploads it again if not (`ensure_stored`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def upload_verified(
     return stored
 
 
+def ensure_stored(store: ObjectStore, stored: StoredObject, data: bytes) -> None:
+    """After the commit: put the blob back if a racing delete of identical content removed it."""
+    if store.head(stored.key) is not None:
+        return
+    store.put(stored.key, data, sha256=stored.sha256)
+    head = store.head(stored.key)
+    if head is None or head.sha256 != stored.sha256:
+        raise ObjectIntegrityError(f"object {stored.key!r} could not be restored", key=stored.key)
+
+
 def publish_blob_then_row(
     store: ObjectStore,
     data: Data,
@@ -55,7 +67,9 @@ def publish_blob_then_row(
     """Upload + verify `data`, then call `write_rows(stored)`, which commits one transaction."""
     payload = data if isinstance(data, bytes) else data.read()
     stored = upload_verified(store, payload, kind=kind, suffix=suffix)
-    return write_rows(stored)
+    rows = write_rows(stored)
+    ensure_stored(store, stored, payload)
+    return rows
 
 
 def store_dataset(
@@ -116,7 +130,7 @@ def publish_version(
         if residual_bytes is not None
         else None
     )
-    return catalog.publish_task_version(
+    version = catalog.publish_task_version(
         session,
         task_id=task_id,
         diff=diff,
@@ -127,9 +141,15 @@ def publish_version(
         config=config,
         **version_fields,
     )
+    ensure_stored(store, diff, diff_bytes)
+    if residual is not None and residual_bytes is not None:
+        ensure_stored(store, residual, residual_bytes)
+    return version
 
 
 def publish_shared_diff(session: Session, store: ObjectStore, *, run_id: int, data: bytes) -> int:
     """Upload + verify a consolidation run's shared diff and attach it; the artifact id."""
     stored = upload_verified(store, data, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
-    return catalog.set_shared_artifact(session, run_id=run_id, stored=stored).id
+    artifact_id = catalog.set_shared_artifact(session, run_id=run_id, stored=stored).id
+    ensure_stored(store, stored, data)
+    return artifact_id

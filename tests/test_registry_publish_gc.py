@@ -246,3 +246,24 @@ def test_gc_on_each_store_kind(session, store, task):
     assert gc(session, store, grace_s=3600).deleted_blobs == []
     assert gc(session, store, grace_s=0).deleted_blobs == [orphan]
     assert list(store.list()) == [kept.artifact.object_key]
+
+
+def test_delete_racing_an_identical_publish_leaves_the_new_version_its_blob(session, objects, task, monkeypatch):
+    publish(session, objects, task.id, b"same")
+    real_head = objects.head
+    raced: list[str] = []
+
+    def head_then_delete_v1(key):
+        found = real_head(key)
+        if not raced:  # after the publisher's upload and read-back, before its commit
+            raced.append(key)
+            catalog.delete_task_version(session, objects, tenant_id=task.tenant_id, name="sst", number=1)
+        return found
+
+    monkeypatch.setattr(objects, "head", head_then_delete_v1)
+    v2 = publish(session, objects, task.id, b"same")
+    monkeypatch.undo()
+    assert raced == [content_key_of(objects, b"same")]
+    assert v2.number == 2
+    assert_every_row_has_its_blob(session, objects)
+

@@ -5,6 +5,7 @@ from registry.catalog._tx import transaction
 from registry.catalog.artifacts import (
     add_artifact,
     artifact_is_referenced,
+    delete_blob_if_unused,
     delete_blobs_if_unused,
     release_artifacts,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "create_consolidation_run",
     "create_dataset",
     "create_job",
+    "delete_blob_if_unused",
     "delete_blobs_if_unused",
     "delete_dataset",
     "delete_task_version",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -43,6 +45,17 @@ def transaction(session: Session) -> SessionTransaction:
     if session.in_transaction():
         session.commit()
     return session.begin()
+
+
+def lock_object_key(session: Session, key: str) -> None:
+    """Serialise, per blob key, "no row names it, delete it" against inserting a row naming it.
+
+    PostgreSQL: a transaction-scoped advisory lock on the key. SQLite needs none: its write
+    transactions begin IMMEDIATE and so already exclude each other.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": lock_id})
 
 
 def in_own_transaction(

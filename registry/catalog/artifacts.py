@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
-from registry.catalog._tx import transaction
+from registry.catalog._tx import lock_object_key, transaction
 from registry.catalog.errors import InvalidInputError
 from registry.models import ARTIFACT_KINDS, ARTIFACT_REFERENCES, Artifact
 from registry.stores.base import ObjectStore, StoredObject
@@ -19,6 +19,7 @@ def add_artifact(session: Session, *, stored: StoredObject, kind: str) -> Artifa
         raise InvalidInputError(f"unknown artifact kind {kind!r}", field="kind")
     if stored.sha256 is None:
         raise InvalidInputError(f"object {stored.key!r} has no verified sha256", field="sha256")
+    lock_object_key(session, stored.key)  # a concurrent delete of this blob finishes first
     row = Artifact(object_key=stored.key, sha256=stored.sha256, size_bytes=stored.size, kind=kind)
     session.add(row)
     session.flush()
@@ -46,13 +47,21 @@ def release_artifacts(session: Session, artifact_ids: Iterable[int | None]) -> l
     return keys
 
 
+def delete_blob_if_unused(session: Session, store: ObjectStore, key: str) -> bool:
+    """Delete the blob unless an artifact row names it; whether it was deleted.
+
+    The check and the delete happen under the key's lock, so a publisher inserting a row for
+    the same content either commits first (the blob stays) or finds it gone after its own
+    commit and uploads it again (`registry.publish.ensure_stored`).
+    """
+    with transaction(session):
+        lock_object_key(session, key)
+        if session.scalar(select(exists().where(Artifact.object_key == key))):
+            return False
+        store.delete(key)
+    return True
+
+
 def delete_blobs_if_unused(session: Session, store: ObjectStore, keys: Iterable[str]) -> list[str]:
     """After commit: delete each blob no artifact row names any more; the deleted keys."""
-    deleted = []
-    for key in keys:
-        with transaction(session):
-            in_use = session.scalar(select(exists().where(Artifact.object_key == key)))
-        if not in_use:
-            store.delete(key)
-            deleted.append(key)
-    return deleted
+    return [key for key in keys if delete_blob_if_unused(session, store, key)]
