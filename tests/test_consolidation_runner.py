@@ -34,7 +34,7 @@ from registry.settings import Settings
 from registry.stores import checkpoint_key, open_store
 from tests.fixtures.services import seed_training_job
 from worker.consolidation_runner import run_consolidation
-from worker.runner import SUCCEEDED, _load_data
+from worker.lifecycle import SUCCEEDED, load_job_data
 from worker.schedule import (
     apply_consolidation_policy,
     consolidation_beat_schedule,
@@ -111,7 +111,7 @@ def world(settings, tmp_path_factory, tiny_base_dir):
         job_id = seed_training_job(settings, path, task=task, tenant=TENANT)
         with sessions() as session:
             job = catalog.load_job(session, job_id=job_id)
-            data = _load_data(session, store, job, settings, seed=0)
+            data = load_job_data(session, store, job, settings, seed=0)
             base_row = catalog.register_base_model(
                 session, name=base.name, source=str(tiny_base_dir), fingerprint=base.fingerprint,
                 n_params=base.n_params,

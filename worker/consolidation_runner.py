@@ -25,7 +25,7 @@ from registry.db import get_session_factory
 from registry.models import ConsolidationRun, Job, TaskVersion
 from registry.settings import Settings
 from registry.stores import ObjectStore, checkpoint_key, open_store
-from worker.runner import (
+from worker.lifecycle import (
     CANCELLED,
     LOST,
     NOT_CLAIMED,
@@ -33,10 +33,10 @@ from worker.runner import (
     JobFailure,
     JobMonitor,
     StoreCheckpointIO,
-    _fail,
-    _finish,
-    _load_base,
-    _load_data,
+    fail_job,
+    finish_job,
+    load_job_base,
+    load_job_data,
     worker_identity,
 )
 from worker.schedule import stored_entries_of, total_stored_entries
@@ -69,7 +69,7 @@ def _training_job(session: Session, version: TaskVersion) -> Job:
             break
         if current.parent_version_id is None:
             break
-        with session.begin():
+        with catalog.transaction(session):
             current = session.get(TaskVersion, current.parent_version_id)
     raise JobFailure(
         "dataset_missing", f"version {version.number}: no training job (and so no dataset) behind it"
@@ -97,7 +97,7 @@ def _load_tasks(
             raise JobFailure("artifact_unreadable", f"task {name!r}: {exc}") from exc
         job = _training_job(session, version)
         seed = int((job.params or {}).get("seed", 0))
-        data = _load_data(session, store, job, settings, seed=seed)
+        data = load_job_data(session, store, job, settings, seed=seed)
         loaded.append(LoadedTask(name, task.id, version, diff, len(raw), data))
     return loaded
 
@@ -272,7 +272,7 @@ def run_consolidation(run_id: int, *, settings: Settings) -> str:
         with monitor.heartbeating():
             if job.kind != "consolidate":
                 raise JobFailure("wrong_job_kind", f"job {job.id} is a {job.kind} job")
-            base = _load_base(_base_source(sessions, run.base_model))
+            base = load_job_base(_base_source(sessions, run.base_model))
             with sessions() as session:
                 tasks = _load_tasks(session, store, run, base, settings)
             config = _config_for(run, job, tasks, settings)
@@ -304,19 +304,19 @@ def run_consolidation(run_id: int, *, settings: Settings) -> str:
                 "accepted": sum(r["accepted"] for r in rows), "tasks": len(rows),
                 "total_nnz_before": total_before, "total_nnz_after": total_after,
             }
-            if not _finish(sessions, job.id, worker_id, SUCCEEDED, metrics=summary):
+            if not finish_job(sessions, job.id, worker_id, SUCCEEDED, metrics=summary):
                 return LOST
     except TrainingCancelled:
-        if monitor.lost or not _finish(sessions, job.id, worker_id, CANCELLED):
+        if monitor.lost or not finish_job(sessions, job.id, worker_id, CANCELLED):
             return LOST
         checkpoint.remove()
         return CANCELLED
     except (JobFailure, ConsolidationError, catalog.CatalogError) as exc:
         code = getattr(exc, "code", "invalid_request")
-        return _fail(sessions, checkpoint, job.id, worker_id, code, str(exc))
+        return fail_job(sessions, checkpoint, job.id, worker_id, code, str(exc))
     except Exception as exc:
         log.exception("consolidation run %s failed", run_id)
-        return _fail(sessions, checkpoint, job.id, worker_id, "internal_error",
+        return fail_job(sessions, checkpoint, job.id, worker_id, "internal_error",
                        f"{type(exc).__name__}: {exc}")
     checkpoint.remove()
     return SUCCEEDED
