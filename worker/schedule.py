@@ -143,6 +143,7 @@ def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]
     """(tenant, base, task, own entries, shared artifact id, shared entries) per active version."""
     from sqlalchemy import and_, select
 
+    from registry import catalog
     from registry.models import BaseModel, Task, TaskVersion
 
     query = (
@@ -154,7 +155,7 @@ def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]
         )
         .order_by(Task.tenant_id, BaseModel.name, Task.name)
     )
-    with session.begin():
+    with catalog.transaction(session):
         found = session.execute(query).unique().all()
     return [(tenant, base, name, *stored_entries_of(version)) for tenant, base, name, version in found]
 
@@ -163,9 +164,10 @@ def _run_in_flight(session: Any, tenant_id: int, base_model: str) -> bool:
     """Whether a consolidation of this tenant and base is still queued or running."""
     from sqlalchemy import select
 
+    from registry import catalog
     from registry.models import ConsolidationRun, Job
 
-    with session.begin():
+    with catalog.transaction(session):
         found = session.scalar(
             select(ConsolidationRun.id)
             .join(Job, ConsolidationRun.job_id == Job.id)

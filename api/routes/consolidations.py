@@ -29,7 +29,7 @@ from api.deps import (
     SubmitPrincipal,
 )
 from api.errors import ApiError
-from api.schemas import ErrorPublic, TaskName, TaskPublic
+from api.schemas import ROUTE_ERRORS, TaskName, TaskPublic
 from registry import catalog
 from registry.basemodel import canonical_base_name
 from registry.models import Artifact, ConsolidationRun, TaskVersion
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["consolidations"])
 
-ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 422)}
+ERRORS = ROUTE_ERRORS
 TaskNamePath = Annotated[str, Path(max_length=128)]
 
 # Dense fp32 bytes per base parameter: the largest sensible byte budget per base parameter.
@@ -312,7 +312,7 @@ def version_parts(version: TaskVersion, *, name: str, session) -> VersionPartsPu
         raise ApiError(409, "not_factored",
                        f"version {version.number} of task {name!r} is not a consolidated version "
                        "and has no factored layout", field="layout")
-    with session.begin():
+    with catalog.transaction(session):
         shared = session.get(Artifact, version.shared_artifact_id)
         residual = session.get(Artifact, version.residual_artifact_id)
     base_url = f"/v1/tasks/{name}/versions/{version.number}/parts"
@@ -361,7 +361,7 @@ def download_version_part(
     parts = version_parts(version, name=name, session=session)
     part = next(p for p in parts.parts if p.role == role)
     artifact_id = version.shared_artifact_id if role == "shared" else version.residual_artifact_id
-    with session.begin():
+    with catalog.transaction(session):
         artifact = session.get(Artifact, artifact_id)
     chunks = store.open(artifact.object_key, sha256=artifact.sha256)
     first = next(chunks, b"")

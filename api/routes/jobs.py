@@ -72,7 +72,7 @@ def _version_numbers(session, jobs: list[Job]) -> dict[int, int]:
     ids = [j.result_version_id for j in jobs if j.result_version_id is not None]
     if not ids:
         return {}
-    with session.begin():
+    with catalog.transaction(session):
         rows = session.execute(
             select(TaskVersion.id, TaskVersion.number).where(TaskVersion.id.in_(ids))
         ).all()
@@ -95,7 +95,7 @@ def _resolve_base(session, settings, requested: str | None) -> str:
         settings.base_model, canonical_base_name(settings.base_model)
     ):
         return settings.base_model
-    with session.begin():
+    with catalog.transaction(session):
         row = session.scalar(select(BaseModel).where(BaseModel.name == requested))
     if row is None:
         raise ApiError(422, "unknown_base_model",
