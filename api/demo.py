@@ -15,9 +15,9 @@ from registry.settings import Settings, get_settings
 SAMPLES_DIR = Path(worker.__file__).resolve().parent / "samples"
 DEFAULT_DEMO_TASK = "movie-sentiment"
 # Small enough to finish in a few minutes on 2 CPU cores with all-MiniLM-L6-v2: a balanced
-# slice of the training rows, short sequences, two gated epochs and one fixed-mask epoch.
+# slice of the training rows, short sequences, one gated epoch and two fixed-mask epochs.
 DEMO_TRAIN_ROWS = 640
-DEMO_TRAINING = {"density": 0.005, "epochs": 2, "fix_epochs": 1, "max_length": 48}
+DEMO_TRAINING = {"density": 0.005, "epochs": 1, "fix_epochs": 2, "max_length": 48}
 DEMO_SENTENCES = {
     "movie-sentiment": [
         "A warm, funny and beautifully acted film.",
