@@ -82,6 +82,7 @@ class JobCreate(BaseModel):
     fix_epochs: int | None = Field(default=None, ge=0, le=100)
     batch_size: int | None = Field(default=None, ge=1, le=1024)
     lr: float | None = Field(default=None, gt=0.0, le=1.0)
+    fix_lr: float | None = Field(default=None, gt=0.0, le=1.0)
     max_length: int | None = Field(default=None, ge=8, le=512)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
 

@@ -21,7 +21,7 @@ def test_train_json_reports_the_saved_artifact(tmp_path, tiny_base_dir, capsys):
     code = main([
         "train", str(data), "--out", str(out), "--base", str(tiny_base_dir), "--density", "0.01",
         "--epochs", "1", "--fix-epochs", "1", "--batch-size", "16", "--max-length", "16",
-        "--no-compile", "--json",
+        "--fix-lr", "0.004", "--no-compile", "--json",
     ])
     captured = capsys.readouterr()
     assert code == 0
@@ -33,6 +33,7 @@ def test_train_json_reports_the_saved_artifact(tmp_path, tiny_base_dir, capsys):
     assert summary["accuracy"] == summary["metric"] == diff.meta.metrics["accuracy"]
     assert summary["density"] == pytest.approx(0.01, rel=1e-3)
     assert summary["train_seconds"] > 0 and summary["peak_memory_bytes"] > 0
+    assert diff.meta.config["fix_lr"] == 0.004 and diff.meta.config["epochs"] == 1
     assert "train" in captured.err  # the progress bar
 
 

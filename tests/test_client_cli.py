@@ -64,7 +64,7 @@ def test_submit_queues_a_job_that_jobs_job_and_tasks_show_and_errors_exit_non_ze
     data.write_bytes(jsonl(SENTIMENT_ROWS))
     conn = ["--url", server["url"], "--key", server["key"]]
     assert diffbank(["submit", str(data), "--task", "cli-task", "--density", "0.01",
-                     "--epochs", "2", "--json", *conn]) == 0
+                     "--epochs", "2", "--fix-lr", "0.004", "--json", *conn]) == 0
     submitted = _last_json(capsys.readouterr().out)
     assert submitted["state"] == "queued" and submitted["task"] == "cli-task"
     assert submitted["version"] is None and submitted["metrics"] == {}
@@ -72,7 +72,7 @@ def test_submit_queues_a_job_that_jobs_job_and_tasks_show_and_errors_exit_non_ze
     listed = _last_json(capsys.readouterr().out)
     assert [j["id"] for j in listed["items"]] == [submitted["job_id"]]
     assert diffbank(["job", str(submitted["job_id"]), "--json", *conn]) == 0
-    assert _last_json(capsys.readouterr().out)["params"] == {"density": 0.01, "epochs": 2}
+    assert _last_json(capsys.readouterr().out)["params"] == {"density": 0.01, "epochs": 2, "fix_lr": 0.004}
 
     # A directory submits train.* and validation.* as two datasets of one job.
     folder = tmp_path / "task-dir"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TRAIN_KNOBS = ("density", "epochs", "fix_epochs", "batch_size", "lr", "max_length", "seed")
+TRAIN_KNOBS = ("density", "epochs", "fix_epochs", "batch_size", "lr", "fix_lr", "max_length", "seed")
 
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fix-epochs", type=int, dest="fix_epochs")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--lr", type=float)
+    p.add_argument("--fix-lr", type=float, dest="fix_lr")
     p.add_argument("--max-length", type=int, dest="max_length")
     p.add_argument("--seed", type=int)
     p.add_argument("--base-model", dest="base_model")

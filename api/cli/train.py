@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from api.cli.client import print_json
+from worker.config import DiffPruneConfig
 
 TASK_TYPES = ("classification", "pair-classification", "regression")
 
@@ -17,14 +18,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", type=Path, help="a .jsonl/.csv/.parquet file, or a directory with train.* [validation.*]")
     p.add_argument("--out", type=Path, required=True, help="where to write the .safetensors artifact")
     p.add_argument("--base", help="base model path or name (default: DIFFBANK_BASE_MODEL)")
-    p.add_argument("--density", type=float, help="kept fraction of base parameters (default 0.005)")
-    p.add_argument("--epochs", type=int, help="epochs of gated diff training")
-    p.add_argument("--fix-epochs", type=int, help="epochs fine-tuning the kept values")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--max-length", type=int, help="tokens per example (truncation)")
-    p.add_argument("--lr", type=float, help="learning rate of the diff weights")
-    p.add_argument("--seed", type=int)
+    d = DiffPruneConfig()
+    p.add_argument("--density", type=float, help=f"kept fraction of base parameters (default {d.density})")
+    p.add_argument("--epochs", type=int, help=f"epochs of gated diff training (default {d.epochs})")
+    p.add_argument("--fix-epochs", type=int,
+                   help=f"epochs fine-tuning the kept values (default {d.fix_epochs})")
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-length", type=int, help=f"tokens per example, truncated (default {d.max_length})")
+    p.add_argument("--lr", type=float, help=f"learning rate of the gated diff (default {d.lr:g})")
+    p.add_argument("--fix-lr", type=float,
+                   help=f"learning rate of the kept values, mask fixed (default {d.fix_lr:g}; "
+                        "lower it for densities well above 0.005)")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--no-compile", action="store_true", help="run the gate kernels eagerly")
     p.add_argument("--text-field", default="text")
@@ -44,6 +50,7 @@ CONFIG_FLAGS = {
     "grad_accum": "grad_accum",
     "max_length": "max_length",
     "lr": "lr",
+    "fix_lr": "fix_lr",
     "seed": "seed",
     "device": "device",
 }
@@ -53,7 +60,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Load the data, train, save the artifact, report (a tqdm bar on stderr)."""
     from registry.settings import get_settings
     from registry.tabular import ColumnMapping, DatasetError
-    from worker.config import DiffPruneConfig
     from worker.data import load_task_data
 
     overrides = {key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items() if getattr(args, flag) is not None}
