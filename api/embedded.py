@@ -78,6 +78,19 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+def _wait_or_kill_group(proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait for a child; after the timeout SIGKILL its process group (children spawned in
+    their own session lead one) or else the child alone."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not a group leader (or gone): kill the process itself
+            proc.kill()
+        proc.wait()
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # SystemExit unwinds through `finally`/`__exit__`, so the children are stopped too.
     raise SystemExit(128 + signum)
@@ -127,18 +140,22 @@ class EmbeddedStack:
         return [name for name, proc in self.processes.items() if proc.poll() is not None]
 
     def stop(self, *, timeout_s: float = 20.0) -> None:
-        """Stop every child: API first, Redis last, SIGTERM then SIGKILL."""
-        order = ["api", "beat", "worker", "redis"]
-        for name in order:
-            proc = self.processes.get(name)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Stop every child: SIGTERM to all but Redis, at most `timeout_s` in all, then Redis.
+
+        A child still running at the deadline has its whole process group killed (a Celery
+        worker caught mid-startup may not act on SIGTERM, and its pool child must go too).
+        """
+        live = {name: proc for name, proc in self.processes.items() if proc.poll() is None}
+        redis = live.pop("redis", None)
+        for name in ("api", "beat", "worker"):
+            if name in live:
+                live[name].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in live.values():
+            _wait_or_kill_group(proc, max(0.0, deadline - time.monotonic()))
+        if redis is not None:  # last, so a stopping worker can still requeue its message
+            redis.send_signal(signal.SIGTERM)
+            _wait_or_kill_group(redis, 5.0)
         self.processes.clear()
 
     def __enter__(self) -> EmbeddedStack:

@@ -20,8 +20,9 @@ from worker.sweep import broker_messages, message_ref
 
 pytestmark = pytest.mark.services
 
-# 6 optimizer steps (43 rows, batch 8), checkpointed every 2: a worker can die in the middle.
-SIX_STEP_JOB = {"epochs": 1, "fix_epochs": 0, "batch_size": 8, "max_length": 16, "density": 0.01}
+# 48 optimizer steps (43 rows, batch 8: 6 per epoch), checkpointed every 2: the worker is
+# killed after step 3, with enough steps left that it cannot finish first on a fast machine.
+LONG_JOB = {"epochs": 2, "fix_epochs": 6, "batch_size": 8, "max_length": 16, "density": 0.01}
 ONE_STEP_JOB = {"epochs": 1, "fix_epochs": 0, "batch_size": 64, "max_length": 16, "density": 0.01}
 
 
@@ -30,7 +31,7 @@ def test_worker_killed_mid_training_is_resumed_from_its_checkpoint_by_another_wo
 ):
     stack = service_stack
     first = stack.start_worker()
-    job_id = stack.submit(tmp_path, "resumable", SIX_STEP_JOB)
+    job_id = stack.submit(tmp_path, "resumable", LONG_JOB)
     store = open_store(stack.settings.store_url, stack.settings)
     wait_until(
         lambda: (stack.job(job_id)["progress"].get("step") or 0) >= 3
