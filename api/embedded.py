@@ -107,6 +107,9 @@ class EmbeddedStack:
     def start(self, *, api: bool = True, worker: bool = True, beat: bool = True) -> None:
         """Start Redis (unless DIFFBANK_REDIS_URL is set), then worker, beat and API."""
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        # Ctrl-C must stop the stack even when a parent started us with SIGINT ignored (a
+        # background job of a non-interactive shell is), which Python would otherwise keep.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)

@@ -54,10 +54,12 @@ def _wait_until_gone(data_dir: Path, timeout_s: float = 30.0) -> list[int]:
     return _processes_using(data_dir)
 
 
-def _start_up(env: dict[str, str]) -> subprocess.Popen:
+def _start_up(env: dict[str, str], *, sigint_ignored: bool = False) -> subprocess.Popen:
+    # A background job of a non-interactive shell starts with SIGINT ignored.
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen(
         [sys.executable, "-m", "api", "up", "--no-beat"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore,
     )
 
 
@@ -75,7 +77,7 @@ def _read_until(proc: subprocess.Popen, needle: str, timeout_s: float = 120.0) -
     raise AssertionError(f"{needle!r} never printed; output:\n{''.join(seen)}")
 
 
-def test_up_serves_the_api_prints_a_key_once_and_ctrl_c_stops_every_process(tmp_path, tiny_base_dir):
+def test_up_serves_the_api_prints_a_key_once_and_ctrl_c_or_sigterm_stops_every_process(tmp_path, tiny_base_dir):
     data_dir, port = tmp_path / "data", free_port()
     env = _stack_env(data_dir, tiny_base_dir, port)
     up = _start_up(env)
@@ -104,6 +106,14 @@ def test_up_serves_the_api_prints_a_key_once_and_ctrl_c_stops_every_process(tmp_
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(60)
+    assert _wait_until_gone(data_dir) == []
+
+    background = _start_up(env, sigint_ignored=True)
+    try:
+        _read_until(background, "Ctrl-C stops every process")
+    finally:
+        background.send_signal(signal.SIGINT)
+        assert background.wait(60) == 0
     assert _wait_until_gone(data_dir) == []
 
 
