@@ -211,3 +211,31 @@ def test_end_to_end_on_postgresql_and_s3(
     assert len(list(store.list("artifacts/"))) == 1 and len(list(store.list("datasets/"))) == 1
     assert list(store.list("checkpoints/")) == []
     assert pg_stack.versions_of_job(job["id"]) == 1
+
+
+def test_consolidation_started_over_http_runs_on_a_real_worker_and_serves_the_new_versions(
+    stack, tmp_path
+):
+    train = {"epochs": 1, "fix_epochs": 1, "batch_size": 16, "max_length": 16, "density": 0.01}
+    jobs = [stack.submit(tmp_path, name, train, seed=i) for i, name in enumerate(("merge-a", "merge-b"))]
+    for job_id in jobs:
+        assert stack.wait_job(job_id, timeout_s=180)["state"] == "succeeded"
+    with stack.client() as client:
+        before = {name: client.get_task(name)["active_version"] for name in ("merge-a", "merge-b")}
+        run = client.create_consolidation(
+            tasks=["merge-a", "merge-b"], budget=2000, tolerance=100.0,
+            epochs=0.5, fix_epochs=0.5, batch_size=16, max_length=8,
+        )
+        assert run["state"] == "queued"
+        wait_until(lambda: client.get_consolidation(run["id"])["state"] not in ("queued", "running"),
+                   timeout_s=180, what="the consolidation run to finish")
+        done = client.get_consolidation(run["id"])
+        assert done["state"] == "succeeded", done
+        assert done["total_nnz_after"] == 2000
+        assert [t["task"] for t in done["tasks"]] == ["merge-a", "merge-b"]
+        for row in done["tasks"]:
+            assert row["accepted"] is True
+            assert row["version_after"] == before[row["task"]] + 1
+            assert client.get_task(row["task"])["active_version"] == row["version_after"]
+            predicted = client.predict(row["task"], ["a fine film"])
+            assert len(predicted["predictions"]) == 1
