@@ -33,27 +33,28 @@ def upload_verified(
     key = store.content_key(kind, actual, suffix)
     if sha256 is not None:
         check_digest(key, sha256, actual)
-    stored = store.put(key, data, sha256=actual)
-    head = store.head(key)
-    if head is None:
-        raise ObjectIntegrityError(f"object {key!r} is missing right after upload", key=key)
-    if head.sha256 != actual or head.size != len(data):
-        raise ObjectIntegrityError(
-            f"object {key!r} reads back as sha256 {head.sha256} ({head.size} bytes), "
-            f"uploaded {actual} ({len(data)} bytes)",
-            key=key,
-        )
-    return stored
+    return _put_and_read_back(store, key, data, actual)
 
 
 def ensure_stored(store: ObjectStore, stored: StoredObject, data: bytes) -> None:
     """After the commit: put the blob back if a racing delete of identical content removed it."""
-    if store.head(stored.key) is not None:
-        return
-    store.put(stored.key, data, sha256=stored.sha256)
-    head = store.head(stored.key)
-    if head is None or head.sha256 != stored.sha256:
-        raise ObjectIntegrityError(f"object {stored.key!r} could not be restored", key=stored.key)
+    if store.head(stored.key) is None:
+        _put_and_read_back(store, stored.key, data, hashlib.sha256(data).hexdigest())
+
+
+def _put_and_read_back(store: ObjectStore, key: str, data: bytes, sha256: str) -> StoredObject:
+    """Put `data` (whose digest is `sha256`) under `key` and check what reads back."""
+    stored = store.put(key, data, sha256=sha256)
+    head = store.head(key)
+    if head is None:
+        raise ObjectIntegrityError(f"object {key!r} is missing right after upload", key=key)
+    if head.sha256 != sha256 or head.size != len(data):
+        raise ObjectIntegrityError(
+            f"object {key!r} reads back as sha256 {head.sha256} ({head.size} bytes), "
+            f"uploaded {sha256} ({len(data)} bytes)",
+            key=key,
+        )
+    return stored
 
 
 def publish_blob_then_row(

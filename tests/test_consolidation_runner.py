@@ -280,7 +280,7 @@ def test_schedule_setting_parses_every_and_cron_and_rejects_garbage(settings):
 
 
 def test_unknown_run_is_not_claimed(settings, world):
-    from worker.runner import NOT_CLAIMED
+    from worker.lifecycle import NOT_CLAIMED
 
     assert run_consolidation(999_999, settings=settings) == NOT_CLAIMED
 

@@ -317,7 +317,7 @@ def run_consolidation(run_id: int, *, settings: Settings) -> str:
     except Exception as exc:
         log.exception("consolidation run %s failed", run_id)
         return fail_job(sessions, checkpoint, job.id, worker_id, "internal_error",
-                       f"{type(exc).__name__}: {exc}")
+                        f"{type(exc).__name__}: {exc}")
     checkpoint.remove()
     return SUCCEEDED
 

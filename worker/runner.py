@@ -18,9 +18,8 @@ from registry.db import get_session_factory
 from registry.models import Job
 from registry.settings import Settings
 from registry.stores import ObjectStore, checkpoint_key, open_store
-from worker.lifecycle import (  # noqa: F401  (outcomes re-exported for callers of this module)
+from worker.lifecycle import (
     CANCELLED,
-    FAILED,
     LOST,
     NOT_CLAIMED,
     SUCCEEDED,
@@ -130,10 +129,10 @@ def run_training_job(job_id: int, *, settings: Settings) -> str:
     except Exception as exc:
         if type(exc).__name__ == "SoftTimeLimitExceeded":
             return fail_job(sessions, checkpoint, job_id, worker_id, "time_limit",
-                         f"the job ran past its time limit ({settings.job_soft_time_limit_s}s)")
+                            f"the job ran past its time limit ({settings.job_soft_time_limit_s}s)")
         log.exception("job %s failed", job_id)
         return fail_job(sessions, checkpoint, job_id, worker_id, "internal_error",
-                     f"{type(exc).__name__}: {exc}")
+                        f"{type(exc).__name__}: {exc}")
     checkpoint.remove()
     log.info("job %s succeeded", job_id)
     return SUCCEEDED
