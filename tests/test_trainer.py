@@ -12,10 +12,10 @@ import torch
 from registry.artifact import build_task_model, dumps_artifact, loads_artifact
 from registry.basemodel import load_base
 from registry.tabular import ColumnMapping
-from worker.config import DiffPruneConfig
+from worker.config import FIX_LR_BOUNDS, FIX_LR_REFERENCE, DiffPruneConfig, fix_lr_for
 from worker.data import load_task_data
 from worker.projection import k_for_density
-from worker.trainer import Progress, TrainingCancelled, evaluate, train_diff
+from worker.trainer import Progress, TrainingCancelled, evaluate, steps_per_epoch, train_diff
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -182,3 +182,32 @@ def test_config_is_sorted_json_and_rejects_bad_values():
         DiffPruneConfig(density=0.0)
     with pytest.raises(ValueError, match="bogus"):
         DiffPruneConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="fix_lr"):
+        DiffPruneConfig(fix_lr=0.0)
+
+
+def test_fixed_mask_step_is_the_reference_at_half_a_percent_and_32_steps():
+    assert fix_lr_for(DiffPruneConfig(), 32) == pytest.approx(FIX_LR_REFERENCE)
+
+
+def test_fixed_mask_step_grows_for_sparser_diffs_and_shorter_runs_within_bounds():
+    config = DiffPruneConfig()
+    assert fix_lr_for(config, 8) == pytest.approx(2 * FIX_LR_REFERENCE)  # 4x fewer steps
+    assert fix_lr_for(config, 128) == pytest.approx(FIX_LR_REFERENCE / 2)
+    assert fix_lr_for(DiffPruneConfig(density=0.005 / 4), 32) == pytest.approx(2 * FIX_LR_REFERENCE)
+    assert fix_lr_for(DiffPruneConfig(density=0.0001), 1) == FIX_LR_BOUNDS[1]
+    assert fix_lr_for(DiffPruneConfig(density=1.0), 10_000) == FIX_LR_BOUNDS[0]
+
+
+def test_an_explicit_fixed_mask_step_is_used_as_given():
+    assert fix_lr_for(DiffPruneConfig(fix_lr=0.004, density=0.0001), 1) == 0.004
+
+
+def test_artifact_records_the_fixed_mask_step_the_run_used(small_sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    config = fast_config(fix_lr=None, epochs=1, fix_epochs=1)
+    result = train_diff(small_sentiment, config, base=base)
+    fix_steps = steps_per_epoch(small_sentiment.train.rows, config) * config.fix_epochs
+    assert result.diff.meta.config["fix_lr"] == pytest.approx(fix_lr_for(config, fix_steps))
+    assert result.diff.meta.config == {**config.to_dict(), "fix_lr": fix_lr_for(config, fix_steps)}
+

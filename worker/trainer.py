@@ -33,7 +33,7 @@ from torch.func import functional_call
 from registry.artifact import VALUE_DTYPES, ArtifactMeta, SparseDiff, make_meta_consistent
 from registry.basemodel import LoadedBase, build_model
 from registry.tabular import Table
-from worker.config import DiffPruneConfig
+from worker.config import DiffPruneConfig, fix_lr_for
 from worker.data import TaskData
 from worker.gates import (
     GateNoise,
@@ -261,6 +261,7 @@ def train_diff(
     prune_steps = per_epoch * config.epochs
     fix_steps = per_epoch * config.fix_epochs
     total_steps = prune_steps + fix_steps
+    fix_lr = fix_lr_for(config, fix_steps)
 
     # -- state of both phases
     gate_rng = torch.Generator(device=device).manual_seed(config.seed + 1)
@@ -303,7 +304,7 @@ def train_diff(
             w, alpha, alpha_g, opt_w = {}, {}, {}, {}
             kept_idx = {n: t.to(device) for n, t in state["kept_idx"].items()}
             kept_val = {n: t.to(device).requires_grad_(True) for n, t in state["kept_val"].items()}
-            opt_kept = make_adamw(list(kept_val.values()), lr=config.fix_lr)
+            opt_kept = make_adamw(list(kept_val.values()), lr=fix_lr)
             opt_kept.load_state_dict(state["opt_kept"])
         else:
             with torch.no_grad():
@@ -412,7 +413,7 @@ def train_diff(
         del deltas
         kept_idx = {n: idx for n, idx in kept_idx.items() if idx.numel()}
         kept_val = {n: values[n].clone().requires_grad_(True) for n in kept_idx}
-        opt_kept = make_adamw(list(kept_val.values()), lr=config.fix_lr)
+        opt_kept = make_adamw(list(kept_val.values()), lr=fix_lr)
         projected = True
 
     # -- the loop
@@ -430,7 +431,7 @@ def train_diff(
             group["lr"] = config.head_lr * schedule
         if projected:
             for group in opt_kept.param_groups:
-                group["lr"] = config.fix_lr * schedule
+                group["lr"] = fix_lr * schedule
         else:
             for opt in opt_w.values():
                 opt.param_groups[0]["lr"] = config.lr * schedule
@@ -503,7 +504,7 @@ def train_diff(
         text_field=mapping.text_field,
         text_pair_field=mapping.text_pair_field,
         value_dtype=config.value_dtype,
-        config=config.to_dict(),
+        config={**config.to_dict(), "fix_lr": fix_lr},  # the step actually used
         metrics=dict(metrics),
     )
     diff = SparseDiff(
