@@ -15,14 +15,7 @@ from registry.tabular import ColumnMapping
 from worker.config import FIX_LR_BOUNDS, FIX_LR_REFERENCE, DiffPruneConfig, fix_lr_for
 from worker.data import load_task_data
 from worker.projection import k_for_density
-from worker.trainer import (
-    Progress,
-    TrainingCancelled,
-    evaluate,
-    micro_batches,
-    steps_per_epoch,
-    train_diff,
-)
+from worker.trainer import Progress, TrainingCancelled, evaluate, steps_per_epoch, train_diff
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -217,17 +210,4 @@ def test_artifact_records_the_fixed_mask_step_the_run_used(small_sentiment, tiny
     fix_steps = steps_per_epoch(small_sentiment.train.rows, config) * config.fix_epochs
     assert result.diff.meta.config["fix_lr"] == pytest.approx(fix_lr_for(config, fix_steps))
     assert result.diff.meta.config == {**config.to_dict(), "fix_lr": fix_lr_for(config, fix_steps)}
-
-
-def test_every_epoch_of_a_run_is_a_fresh_shuffle_of_all_rows():
-    config = DiffPruneConfig(batch_size=4, grad_accum=2, epochs=1, fix_epochs=2)
-    rows = 21
-    per_epoch = steps_per_epoch(rows, config)
-    epochs = [
-        torch.cat([b for step in range(e * per_epoch, (e + 1) * per_epoch) for b in micro_batches(rows, step, config)])
-        for e in range(config.epochs + config.fix_epochs)
-    ]
-    for order in epochs:
-        assert sorted(order.tolist()) == list(range(rows))
-    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
 

@@ -125,11 +125,10 @@ def steps_per_epoch(rows: int, config: DiffPruneConfig) -> int:
     return math.ceil(math.ceil(rows / config.batch_size) / config.grad_accum)
 
 
-def micro_batches(rows: int, step: int, config: DiffPruneConfig) -> list[Tensor]:
-    """Row indices of the micro-batches of optimizer step `step` (counted over the whole run);
-    the order is seeded per epoch, so each epoch of the run sees a fresh shuffle."""
+def micro_batches(rows: int, step_in_phase: int, config: DiffPruneConfig) -> list[Tensor]:
+    """Row indices of the micro-batches of one optimizer step; the order is seeded per epoch."""
     per_epoch = steps_per_epoch(rows, config)
-    epoch, position = divmod(step, per_epoch)
+    epoch, position = divmod(step_in_phase, per_epoch)
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
     batches = list(order.split(config.batch_size))
     return batches[position * config.grad_accum : (position + 1) * config.grad_accum]
@@ -437,9 +436,7 @@ def train_diff(
             for opt in opt_w.values():
                 opt.param_groups[0]["lr"] = config.lr * schedule
 
-        # Counted over both phases: the fixed-mask epochs get fresh shuffles, and every
-        # method in bench/ sees the same batches in the same order.
-        batches = micro_batches(rows, step, config)
+        batches = micro_batches(rows, phase_step, config)
         loss_sum, expected_nnz = 0.0, float(k)
         for i, batch_rows in enumerate(batches):
             update_now[0] = i == len(batches) - 1
