@@ -1,5 +1,5 @@
 """Accuracy, storage and cost of diff pruning against full finetuning, LoRA and head-only
-training on shipped sample tasks, same base, same batches, same number of epochs.
+training on shipped sample tasks, same base, same shuffles, same number of epochs.
 
     python -m bench.accuracy [--quick] [--tasks movie-sentiment,snippet-domain] [--jobs 2]
 

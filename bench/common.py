@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: baseline training (full, head only, LoRA), memory probes,
 running one measurement per subprocess, and table printing.
 
-The baselines reuse the trainer's batching, schedule, optimizer and evaluation helpers so
-that every method sees the same batches in the same order.
+The baselines reuse the trainer's batching, schedule, optimizer and evaluation helpers, so
+their epochs use the same seeded shuffles as the trainer's (diff pruning restarts them at
+its fixed-mask phase, see worker/trainer.py).
 """
 
 from __future__ import annotations
