@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 from api.cli.client import print_json
-from worker.config import DiffPruneConfig
+from worker.config import (
+    FIX_DENSITY_REFERENCE,
+    FIX_LR_REFERENCE,
+    FIX_STEPS_REFERENCE,
+    DiffPruneConfig,
+)
 
 TASK_TYPES = ("classification", "pair-classification", "regression")
 
@@ -28,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, help=f"tokens per example, truncated (default {d.max_length})")
     p.add_argument("--lr", type=float, help=f"learning rate of the gated diff (default {d.lr:g})")
     p.add_argument("--fix-lr", type=float,
-                   help="learning rate of the kept values, mask fixed (default: 5e-3 at density "
-                        "0.005 and 32 fixed-mask steps, scaled by 1/sqrt of density and steps)")
+                   help=f"learning rate of the kept values, mask fixed (default: {FIX_LR_REFERENCE:g} at "
+                        f"density {FIX_DENSITY_REFERENCE:g} and {FIX_STEPS_REFERENCE} fixed-mask steps, "
+                        "scaled by 1/sqrt of density and steps)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--no-compile", action="store_true", help="run the gate kernels eagerly")
