@@ -172,7 +172,8 @@ def main() -> None:
                         help="tasks not used to choose the defaults (own table, no goals)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-train-rows", type=int, default=500)
+    parser.add_argument("--max-train-rows", type=int, default=500,
+                        help="first rows of each task's training file (0: all of them)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seeds", default="0,1")
@@ -226,8 +227,9 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
     gated, fix = diff_epochs(args.epochs)
+    train_rows = f"<= {args.max_train_rows}" if args.max_train_rows else "all"
     setting = (f"{args.base}, {args.epochs} epochs (diff: {gated} gated + {fix} fixed), "
-               f"<= {args.max_train_rows} training rows, {args.max_length} tokens, "
+               f"{train_rows} training rows, {args.max_length} tokens, "
                f"batch {args.batch_size}, seeds {','.join(map(str, seeds))}, "
                f"{args.threads} thread(s) x {args.jobs} job(s)")
     rows = best_per_method(results)
