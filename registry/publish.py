@@ -39,7 +39,9 @@ def upload_verified(
 def ensure_stored(store: ObjectStore, stored: StoredObject, data: bytes) -> None:
     """After the commit: put the blob back if a racing delete of identical content removed it."""
     if store.head(stored.key) is None:
-        _put_and_read_back(store, stored.key, data, hashlib.sha256(data).hexdigest())
+        # Restore exactly what the row records: `put` rejects `data` that does not hash to it.
+        recorded = stored.sha256 or hashlib.sha256(data).hexdigest()  # put's records carry it
+        _put_and_read_back(store, stored.key, data, recorded)
 
 
 def _put_and_read_back(store: ObjectStore, key: str, data: bytes, sha256: str) -> StoredObject:
