@@ -13,6 +13,11 @@ the best lr by mean validation metric over the seeds: the trainer's defaults wer
 looking at these validation splits, so the baselines are given the same advantage.
 `--heldout-tasks` are tasks that were not looked at when the defaults were chosen; they are
 reported in their own table and are not part of the goal checks.
+
+Diagnostics: `--train-metric` adds each method's metric on its own training rows (does it
+fit them?). Any density runs as `diff-<percent>%`; `diff-100%` with `--diff-fix-lrs 2e-4`
+is the trainer with nothing pruned (its fixed-mask phase is then dense finetuning), which
+separates what the two-phase loop costs from what the sparsity costs.
 """
 
 from __future__ import annotations
@@ -27,7 +32,18 @@ from typing import Any
 from bench.common import emit_result, mib, peak_rss_bytes, print_table, quiet, run_isolated
 
 METHODS = ["full", "lora", "head", "diff-0.5%", "diff-0.1%"]
-DENSITIES = {"diff-0.5%": 0.005, "diff-0.1%": 0.001}
+DENSE_METHODS = ("full", "lora", "head")
+
+
+def diff_density(method: str) -> float | None:
+    """The density of a `diff-<percent>%` method (e.g. diff-0.5% -> 0.005); None otherwise."""
+    if not (method.startswith("diff-") and method.endswith("%")):
+        return None
+    try:
+        density = float(method[len("diff-"):-1]) / 100
+    except ValueError:
+        return None
+    return density if 0 < density <= 1 else None
 
 
 def diff_epochs(total: int) -> tuple[int, int]:
@@ -61,13 +77,17 @@ def worker(args: argparse.Namespace) -> None:
         device=args.device,
     )
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.method in DENSITIES:
-        config.density = DENSITIES[args.method]
+    density = diff_density(args.method)
+    if density is not None:
+        config.density = density
+        if args.lr:
+            config.fix_lr = args.lr
         result = train_diff(data, config, base=base)
         metrics, stored = result.metrics, result.diff.nnz + sum(
             t.numel() for t in result.diff.head.values()
         )
         size, seconds = artifact_size(result.diff), result.train_seconds
+        train_metrics = fitted_metrics(data, base, result.diff) if args.train_metric else None
     else:
         config.epochs, config.fix_epochs = args.epochs, 0
         swept = {}  # lr 0: the method's own default (config.lr for full, train_dense's for LoRA)
@@ -75,10 +95,13 @@ def worker(args: argparse.Namespace) -> None:
             config.lr = args.lr
         elif args.method == "lora" and args.lr:
             swept["lora_lr"] = args.lr
-        dense = train_dense(data, config, base=base, method=args.method, **swept)
+        dense = train_dense(
+            data, config, base=base, method=args.method, train_metric=args.train_metric, **swept
+        )
         metrics, stored, size, seconds = (
             dense.metrics, dense.stored_params, dense.artifact_bytes, dense.train_seconds
         )
+        train_metrics = dense.train_metrics
     emit_result({
         "task": args.task, "method": args.method, "lr": args.lr, "seed": args.seed,
         "metric_name": metrics["metric_name"],
@@ -86,17 +109,32 @@ def worker(args: argparse.Namespace) -> None:
         "artifact_bytes": size, "train_seconds": seconds,
         "peak_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
         "train_rows": data.train.rows, "validation_rows": data.validation.rows,
+        **({"train_metric": train_metrics["metric"]} if train_metrics else {}),
     })
+
+
+def fitted_metrics(data: Any, base: Any, diff: Any) -> dict[str, Any]:
+    """Metrics of base + diff on the rows it was trained on (how well it fits them)."""
+    from registry.artifact import build_task_model
+    from worker.trainer import evaluate
+
+    model = build_task_model(base, diff)
+    return evaluate(
+        model, data.train, tokenizer=base.tokenizer, task_type=data.task_type,
+        num_labels=data.num_labels, max_length=diff.meta.max_length,
+    )
 
 
 def planned_runs(args: argparse.Namespace, tasks: list[str]) -> list[tuple[str, str, float, int]]:
     """(task, method, lr, seed) for every run; lr 0 means the method's default."""
-    sweeps = {"full": parse_floats(args.full_lrs), "lora": parse_floats(args.lora_lrs)}
+    sweeps = {
+        "full": parse_floats(args.full_lrs), "lora": parse_floats(args.lora_lrs),
+    }
     return [
         (task, method, lr, seed)
         for task in tasks
         for method in args.methods.split(",")
-        for lr in sweeps.get(method, [0.0])
+        for lr in sweeps.get(method, parse_floats(args.diff_fix_lrs) or [0.0])
         for seed in parse_ints(args.seeds)
     ]
 
@@ -125,6 +163,8 @@ def best_per_method(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
             "peak_bytes": max(r["peak_bytes"] for r in runs),
         }
+        if all("train_metric" in r for r in runs):
+            row["train_metric"] = statistics.mean(r["train_metric"] for r in runs)
         if (task, method) not in best or row["metric"] > best[(task, method)]["metric"]:
             best[(task, method)] = row
     return list(best.values())
@@ -133,12 +173,14 @@ def best_per_method(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def print_results(title: str, rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
     """The per-task table and the mean over tasks; returns the mean metric and the mean
     artifact bytes of each method."""
+    fit = any("train_metric" in r for r in rows)
     print_table(
         title,
-        ["task", "method", "lr", "metric", "mean", "per seed", "stored params", "artifact bytes",
-         "train s", "peak MiB"],
+        ["task", "method", "lr", "metric", "mean", "per seed", *(["on train rows"] if fit else []),
+         "stored params", "artifact bytes", "train s", "peak MiB"],
         [[r["task"], r["method"], f"{r['lr']:g}" if r["lr"] else "default", r["metric_name"],
-          r["metric"], " ".join(f"{v:.4f}" for v in r["per_seed"]), r["stored_params"],
+          r["metric"], " ".join(f"{v:.4f}" for v in r["per_seed"]),
+          *([r.get("train_metric", "-")] if fit else []), r["stored_params"],
           int(r["artifact_bytes"]), r["train_seconds"], mib(r["peak_bytes"])] for r in rows],
     )
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -170,7 +212,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="movie-sentiment,snippet-domain")
     parser.add_argument("--heldout-tasks", default="product-sentiment-fewshot",
                         help="tasks not used to choose the defaults (own table, no goals)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="full, lora, head, diff-<percent>%% (any density, e.g. diff-2%%)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-train-rows", type=int, default=500,
                         help="first rows of each task's training file (0: all of them)")
@@ -179,6 +222,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--full-lrs", default="5e-5,1e-4,2e-4", help="full finetuning lr sweep")
     parser.add_argument("--lora-lrs", default="1e-3,3e-3", help="LoRA lr sweep")
+    parser.add_argument("--diff-fix-lrs", default="",
+                        help="fixed-mask lr sweep of the diff methods (default: the trainer's rule)")
     parser.add_argument("--base", default="all-MiniLM-L6-v2")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
@@ -186,18 +231,23 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="256 training rows, 2 epochs, one seed, no lr sweeps, no held-out task")
+    parser.add_argument("--train-metric", action="store_true",
+                        help="also report each method's metric on its training rows (under- or overfit)")
     parser.add_argument("--out", type=Path, help="also write every run's result as JSON here")
     parser.add_argument("--include", type=Path, action="append", default=[],
                         help="add the runs of an earlier --out file (e.g. other seeds) to the tables")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.max_train_rows, args.epochs, args.seeds = 256, 2, "0"
         args.full_lrs, args.lora_lrs, args.heldout_tasks = "1e-4", "1e-3", ""
+    unknown = [m for m in args.methods.split(",") if m not in DENSE_METHODS and diff_density(m) is None]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)} (full, lora, head or diff-<percent>%)")
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (diff pruning needs a gated and a fixed epoch)")
     if args.worker:
@@ -207,6 +257,7 @@ def main() -> None:
               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
               "--base", args.base, "--device", args.device]
     shared += ["--no-compile"] if args.no_compile else []
+    shared += ["--train-metric"] if args.train_metric else []
     tasks = [t for t in args.tasks.split(",") if t]
     heldout = [t for t in args.heldout_tasks.split(",") if t]
     runs = planned_runs(args, tasks + heldout)

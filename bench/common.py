@@ -101,6 +101,7 @@ class DenseResult:
     stored_params: int
     artifact_bytes: int
     train_seconds: float
+    train_metrics: dict[str, Any] | None = None  # on the training rows, when asked for
 
 
 def safetensors_bytes(tensors: dict[str, Any]) -> int:
@@ -119,12 +120,14 @@ def train_dense(
     lora_lr: float = 1e-3,
     on_step: Callable[[int], None] | None = None,
     max_steps: int | None = None,
+    train_metric: bool = False,
 ) -> DenseResult:
     """Train a baseline with the trainer's batches and schedule.
 
     method: "full" (every parameter; encoder lr = config.lr, head lr = config.head_lr),
     "head" (frozen encoder, head only), "lora" (PEFT LoRA r=8 on query/value/dense, lr
-    `lora_lr`, head trained). Epochs = config.epochs + config.fix_epochs.
+    `lora_lr`, head trained). Epochs = config.epochs + config.fix_epochs. With `train_metric`
+    the model is also evaluated on its training rows (how well it fits them).
     Stored sizes: each method's own artifact in its training dtype (fp32): the whole model
     (full), the head (head), PEFT's adapter state dict with the classifier (lora).
     """
@@ -186,10 +189,15 @@ def train_dense(
         if on_step is not None:
             on_step(step + 1)
     train_seconds = time.perf_counter() - started
-    metrics = evaluate(
-        model, data.validation, tokenizer=base.tokenizer, task_type=data.task_type,
-        num_labels=data.num_labels, max_length=config.max_length, batch_size=config.eval_batch_size,
-    )
+    def metrics_on(table: Any) -> dict[str, Any]:
+        return evaluate(
+            model, table, tokenizer=base.tokenizer, task_type=data.task_type,
+            num_labels=data.num_labels, max_length=config.max_length,
+            batch_size=config.eval_batch_size,
+        )
+
+    metrics = metrics_on(data.validation)
+    train_metrics = metrics_on(data.train) if train_metric else None
     # Each method's own artifact: PEFT's adapter state dict (what save_pretrained writes,
     # training dtype fp32), the fp32 head, or the whole fp32 model (save_pretrained).
     if method == "lora":
@@ -205,6 +213,7 @@ def train_dense(
         stored_params=sum(t.numel() for t in stored.values()),
         artifact_bytes=safetensors_bytes(stored),
         train_seconds=train_seconds,
+        train_metrics=train_metrics,
     )
 
 
