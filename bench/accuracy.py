@@ -126,10 +126,9 @@ def fitted_metrics(data: Any, base: Any, diff: Any) -> dict[str, Any]:
 
 
 def planned_runs(args: argparse.Namespace, tasks: list[str]) -> list[tuple[str, str, float, int]]:
-    """(task, method, lr, seed) for every run; lr 0 means the method's default."""
-    sweeps = {
-        "full": parse_floats(args.full_lrs), "lora": parse_floats(args.lora_lrs),
-    }
+    """(task, method, lr, seed) for every run; lr 0 means the method's default (for diff
+    methods the lr is the fixed-mask step, swept by `--diff-fix-lrs`)."""
+    sweeps = {"full": parse_floats(args.full_lrs), "lora": parse_floats(args.lora_lrs), "head": [0.0]}
     return [
         (task, method, lr, seed)
         for task in tasks
