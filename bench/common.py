@@ -189,6 +189,7 @@ def train_dense(
         if on_step is not None:
             on_step(step + 1)
     train_seconds = time.perf_counter() - started
+
     def metrics_on(table: Any) -> dict[str, Any]:
         return evaluate(
             model, table, tokenizer=base.tokenizer, task_type=data.task_type,

@@ -37,6 +37,17 @@ def write_sentiment_task(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
+def write_counting_task(path: Path, rows: int, seed: int) -> Path:
+    """A regression task: the label is the share of "good" among four words."""
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for _ in range(rows):
+            n = rng.randint(0, 4)
+            text = " ".join(["good"] * n + ["movie"] * (4 - n))
+            out.write(json.dumps({"text": text, "label": n / 4}) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def sentiment(tmp_path_factory):
     directory = tmp_path_factory.mktemp("sentiment")
@@ -158,12 +169,7 @@ def test_should_stop_cancels_before_any_step(small_sentiment, tiny_base_dir):
 
 
 def test_regression_task_reports_correlations(tmp_path, tiny_base_dir):
-    rng = random.Random(0)
-    with (tmp_path / "train.jsonl").open("w") as out:
-        for _ in range(64):
-            n = rng.randint(0, 4)
-            text = " ".join(["good"] * n + ["movie"] * (4 - n))
-            out.write(json.dumps({"text": text, "label": n / 4}) + "\n")
+    write_counting_task(tmp_path / "train.jsonl", 64, seed=0)
     data = load_task_data(tmp_path, mapping=ColumnMapping(), task_type="regression")
     base = load_base(str(tiny_base_dir))
     result = train_diff(data, fast_config(epochs=2, fix_epochs=1, structured=False), base=base)
@@ -212,20 +218,13 @@ def test_artifact_records_the_fixed_mask_step_the_run_used(small_sentiment, tiny
     assert result.diff.meta.config == {**config.to_dict(), "fix_lr": fix_lr_for(config, fix_steps)}
 
 
-
 def test_with_nothing_pruned_and_no_gated_epoch_the_trainer_is_plain_full_finetuning(
     tmp_path, tiny_base_dir
 ):
     from bench.common import train_dense  # the accuracy benchmark's full-finetuning baseline
 
-    rng = random.Random(1)
-    for name, rows in (("train", 64), ("validation", 32)):
-        with (tmp_path / f"{name}.jsonl").open("w") as out:
-            for _ in range(rows):
-                n = rng.randint(0, 4)
-                words = ["good"] * n + ["movie"] * (4 - n)
-                rng.shuffle(words)
-                out.write(json.dumps({"text": " ".join(words), "label": n / 4}) + "\n")
+    write_counting_task(tmp_path / "train.jsonl", 64, seed=1)
+    write_counting_task(tmp_path / "validation.jsonl", 32, seed=2)
     data = load_task_data(tmp_path, mapping=ColumnMapping(), task_type="regression")
     base = load_base(str(tiny_base_dir))
     config = fast_config(epochs=0, fix_epochs=2, density=1.0, lr=1e-3, fix_lr=1e-3, value_dtype="float32")
@@ -233,6 +232,6 @@ def test_with_nothing_pruned_and_no_gated_epoch_the_trainer_is_plain_full_finetu
     full_config = fast_config(epochs=2, fix_epochs=0, lr=1e-3)
     full_metrics = train_dense(data, full_config, base=base, method="full").metrics
     # θ₀ + δ and θ take the same AdamW steps; only float rounding differs (measured: mse
-    # 3e-9 apart, while a 20% larger step moves it by 5e-4)
+    # 3e-9 apart, while a 20% larger step moves it by 1e-2)
     assert diff_metrics["mse"] == pytest.approx(full_metrics["mse"], abs=2e-5)
     assert diff_metrics["pearson"] == pytest.approx(full_metrics["pearson"], abs=1e-4)
