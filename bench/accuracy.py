@@ -5,8 +5,9 @@ training on shipped sample tasks, same base, same shuffles, same number of epoch
 
 Every (task, method, lr, seed) runs in its own process; peak memory is that process's RSS
 high-water mark (CPU) or torch.cuda.max_memory_allocated (CUDA). Diff pruning spends the
-`--epochs` as the trainer's split (default: 1 gated epoch + 2 fixed-mask epochs), so every
-method sees the data `--epochs` times. Diff pruning runs with the trainer's defaults.
+`--epochs` as the trainer's split (default: the trainer's own 1 gated epoch + 5 fixed-mask
+epochs), so every method sees the data `--epochs` times. Diff pruning runs with the trainer's
+defaults.
 
 The baselines get a learning-rate sweep (`--full-lrs`, `--lora-lrs`) and each task reports
 the best lr by mean validation metric over the seeds: the trainer's defaults were chosen
@@ -52,6 +53,14 @@ def diff_epochs(total: int) -> tuple[int, int]:
 
     fix = min(DiffPruneConfig().fix_epochs, total - 1)
     return total - fix, fix
+
+
+def default_epochs() -> int:
+    """The trainer's default run length in epochs (gated + fixed-mask)."""
+    from worker.config import DiffPruneConfig
+
+    defaults = DiffPruneConfig()
+    return defaults.epochs + defaults.fix_epochs
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -213,7 +222,8 @@ def main() -> None:
                         help="tasks not used to choose the defaults (own table, no goals)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="full, lora, head, diff-<percent>%% (any density, e.g. diff-2%%)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=default_epochs(),
+                        help="epochs for every method (default: the trainer's gated + fixed-mask)")
     parser.add_argument("--max-train-rows", type=int, default=500,
                         help="first rows of each task's training file (0: all of them)")
     parser.add_argument("--batch-size", type=int, default=32)
