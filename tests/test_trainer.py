@@ -199,10 +199,15 @@ def test_fixed_mask_step_is_the_reference_at_half_a_percent_and_32_steps():
 def test_fixed_mask_step_grows_for_sparser_diffs_and_shorter_runs_within_bounds():
     config = DiffPruneConfig()
     assert fix_lr_for(config, 8) == pytest.approx(2 * FIX_LR_REFERENCE)  # 4x fewer steps
-    assert fix_lr_for(config, 128) == pytest.approx(FIX_LR_REFERENCE / 2)
     assert fix_lr_for(DiffPruneConfig(density=0.005 / 4), 32) == pytest.approx(2 * FIX_LR_REFERENCE)
     assert fix_lr_for(DiffPruneConfig(density=0.0001), 1) == FIX_LR_BOUNDS[1]
     assert fix_lr_for(DiffPruneConfig(density=1.0), 10_000) == FIX_LR_BOUNDS[0]
+
+
+def test_a_phase_two_longer_than_the_reference_keeps_the_reference_step():
+    assert fix_lr_for(DiffPruneConfig(), 80) == pytest.approx(FIX_LR_REFERENCE)
+    assert fix_lr_for(DiffPruneConfig(), 1_000) == pytest.approx(FIX_LR_REFERENCE)
+    assert fix_lr_for(DiffPruneConfig(density=0.005 / 4), 500) == pytest.approx(2 * FIX_LR_REFERENCE)
 
 
 def test_an_explicit_fixed_mask_step_is_used_as_given():
