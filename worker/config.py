@@ -31,7 +31,7 @@ class DiffPruneConfig:
     # Phase 2: fine-tune the kept values with the mask fixed. A 0.5% diff needs the steps:
     # with two epochs it underfits its training rows (0.90 against full finetuning's 0.99)
     # and trails full finetuning by 1.7 points; with five it fits them (0.98) and comes within
-    # 0.4 points, while full finetuning gains nothing from the extra epochs (bench/accuracy.py).
+    # 0.2 points, while full finetuning gains nothing from the extra epochs (bench/accuracy.py).
     fix_epochs: int = 5
     batch_size: int = 32
     grad_accum: int = 1
