@@ -10,7 +10,7 @@ from typing import Any
 VALUE_DTYPES = ("float16", "bfloat16", "float32")
 
 # The phase-2 step size measured best at density 0.005 with 32 phase-2 steps (500 rows, batch 32,
-# 2 epochs) on all-MiniLM-L6-v2; `fix_lr_for` scales it to other densities and run lengths.
+# 2 epochs) on all-MiniLM-L6-v2; `fix_lr_for` scales it to other densities and to shorter runs.
 FIX_LR_REFERENCE = 5e-3
 FIX_STEPS_REFERENCE = 32
 FIX_DENSITY_REFERENCE = 0.005
