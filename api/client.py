@@ -112,9 +112,7 @@ class DiffbankClient:
             if v is not None
         }
         with path.open("rb") as fh:
-            return self._json(
-                "POST", "/v1/datasets", files={"file": (path.name, fh)}, data=form
-            )
+            return self._json("POST", "/v1/datasets", files={"file": (path.name, fh)}, data=form)
 
     def list_datasets(self, *, cursor: str | None = None, limit: int | None = None) -> dict:
         """One page of datasets: `{"items", "next_cursor"}`."""
@@ -223,21 +221,26 @@ class DiffbankClient:
         actual = hashlib.sha256(data).hexdigest()
         if expected and expected != actual:
             raise DiffbankError(
-                None, "integrity_error", f"downloaded diff has sha256 {actual}, server said {expected}"
+                None,
+                "integrity_error",
+                f"downloaded diff has sha256 {actual}, server said {expected}",
             )
         if dest is not None:
             Path(dest).write_bytes(data)
         return data
 
     def predict(
-        self, name: str, inputs: Sequence[str] | Sequence[Sequence[str]], *, version: int | None = None
+        self,
+        name: str,
+        inputs: Sequence[str] | Sequence[Sequence[str]],
+        *,
+        version: int | None = None,
     ) -> dict[str, Any]:
         """Predictions of a task for texts (or `[text, pair]` lists)."""
         body = {"inputs": [x if isinstance(x, str) else list(x) for x in inputs]}
         return self._json(
             "POST", f"/v1/tasks/{name}/predict", params=_params(version=version), json=body
         )
-
 
     # -- consolidations ----------------------------------------------------------------
 
@@ -259,7 +262,9 @@ def _error_from(response: httpx.Response) -> DiffbankError:
     try:
         error = response.json()["error"]
         return DiffbankError(
-            response.status_code, error.get("code", "error"), error.get("message", ""),
+            response.status_code,
+            error.get("code", "error"),
+            error.get("message", ""),
             error.get("field"),
         )
     except (ValueError, KeyError, TypeError, AttributeError):

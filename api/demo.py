@@ -67,8 +67,10 @@ def run_demo(*, task: str | None, plot_path: str) -> int:
     manifest = json.loads((SAMPLES_DIR / "manifest.json").read_text())
     task = task or DEFAULT_DEMO_TASK
     if task not in manifest:
-        print(f"error: no sample task {task!r}; choose from {', '.join(sorted(manifest))}",
-              file=sys.stderr)
+        print(
+            f"error: no sample task {task!r}; choose from {', '.join(sorted(manifest))}",
+            file=sys.stderr,
+        )
         return 2
     sample = manifest[task]
     settings = _demo_settings()
@@ -81,25 +83,34 @@ def run_demo(*, task: str | None, plot_path: str) -> int:
         client = DiffbankClient(settings.url, boot.admin_key, timeout_s=120)
         print(f"\ntask {task!r}: {sample['description']}")
         mapping = {k: sample[k] for k in ("text_field", "text_pair_field", "label_field")}
-        train_file = balanced_slice(SAMPLES_DIR / task / "train.jsonl",
-                                    settings.data_dir / "demo" / f"{task}-train.jsonl",
-                                    rows=DEMO_TRAIN_ROWS, label_field=sample["label_field"])
-        train = client.upload_dataset(train_file,
-                                      task_type=sample["task_type"],
-                                      **{k: v for k, v in mapping.items() if v})
-        validation = client.upload_dataset(SAMPLES_DIR / task / "validation.jsonl",
-                                           task_type=sample["task_type"],
-                                           **{k: v for k, v in mapping.items() if v})
+        train_file = balanced_slice(
+            SAMPLES_DIR / task / "train.jsonl",
+            settings.data_dir / "demo" / f"{task}-train.jsonl",
+            rows=DEMO_TRAIN_ROWS,
+            label_field=sample["label_field"],
+        )
+        train = client.upload_dataset(
+            train_file, task_type=sample["task_type"], **{k: v for k, v in mapping.items() if v}
+        )
+        validation = client.upload_dataset(
+            SAMPLES_DIR / task / "validation.jsonl",
+            task_type=sample["task_type"],
+            **{k: v for k, v in mapping.items() if v},
+        )
         print(f"uploaded {train['rows']} training and {validation['rows']} validation rows")
-        job = client.create_job(task, train["id"], validation_dataset_id=validation["id"],
-                                **DEMO_TRAINING)
-        print(f"training job {job['id']} queued: learning a sparse diff at "
-              f"density {DEMO_TRAINING['density']:.1%} of the base encoder's parameters")
+        job = client.create_job(
+            task, train["id"], validation_dataset_id=validation["id"], **DEMO_TRAINING
+        )
+        print(
+            f"training job {job['id']} queued: learning a sparse diff at "
+            f"density {DEMO_TRAINING['density']:.1%} of the base encoder's parameters"
+        )
         started = time.monotonic()
         job = wait_with_progress(client, job["id"], poll_s=1.0)
         if job["state"] != "succeeded":
-            print(f"job {job['id']} {job['state']}: {job.get('error_message') or ''}",
-                  file=sys.stderr)
+            print(
+                f"job {job['id']} {job['state']}: {job.get('error_message') or ''}", file=sys.stderr
+            )
             return 1
         _report(client, task, job, started, plot_path, settings)
         return 0
@@ -107,8 +118,9 @@ def run_demo(*, task: str | None, plot_path: str) -> int:
         stack.stop()
 
 
-def _report(client, task: str, job: dict, started: float, plot_path: str,
-            settings: Settings) -> None:
+def _report(
+    client, task: str, job: dict, started: float, plot_path: str, settings: Settings
+) -> None:
     """Print the metric, the diff's size beside a full copy, predictions; save the picture."""
     versions = client.task_versions(task)
     version = versions[-1]
@@ -124,10 +136,14 @@ def _report(client, task: str, job: dict, started: float, plot_path: str,
     print(f"\ndone in {time.monotonic() - started:.0f} s")
     print(f"  {metric_name} on the validation split: {metrics.get(metric_name, float('nan')):.4f}")
     if n_params:
-        print(f"  nonzeros in the diff: {nnz:,} of {n_params:,} base parameters "
-              f"({nnz / n_params:.2%})")
-        print(f"  diff artifact: {size / 1e6:.2f} MB  vs  a full finetuned fp32 copy: "
-              f"{4 * n_params / 1e6:.1f} MB  ({4 * n_params / size:.0f}x smaller)")
+        print(
+            f"  nonzeros in the diff: {nnz:,} of {n_params:,} base parameters "
+            f"({nnz / n_params:.2%})"
+        )
+        print(
+            f"  diff artifact: {size / 1e6:.2f} MB  vs  a full finetuned fp32 copy: "
+            f"{4 * n_params / 1e6:.1f} MB  ({4 * n_params / size:.0f}x smaller)"
+        )
     else:
         print(f"  nonzeros in the diff: {nnz:,}; artifact {size / 1e6:.2f} MB")
     sentences = DEMO_SENTENCES.get(task) or []
@@ -138,8 +154,11 @@ def _report(client, task: str, job: dict, started: float, plot_path: str,
             shown = prediction.get("label", prediction.get("value"))
             score = prediction.get("score")
             print(f"  {shown!s:>9} {'' if score is None else f'({score:.2f})'}  {text}")
-    subprocess.run([sys.executable, "-m", "api", "inspect", str(artifact), "--plot", plot_path],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "api", "inspect", str(artifact), "--plot", plot_path],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     print(f"\nwhere the nonzeros sit (layer x module): {Path(plot_path).resolve()}")
     print(f"the diff itself: {artifact}")
     url = get_settings().url  # where `diffbank up` will listen

@@ -83,14 +83,20 @@ def authenticate(
 
     if credentials is None or not credentials.credentials:
         raise ApiError(
-            401, "missing_key", "an API key is required: send `Authorization: Bearer KEY`",
-            field="Authorization", headers=_CHALLENGE,
+            401,
+            "missing_key",
+            "an API key is required: send `Authorization: Bearer KEY`",
+            field="Authorization",
+            headers=_CHALLENGE,
         )
     found = catalog.authenticate_api_key(session, key=credentials.credentials)
     if found is None:
         raise ApiError(
-            401, "invalid_key", "the API key is not valid (unknown or revoked)",
-            field="Authorization", headers=_CHALLENGE,
+            401,
+            "invalid_key",
+            "the API key is not valid (unknown or revoked)",
+            field="Authorization",
+            headers=_CHALLENGE,
         )
     tenant, scopes = found
     return Principal(tenant_id=tenant.id, tenant_name=tenant.name, scopes=frozenset(scopes))
@@ -102,7 +108,9 @@ def require_scope(scope: str):
     def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         if not principal.has_scope(scope):
             raise ApiError(
-                403, "missing_scope", f"this API key lacks the {scope!r} scope",
+                403,
+                "missing_scope",
+                f"this API key lacks the {scope!r} scope",
                 field="Authorization",
             )
         return principal

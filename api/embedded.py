@@ -41,12 +41,16 @@ def redis_server_binary() -> str:
     return found
 
 
-def wait_for_port(port: int, *, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(
+    port: int, *, timeout_s: float = 20.0, proc: subprocess.Popen | None = None
+) -> None:
     """Block until something accepts connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"process exited with code {proc.returncode} before listening on {port}"
+            )
         with socket.socket() as sock:
             sock.settimeout(0.2)
             if sock.connect_ex(("127.0.0.1", port)) == 0:
@@ -63,13 +67,20 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [
             redis_server_binary(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(redis_dir),
-            "--appendonly", "yes",
-            "--save", "60 1",
-            "--daemonize", "no",
-            "--loglevel", "warning",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(redis_dir),
+            "--appendonly",
+            "yes",
+            "--save",
+            "60 1",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
         ],
         stdout=open(redis_dir / "redis.log", "ab"),
         stderr=subprocess.STDOUT,

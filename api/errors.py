@@ -18,7 +18,12 @@ class ApiError(Exception):
     """An error answered as `{"error": {...}}` with the given HTTP status."""
 
     def __init__(
-        self, status: int, code: str, message: str, *, field: str | None = None,
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -89,7 +94,9 @@ async def _http_error_handler(_: Request, exc: Exception) -> JSONResponse:
     code = _status_code_name(exc.status_code)
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     return JSONResponse(
-        error_body(code, message), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        error_body(code, message),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
     )
 
 
@@ -105,14 +112,17 @@ async def _catalog_error_handler(_: Request, exc: Exception) -> JSONResponse:
         400,
     )
     return JSONResponse(
-        error_body(exc.code, exc.message, exc.field), status_code=status  # type: ignore[attr-defined]
+        error_body(exc.code, exc.message, exc.field),
+        status_code=status,  # type: ignore[attr-defined]
     )
 
 
 async def _dataset_error_handler(_: Request, exc: Exception) -> JSONResponse:
     code = exc.code  # type: ignore[attr-defined]
     field = exc.field or "file"  # type: ignore[attr-defined]
-    return JSONResponse(error_body(code, str(exc), field), status_code=_DATASET_STATUS.get(code, 422))
+    return JSONResponse(
+        error_body(code, str(exc), field), status_code=_DATASET_STATUS.get(code, 422)
+    )
 
 
 async def _store_error_handler(_: Request, exc: Exception) -> JSONResponse:

@@ -52,7 +52,9 @@ class _JobsByStateCollector:
         return []
 
     def collect(self):
-        family = GaugeMetricFamily("diffbank_jobs", "Jobs in the registry, by state.", labels=["state"])
+        family = GaugeMetricFamily(
+            "diffbank_jobs", "Jobs in the registry, by state.", labels=["state"]
+        )
         for state, count in sorted(self._count().items()):
             family.add_metric([state], count)
         yield family

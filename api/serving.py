@@ -162,7 +162,9 @@ class Predictor:
             self._hold_shared(held, shared_key, shared)
             return self._predict_locked(held, residual, inputs)
 
-    def _hold_shared(self, held: _ServingBase, key: str | None, shared: _PreparedDiff | None) -> None:
+    def _hold_shared(
+        self, held: _ServingBase, key: str | None, shared: _PreparedDiff | None
+    ) -> None:
         """Leave exactly `shared` applied to the base (None: the pristine base); O(nnz) on change."""
         from registry.artifact import apply_diff
 
@@ -235,7 +237,9 @@ def _split_inputs(
     is_pair = [not isinstance(item, str) for item in inputs]
     if task_type == "pair-classification":
         if not all(is_pair):
-            raise PredictionInputError("this task takes pairs: every input must be [text, text_pair]")
+            raise PredictionInputError(
+                "this task takes pairs: every input must be [text, text_pair]"
+            )
         for item in inputs:
             if len(item) != 2:
                 raise PredictionInputError("every input must be a pair [text, text_pair]")

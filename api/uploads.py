@@ -37,8 +37,12 @@ class Upload:
 
 def too_large(max_bytes: int) -> ApiError:
     """413 for a file over the upload limit."""
-    return ApiError(413, "too_large", f"the file is larger than the limit of {max_bytes} bytes",
-                    field=FILE_FIELD)
+    return ApiError(
+        413,
+        "too_large",
+        f"the file is larger than the limit of {max_bytes} bytes",
+        field=FILE_FIELD,
+    )
 
 
 class _PartCollector:
@@ -78,8 +82,9 @@ class _PartCollector:
         self._name = name.decode("utf-8", "replace")
         if self._name == FILE_FIELD:
             if self.upload.path is not None:
-                raise _Abort(ApiError(422, "malformed_form", "send exactly one file",
-                                      field=FILE_FIELD))
+                raise _Abort(
+                    ApiError(422, "malformed_form", "send exactly one file", field=FILE_FIELD)
+                )
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
             self.upload.filename = os.path.basename(filename.replace("\\", "/"))
             fd, path = tempfile.mkstemp(prefix="upload-", dir=self.tmp_dir)
@@ -98,8 +103,14 @@ class _PartCollector:
             return
         self._data += chunk
         if len(self._data) > MAX_FORM_FIELD_BYTES:
-            raise _Abort(ApiError(422, "field_too_long", f"form field {self._name!r} is too long",
-                                  field=self._name))
+            raise _Abort(
+                ApiError(
+                    422,
+                    "field_too_long",
+                    f"form field {self._name!r} is too long",
+                    field=self._name,
+                )
+            )
 
     def on_part_end(self) -> None:
         if self._out is not None:
@@ -109,8 +120,14 @@ class _PartCollector:
             try:
                 self.upload.fields[self._name] = self._data.decode("utf-8")
             except UnicodeDecodeError:
-                raise _Abort(ApiError(422, "malformed_form", f"form field {self._name!r} is not UTF-8",
-                                      field=self._name)) from None
+                raise _Abort(
+                    ApiError(
+                        422,
+                        "malformed_form",
+                        f"form field {self._name!r} is not UTF-8",
+                        field=self._name,
+                    )
+                ) from None
 
     def close(self) -> None:
         if self._out is not None:
@@ -132,24 +149,30 @@ async def receive_upload(request: Request, *, max_bytes: int, tmp_dir: str | Non
     content_type = request.headers.get("content-type", "")
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data" or b"boundary" not in params:
-        raise ApiError(415, "unsupported_media_type",
-                       "send the dataset as multipart/form-data with the file in field 'file'",
-                       field=FILE_FIELD)
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the dataset as multipart/form-data with the file in field 'file'",
+            field=FILE_FIELD,
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + FRAMING_ALLOWANCE_BYTES:
         raise too_large(max_bytes)
 
     upload = Upload()
     collector = _PartCollector(upload, max_bytes, tmp_dir)
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": collector.on_part_begin,
-        "on_part_data": collector.on_part_data,
-        "on_part_end": collector.on_part_end,
-        "on_header_field": collector.on_header_field,
-        "on_header_value": collector.on_header_value,
-        "on_header_end": collector.on_header_end,
-        "on_headers_finished": collector.on_headers_finished,
-    })
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": collector.on_part_begin,
+            "on_part_data": collector.on_part_data,
+            "on_part_end": collector.on_part_end,
+            "on_header_field": collector.on_header_field,
+            "on_header_value": collector.on_header_value,
+            "on_header_end": collector.on_header_end,
+            "on_headers_finished": collector.on_headers_finished,
+        },
+    )
     try:
         async for chunk in request.stream():
             parser.write(chunk)
@@ -161,14 +184,16 @@ async def receive_upload(request: Request, *, max_bytes: int, tmp_dir: str | Non
     except (FormParserError, ValueError) as exc:
         collector.close()
         upload.discard()
-        raise ApiError(422, "malformed_form", f"the multipart body cannot be parsed: {exc}",
-                       field=FILE_FIELD) from None
+        raise ApiError(
+            422, "malformed_form", f"the multipart body cannot be parsed: {exc}", field=FILE_FIELD
+        ) from None
     except BaseException:
         collector.close()
         upload.discard()
         raise
     collector.close()
     if upload.path is None:
-        raise ApiError(422, "missing_file", "no file: send it in the multipart field 'file'",
-                       field=FILE_FIELD)
+        raise ApiError(
+            422, "missing_file", "no file: send it in the multipart field 'file'", field=FILE_FIELD
+        )
     return upload

@@ -41,7 +41,7 @@ def diff_density(method: str) -> float | None:
     if not (method.startswith("diff-") and method.endswith("%")):
         return None
     try:
-        density = float(method[len("diff-"):-1]) / 100
+        density = float(method[len("diff-") : -1]) / 100
     except ValueError:
         return None
     return density if 0 < density <= 1 else None
@@ -81,8 +81,12 @@ def worker(args: argparse.Namespace) -> None:
     base = load_base(args.base)
     gated, fix = diff_epochs(args.epochs)
     config = DiffPruneConfig(
-        epochs=gated, fix_epochs=fix, batch_size=args.batch_size,
-        max_length=args.max_length, seed=args.seed, compile_gates=not args.no_compile,
+        epochs=gated,
+        fix_epochs=fix,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        compile_gates=not args.no_compile,
         device=args.device,
     )
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -92,8 +96,9 @@ def worker(args: argparse.Namespace) -> None:
         if args.lr:
             config.fix_lr = args.lr
         result = train_diff(data, config, base=base)
-        metrics, stored = result.metrics, result.diff.nnz + sum(
-            t.numel() for t in result.diff.head.values()
+        metrics, stored = (
+            result.metrics,
+            result.diff.nnz + sum(t.numel() for t in result.diff.head.values()),
         )
         size, seconds = artifact_size(result.diff), result.train_seconds
         train_metrics = fitted_metrics(data, base, result.diff) if args.train_metric else None
@@ -108,18 +113,30 @@ def worker(args: argparse.Namespace) -> None:
             data, config, base=base, method=args.method, train_metric=args.train_metric, **swept
         )
         metrics, stored, size, seconds = (
-            dense.metrics, dense.stored_params, dense.artifact_bytes, dense.train_seconds
+            dense.metrics,
+            dense.stored_params,
+            dense.artifact_bytes,
+            dense.train_seconds,
         )
         train_metrics = dense.train_metrics
-    emit_result({
-        "task": args.task, "method": args.method, "lr": args.lr, "seed": args.seed,
-        "metric_name": metrics["metric_name"],
-        "metric": metrics["metric"], "metrics": metrics, "stored_params": stored,
-        "artifact_bytes": size, "train_seconds": seconds,
-        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
-        "train_rows": data.train.rows, "validation_rows": data.validation.rows,
-        **({"train_metric": train_metrics["metric"]} if train_metrics else {}),
-    })
+    emit_result(
+        {
+            "task": args.task,
+            "method": args.method,
+            "lr": args.lr,
+            "seed": args.seed,
+            "metric_name": metrics["metric_name"],
+            "metric": metrics["metric"],
+            "metrics": metrics,
+            "stored_params": stored,
+            "artifact_bytes": size,
+            "train_seconds": seconds,
+            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
+            "train_rows": data.train.rows,
+            "validation_rows": data.validation.rows,
+            **({"train_metric": train_metrics["metric"]} if train_metrics else {}),
+        }
+    )
 
 
 def fitted_metrics(data: Any, base: Any, diff: Any) -> dict[str, Any]:
@@ -129,15 +146,23 @@ def fitted_metrics(data: Any, base: Any, diff: Any) -> dict[str, Any]:
 
     model = build_task_model(base, diff)
     return evaluate(
-        model, data.train, tokenizer=base.tokenizer, task_type=data.task_type,
-        num_labels=data.num_labels, max_length=diff.meta.max_length,
+        model,
+        data.train,
+        tokenizer=base.tokenizer,
+        task_type=data.task_type,
+        num_labels=data.num_labels,
+        max_length=diff.meta.max_length,
     )
 
 
 def planned_runs(args: argparse.Namespace, tasks: list[str]) -> list[tuple[str, str, float, int]]:
     """(task, method, lr, seed) for every run; lr 0 means the method's default (for diff
     methods the lr is the fixed-mask step, swept by `--diff-fix-lrs`)."""
-    sweeps = {"full": parse_floats(args.full_lrs), "lora": parse_floats(args.lora_lrs), "head": [0.0]}
+    sweeps = {
+        "full": parse_floats(args.full_lrs),
+        "lora": parse_floats(args.lora_lrs),
+        "head": [0.0],
+    }
     return [
         (task, method, lr, seed)
         for task in tasks
@@ -163,7 +188,10 @@ def best_per_method(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for (task, method, lr), runs in groups.items():
         row = {
-            "task": task, "method": method, "lr": lr, "metric_name": runs[0]["metric_name"],
+            "task": task,
+            "method": method,
+            "lr": lr,
+            "metric_name": runs[0]["metric_name"],
             "metric": statistics.mean(r["metric"] for r in runs),
             "per_seed": [r["metric"] for r in sorted(runs, key=lambda r: r["seed"])],
             "stored_params": runs[0]["stored_params"],
@@ -178,24 +206,55 @@ def best_per_method(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(best.values())
 
 
-def print_results(title: str, rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+def print_results(
+    title: str, rows: list[dict[str, Any]]
+) -> tuple[dict[str, float], dict[str, float]]:
     """The per-task table and the mean over tasks; returns the mean metric and the mean
     artifact bytes of each method."""
     fit = any("train_metric" in r for r in rows)
     print_table(
         title,
-        ["task", "method", "lr", "metric", "mean", "per seed", *(["on train rows"] if fit else []),
-         "stored params", "artifact bytes", "train s", "peak MiB"],
-        [[r["task"], r["method"], f"{r['lr']:g}" if r["lr"] else "default", r["metric_name"],
-          r["metric"], " ".join(f"{v:.4f}" for v in r["per_seed"]),
-          *([r.get("train_metric", "-")] if fit else []), r["stored_params"],
-          int(r["artifact_bytes"]), r["train_seconds"], mib(r["peak_bytes"])] for r in rows],
+        [
+            "task",
+            "method",
+            "lr",
+            "metric",
+            "mean",
+            "per seed",
+            *(["on train rows"] if fit else []),
+            "stored params",
+            "artifact bytes",
+            "train s",
+            "peak MiB",
+        ],
+        [
+            [
+                r["task"],
+                r["method"],
+                f"{r['lr']:g}" if r["lr"] else "default",
+                r["metric_name"],
+                r["metric"],
+                " ".join(f"{v:.4f}" for v in r["per_seed"]),
+                *([r.get("train_metric", "-")] if fit else []),
+                r["stored_params"],
+                int(r["artifact_bytes"]),
+                r["train_seconds"],
+                mib(r["peak_bytes"]),
+            ]
+            for r in rows
+        ],
     )
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
-    summary = [[m, statistics.mean(r["metric"] for r in rs), statistics.mean(r["artifact_bytes"] for r in rs)]
-               for m, rs in by_method.items()]
+    summary = [
+        [
+            m,
+            statistics.mean(r["metric"] for r in rs),
+            statistics.mean(r["artifact_bytes"] for r in rs),
+        ]
+        for m, rs in by_method.items()
+    ]
     print_table("mean over tasks", ["method", "mean metric", "mean artifact bytes"], summary)
     return {row[0]: row[1] for row in summary}, {row[0]: row[2] for row in summary}
 
@@ -206,45 +265,79 @@ def print_goals(means: dict[str, float], sizes: dict[str, float]) -> None:
         return
     gap = 100 * (means["full"] - means["diff-0.5%"])
     print("\ngoals (diff pruning at 0.5%):")
-    print(f"  within 0.5 points of full finetuning: {gap:+.2f} points behind -> "
-          f"{'met' if gap <= 0.5 else 'NOT met'}")
-    print(f"  >= LoRA: {100 * (means['diff-0.5%'] - means['lora']):+.2f} points -> "
-          f"{'met' if means['diff-0.5%'] >= means['lora'] else 'NOT met'}")
+    print(
+        f"  within 0.5 points of full finetuning: {gap:+.2f} points behind -> "
+        f"{'met' if gap <= 0.5 else 'NOT met'}"
+    )
+    print(
+        f"  >= LoRA: {100 * (means['diff-0.5%'] - means['lora']):+.2f} points -> "
+        f"{'met' if means['diff-0.5%'] >= means['lora'] else 'NOT met'}"
+    )
     ratio = sizes["diff-0.5%"] / sizes["lora"]
-    print(f"  <= 1/3 of LoRA's bytes: {ratio:.3f} of LoRA -> {'met' if ratio <= 1 / 3 else 'NOT met'}")
+    print(
+        f"  <= 1/3 of LoRA's bytes: {ratio:.3f} of LoRA -> {'met' if ratio <= 1 / 3 else 'NOT met'}"
+    )
 
 
 def main() -> None:
     """Run every planned run and print the tables and the goal checks."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="movie-sentiment,snippet-domain")
-    parser.add_argument("--heldout-tasks", default="product-sentiment-fewshot",
-                        help="tasks not used to choose the defaults (own table, no goals)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="full, lora, head, diff-<percent>%% (any density, e.g. diff-2%%)")
-    parser.add_argument("--epochs", type=int, default=default_epochs(),
-                        help="epochs for every method (default: the trainer's gated + fixed-mask)")
-    parser.add_argument("--max-train-rows", type=int, default=500,
-                        help="first rows of each task's training file (0: all of them)")
+    parser.add_argument(
+        "--heldout-tasks",
+        default="product-sentiment-fewshot",
+        help="tasks not used to choose the defaults (own table, no goals)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="full, lora, head, diff-<percent>%% (any density, e.g. diff-2%%)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=default_epochs(),
+        help="epochs for every method (default: the trainer's gated + fixed-mask)",
+    )
+    parser.add_argument(
+        "--max-train-rows",
+        type=int,
+        default=500,
+        help="first rows of each task's training file (0: all of them)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--full-lrs", default="5e-5,1e-4,2e-4", help="full finetuning lr sweep")
     parser.add_argument("--lora-lrs", default="1e-3,3e-3", help="LoRA lr sweep")
-    parser.add_argument("--diff-fix-lrs", default="",
-                        help="fixed-mask lr sweep of the diff methods (default: the trainer's rule)")
+    parser.add_argument(
+        "--diff-fix-lrs",
+        default="",
+        help="fixed-mask lr sweep of the diff methods (default: the trainer's rule)",
+    )
     parser.add_argument("--base", default="all-MiniLM-L6-v2")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     parser.add_argument("--device", default="")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="256 training rows, 2 epochs, one seed, no lr sweeps, no held-out task")
-    parser.add_argument("--train-metric", action="store_true",
-                        help="also report each method's metric on its training rows (under- or overfit)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="256 training rows, 2 epochs, one seed, no lr sweeps, no held-out task",
+    )
+    parser.add_argument(
+        "--train-metric",
+        action="store_true",
+        help="also report each method's metric on its training rows (under- or overfit)",
+    )
     parser.add_argument("--out", type=Path, help="also write every run's result as JSON here")
-    parser.add_argument("--include", type=Path, action="append", default=[],
-                        help="add the runs of an earlier --out file (e.g. other seeds) to the tables")
+    parser.add_argument(
+        "--include",
+        type=Path,
+        action="append",
+        default=[],
+        help="add the runs of an earlier --out file (e.g. other seeds) to the tables",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -254,17 +347,32 @@ def main() -> None:
     if args.quick:
         args.max_train_rows, args.epochs, args.seeds = 256, 2, "0"
         args.full_lrs, args.lora_lrs, args.heldout_tasks = "1e-4", "1e-3", ""
-    unknown = [m for m in args.methods.split(",") if m not in DENSE_METHODS and diff_density(m) is None]
+    unknown = [
+        m for m in args.methods.split(",") if m not in DENSE_METHODS and diff_density(m) is None
+    ]
     if unknown:
-        parser.error(f"--methods: unknown {', '.join(unknown)} (full, lora, head or diff-<percent>%)")
+        parser.error(
+            f"--methods: unknown {', '.join(unknown)} (full, lora, head or diff-<percent>%)"
+        )
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (diff pruning needs a gated and a fixed epoch)")
     if args.worker:
         worker(args)
         return
-    shared = ["--epochs", str(args.epochs), "--max-train-rows", str(args.max_train_rows),
-              "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-              "--base", args.base, "--device", args.device]
+    shared = [
+        "--epochs",
+        str(args.epochs),
+        "--max-train-rows",
+        str(args.max_train_rows),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--base",
+        args.base,
+        "--device",
+        args.device,
+    ]
     shared += ["--no-compile"] if args.no_compile else []
     shared += ["--train-metric"] if args.train_metric else []
     tasks = [t for t in args.tasks.split(",") if t]
@@ -273,10 +381,16 @@ def main() -> None:
 
     def run(plan: tuple[str, str, float, int]) -> dict[str, Any]:
         task, method, lr, seed = plan
-        r = run_isolated("accuracy", ["--task", task, "--method", method, "--lr", str(lr),
-                                      "--seed", str(seed), *shared], threads=args.threads)
-        print(f"{task} {method} lr {lr:g} seed {seed}: {r['metric_name']} {r['metric']:.4f} "
-              f"({r['train_seconds']:.0f} s)", flush=True)
+        r = run_isolated(
+            "accuracy",
+            ["--task", task, "--method", method, "--lr", str(lr), "--seed", str(seed), *shared],
+            threads=args.threads,
+        )
+        print(
+            f"{task} {method} lr {lr:g} seed {seed}: {r['metric_name']} {r['metric']:.4f} "
+            f"({r['train_seconds']:.0f} s)",
+            flush=True,
+        )
         return r
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -288,15 +402,19 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
     gated, fix = diff_epochs(args.epochs)
     train_rows = f"<= {args.max_train_rows}" if args.max_train_rows else "all"
-    setting = (f"{args.base}, {args.epochs} epochs (diff: {gated} gated + {fix} fixed), "
-               f"{train_rows} training rows, {args.max_length} tokens, "
-               f"batch {args.batch_size}, seeds {','.join(map(str, seeds))}, "
-               f"{args.threads} thread(s) x {args.jobs} job(s)")
+    setting = (
+        f"{args.base}, {args.epochs} epochs (diff: {gated} gated + {fix} fixed), "
+        f"{train_rows} training rows, {args.max_length} tokens, "
+        f"batch {args.batch_size}, seeds {','.join(map(str, seeds))}, "
+        f"{args.threads} thread(s) x {args.jobs} job(s)"
+    )
     rows = best_per_method(results)
     means, sizes = print_results(f"accuracy: {setting}", [r for r in rows if r["task"] in tasks])
     print_goals(means, sizes)
     if heldout:
-        print_results("held out (not used to choose the defaults)", [r for r in rows if r["task"] in heldout])
+        print_results(
+            "held out (not used to choose the defaults)", [r for r in rows if r["task"] in heldout]
+        )
 
 
 if __name__ == "__main__":

@@ -52,16 +52,27 @@ def _status_kib(field: str) -> int:
 
 def run_isolated(script: str, args: list[str], *, threads: int) -> dict[str, Any]:
     """Run `python -m bench.<script> --worker ...` in a fresh process; its result dict."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{script}", "--worker", *args, "--threads", str(threads)],
-        cwd=REPO, env=env, capture_output=True, text=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(f"bench worker {args} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            return json.loads(line[len(RESULT_PREFIX) :])
+    raise RuntimeError(
+        f"bench worker {args} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    )
 
 
 def emit_result(result: dict[str, Any]) -> None:
@@ -75,7 +86,12 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     print(f"\n{title}")
     for j, row in enumerate(cells):
-        print("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  ".join(
+                v.rjust(w) if i else v.ljust(w)
+                for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if j == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -155,12 +171,18 @@ def train_dense(
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value", "dense"],
-            task_type="SEQ_CLS", modules_to_save=["classifier"],
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.1,
+            target_modules=["query", "value", "dense"],
+            task_type="SEQ_CLS",
+            modules_to_save=["classifier"],
         )
         model = get_peft_model(model, lora)
         adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
-        head_now = {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+        head_now = {
+            n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n
+        }
         groups = [(list(adapters.values()), lora_lr), (list(head_now.values()), config.head_lr)]
     elif method == "head":
         groups = [(list(head.values()), config.head_lr)]
@@ -192,8 +214,12 @@ def train_dense(
 
     def metrics_on(table: Any) -> dict[str, Any]:
         return evaluate(
-            model, table, tokenizer=base.tokenizer, task_type=data.task_type,
-            num_labels=data.num_labels, max_length=config.max_length,
+            model,
+            table,
+            tokenizer=base.tokenizer,
+            task_type=data.task_type,
+            num_labels=data.num_labels,
+            max_length=config.max_length,
             batch_size=config.eval_batch_size,
         )
 
@@ -232,4 +258,3 @@ def quiet() -> None:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-

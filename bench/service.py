@@ -53,8 +53,15 @@ def percentile(samples: list[float], q: float) -> float:
 def latency_row(name: str, samples_s: list[float], wall_s: float) -> list[Any]:
     """A table row: requests, p50/p90/p99/max in ms, throughput."""
     ms = [s * 1000 for s in samples_s]
-    return [name, len(ms), percentile(ms, 50), percentile(ms, 90), percentile(ms, 99), max(ms),
-            len(ms) / wall_s]
+    return [
+        name,
+        len(ms),
+        percentile(ms, 50),
+        percentile(ms, 90),
+        percentile(ms, 99),
+        max(ms),
+        len(ms) / wall_s,
+    ]
 
 
 # ---------------------------------------------------------------- API latency
@@ -119,7 +126,9 @@ def bench_api(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="diffbank-bench-api-"))
     redis_server = RedisServer(work / "redis")
     redis_server.start()
-    env = service_env_for(work / "data", redis_server.url, Path(resolve_base_path("all-MiniLM-L6-v2")))
+    env = service_env_for(
+        work / "data", redis_server.url, Path(resolve_base_path("all-MiniLM-L6-v2"))
+    )
     settings = settings_from_env(env)
     key = prepare_registry(settings)
     server = start_api_server(env, work, workers=args.api_workers)
@@ -130,19 +139,31 @@ def bench_api(args: argparse.Namespace) -> None:
         with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
             dataset = http.post(
                 "/v1/datasets",
-                files={"file": ("bench.jsonl", write_sentiment_jsonl(work / "bench.jsonl").read_bytes())},
+                files={
+                    "file": (
+                        "bench.jsonl",
+                        write_sentiment_jsonl(work / "bench.jsonl").read_bytes(),
+                    )
+                },
             ).json()
             seed_ids = [
-                http.post("/v1/jobs", json={"task": f"seed{i}", "dataset_id": dataset["id"]}).json()["id"]
+                http.post(
+                    "/v1/jobs", json={"task": f"seed{i}", "dataset_id": dataset["id"]}
+                ).json()["id"]
                 for i in range(50)
             ]
 
         def submit(http, i: int, j: int):
-            return http.post(f"{server.url}/v1/jobs", headers=headers,
-                             json={"task": f"bench-{i}-{j}", "dataset_id": dataset["id"]})
+            return http.post(
+                f"{server.url}/v1/jobs",
+                headers=headers,
+                json={"task": f"bench-{i}-{j}", "dataset_id": dataset["id"]},
+            )
 
         def status(http, i: int, j: int):
-            return http.get(f"{server.url}/v1/jobs/{seed_ids[(i + j) % len(seed_ids)]}", headers=headers)
+            return http.get(
+                f"{server.url}/v1/jobs/{seed_ids[(i + j) % len(seed_ids)]}", headers=headers
+            )
 
         run_clients(args.clients, 5, status)  # warm-up: connections, caches
         n, every = args.clients, args.poll_interval_s
@@ -162,8 +183,15 @@ def bench_api(args: argparse.Namespace) -> None:
         print_table(
             f"API latency, {args.clients} concurrent clients, uvicorn workers={args.api_workers}, "
             f"SQLite + file store + Redis ({MACHINE_NOTE})",
-            ["GET /v1/jobs/{id} (status) / POST /v1/jobs (submit + enqueue)", "n", "p50 ms",
-             "p90 ms", "p99 ms", "max ms", "req/s"],
+            [
+                "GET /v1/jobs/{id} (status) / POST /v1/jobs (submit + enqueue)",
+                "n",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "req/s",
+            ],
             rows,
         )
         print("goal: status p99 <= 50 ms")
@@ -175,8 +203,9 @@ def bench_api(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- serving
 
 
-def random_sparse_diff(base: Any, head_shapes: dict[str, tuple[int, ...]], *, density: float,
-                       seed: int) -> Any:
+def random_sparse_diff(
+    base: Any, head_shapes: dict[str, tuple[int, ...]], *, density: float, seed: int
+) -> Any:
     """A diff with `density` of every base tensor's entries at random positions, random values."""
     import torch
 
@@ -191,10 +220,16 @@ def random_sparse_diff(base: Any, head_shapes: dict[str, tuple[int, ...]], *, de
         indices[name] = chosen
         values[name] = (noise + noise.sign() * 1e-3).to(torch.float16)
         shapes[name] = tuple(param.shape)
-    head = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in head_shapes.items()}
+    head = {
+        name: torch.randn(shape, generator=generator) * 0.02 for name, shape in head_shapes.items()
+    }
     meta = ArtifactMeta(
-        base_name=base.name, base_fingerprint=base.fingerprint, n_params=base.n_params,
-        task_type="classification", label_names=["negative", "positive"], max_length=64,
+        base_name=base.name,
+        base_fingerprint=base.fingerprint,
+        n_params=base.n_params,
+        task_type="classification",
+        label_names=["negative", "positive"],
+        max_length=64,
         extra={"synthetic": "random sparse diff for benchmarking"},
     )
     return make_meta_consistent(SparseDiff(indices, values, shapes, head, meta))
@@ -210,13 +245,16 @@ def bench_serving(args: argparse.Namespace) -> None:
     from registry.basemodel import build_model, load_base, resolve_base_path
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)  # 1: robust on a shared machine (no thread oversubscription)
+    torch.set_num_threads(
+        args.threads
+    )  # 1: robust on a shared machine (no thread oversubscription)
     base_path = resolve_base_path("all-MiniLM-L6-v2")
     base = load_base(base_path)
     predictor = Predictor(cache_size=args.tasks + 1)
     held = predictor.base(base_path)
-    head_shapes = {name: tuple(p.shape) for name, p in held.model.named_parameters()
-                   if name in held.head_names}
+    head_shapes = {
+        name: tuple(p.shape) for name, p in held.model.named_parameters() if name in held.head_names
+    }
     blobs = []
     for i in range(args.tasks):
         diff = random_sparse_diff(base, head_shapes, density=args.density, seed=i)
@@ -233,8 +271,9 @@ def bench_serving(args: argparse.Namespace) -> None:
         decode_s.append(time.perf_counter() - start)
 
     def request(task: int) -> None:
-        predictor.predict(base=base_path, diff_key=keys[task], fetch=lambda t=task: blobs[t],
-                          inputs=batch)
+        predictor.predict(
+            base=base_path, diff_key=keys[task], fetch=lambda t=task: blobs[t], inputs=batch
+        )
 
     for task in range(args.tasks):  # fill the LRU, warm up
         request(task)
@@ -255,7 +294,9 @@ def bench_serving(args: argparse.Namespace) -> None:
 
     # Throughput, three modes interleaved block by block so that load drift on a shared
     # machine hits all of them alike; each block is `tasks` requests.
-    encoded = base.tokenizer(batch, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    encoded = base.tokenizer(
+        batch, truncation=True, max_length=64, padding=True, return_tensors="pt"
+    )
     head0 = predictor._cached(held, keys[0], lambda: blobs[0]).head
 
     def round_robin() -> None:
@@ -312,27 +353,58 @@ def bench_serving(args: argparse.Namespace) -> None:
         f"diffs at density {args.density} (nnz={nnz:,} per task), batch of {len(batch)} sentences, "
         f"{n_requests} requests per mode in {args.rounds} interleaved blocks, torch threads "
         f"{torch.get_num_threads()} ({MACHINE_NOTE})",
-        ["mode", "wall ms/request", "CPU ms/request", "requests/s (wall)",
-         "vs merged (wall)", "vs merged (CPU)"],
-        [[name, m * 1000, cpu_medians[name] * 1000, 1 / m, medians[merged_name] / m,
-          cpu_medians[merged_name] / cpu_medians[name]] for name, m in medians.items()],
+        [
+            "mode",
+            "wall ms/request",
+            "CPU ms/request",
+            "requests/s (wall)",
+            "vs merged (wall)",
+            "vs merged (CPU)",
+        ],
+        [
+            [
+                name,
+                m * 1000,
+                cpu_medians[name] * 1000,
+                1 / m,
+                medians[merged_name] / m,
+                cpu_medians[merged_name] / cpu_medians[name],
+            ]
+            for name, m in medians.items()
+        ],
     )
     print_table(
         "Task switch cost",
         ["what", "n", "p50 ms", "p99 ms", "mean ms"],
         [
-            ["revert + apply sparse diff (in place), wall", len(switch_s),
-             percentile([s * 1000 for s in switch_s], 50), percentile([s * 1000 for s in switch_s], 99),
-             statistics.mean(switch_s) * 1000],
-            ["revert + apply sparse diff (in place), CPU", len(switch_cpu_s),
-             percentile([s * 1000 for s in switch_cpu_s], 50),
-             percentile([s * 1000 for s in switch_cpu_s], 99), statistics.mean(switch_cpu_s) * 1000],
-            ["decode artifact (LRU miss, once per task)", len(decode_s),
-             percentile([s * 1000 for s in decode_s], 50), percentile([s * 1000 for s in decode_s], 99),
-             statistics.mean(decode_s) * 1000],
-            [f"from_pretrained full finetuned checkpoint ({full_bytes / 2**20:.1f} MiB)", len(load_s),
-             percentile([s * 1000 for s in load_s], 50), percentile([s * 1000 for s in load_s], 99),
-             statistics.mean(load_s) * 1000],
+            [
+                "revert + apply sparse diff (in place), wall",
+                len(switch_s),
+                percentile([s * 1000 for s in switch_s], 50),
+                percentile([s * 1000 for s in switch_s], 99),
+                statistics.mean(switch_s) * 1000,
+            ],
+            [
+                "revert + apply sparse diff (in place), CPU",
+                len(switch_cpu_s),
+                percentile([s * 1000 for s in switch_cpu_s], 50),
+                percentile([s * 1000 for s in switch_cpu_s], 99),
+                statistics.mean(switch_cpu_s) * 1000,
+            ],
+            [
+                "decode artifact (LRU miss, once per task)",
+                len(decode_s),
+                percentile([s * 1000 for s in decode_s], 50),
+                percentile([s * 1000 for s in decode_s], 99),
+                statistics.mean(decode_s) * 1000,
+            ],
+            [
+                f"from_pretrained full finetuned checkpoint ({full_bytes / 2**20:.1f} MiB)",
+                len(load_s),
+                percentile([s * 1000 for s in load_s], 50),
+                percentile([s * 1000 for s in load_s], 99),
+                statistics.mean(load_s) * 1000,
+            ],
         ],
     )
     print(f"artifact bytes per task: {len(blobs[0]):,} (full checkpoint {full_bytes:,})")

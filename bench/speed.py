@@ -54,8 +54,13 @@ def worker(args: argparse.Namespace) -> None:
     base = load_base(args.base)
     steps = args.warmup + args.steps
     config = DiffPruneConfig(
-        batch_size=args.batch_size, max_length=args.max_length, epochs=steps, fix_epochs=0,
-        density=0.005, compile_gates=not args.no_compile, device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        epochs=steps,
+        fix_epochs=0,
+        density=0.005,
+        compile_gates=not args.no_compile,
+        device=args.device,
     )
     if args.method == "fix":
         config.epochs, config.fix_epochs = 0, steps
@@ -81,13 +86,15 @@ def worker(args: argparse.Namespace) -> None:
     else:
         train_diff(data, config, base=base, progress=lambda p: on_step(p.step))
     times = [b - a for a, b in zip(marks[args.warmup - 1 : -1], marks[args.warmup :], strict=True)]
-    emit_result({
-        "method": args.method,
-        "step_seconds": statistics.median(times),
-        "peak_bytes": peak[0],
-        "idle_bytes": 0 if cuda else idle,
-        "device": "cuda" if cuda else "cpu",
-    })
+    emit_result(
+        {
+            "method": args.method,
+            "step_seconds": statistics.median(times),
+            "peak_bytes": peak[0],
+            "idle_bytes": 0 if cuda else idle,
+            "device": "cuda" if cuda else "cpu",
+        }
+    )
 
 
 def main() -> None:
@@ -109,11 +116,26 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    shared = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
-              str(args.batch_size), "--max-length", str(args.max_length), "--task", args.task,
-              "--base", args.base, "--device", args.device] + (["--no-compile"] if args.no_compile else [])
-    results = {m: run_isolated("speed", ["--method", m, *shared], threads=args.threads)
-               for m in args.methods.split(",")}
+    shared = [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--task",
+        args.task,
+        "--base",
+        args.base,
+        "--device",
+        args.device,
+    ] + (["--no-compile"] if args.no_compile else [])
+    results = {
+        m: run_isolated("speed", ["--method", m, *shared], threads=args.threads)
+        for m in args.methods.split(",")
+    }
     ref = results.get("full")
     rows = []
     for m, r in results.items():
@@ -121,8 +143,11 @@ def main() -> None:
         row = [LABELS[m], r["step_seconds"], mib(r["peak_bytes"]), mib(above)]
         if ref:
             ref_above = ref["peak_bytes"] - ref["idle_bytes"]
-            row += [r["step_seconds"] / ref["step_seconds"], r["peak_bytes"] / ref["peak_bytes"],
-                    above / ref_above if ref_above else float("nan")]
+            row += [
+                r["step_seconds"] / ref["step_seconds"],
+                r["peak_bytes"] / ref["peak_bytes"],
+                above / ref_above if ref_above else float("nan"),
+            ]
         rows.append(row)
     device = next(iter(results.values()))["device"]
     print_table(

@@ -53,7 +53,9 @@ class ApiWorld:
         result = {}
         with self.session_factory() as session:
             for model in (Artifact, Dataset, Job, JobEvent, Task, TaskVersion):
-                result[model.__tablename__] = session.scalar(select(func.count()).select_from(model))
+                result[model.__tablename__] = session.scalar(
+                    select(func.count()).select_from(model)
+                )
         result["objects"] = len(list(self.store.list("")))
         result["upload_temp_files"] = len(list(Path(self.app.state.upload_dir).iterdir()))
         client = redis.Redis.from_url(self.redis_url)
@@ -66,7 +68,9 @@ class ApiWorld:
     def upload(self, who: str, name: str, data: bytes, **form: str):
         """POST a dataset file; the raw response."""
         return self.client.post(
-            "/v1/datasets", headers=self.headers(who), files={"file": (name, io.BytesIO(data))},
+            "/v1/datasets",
+            headers=self.headers(who),
+            files={"file": (name, io.BytesIO(data))},
             data=form,
         )
 
@@ -76,11 +80,20 @@ class ApiWorld:
         assert response.status_code == 201, response.text
         return response.json()
 
-    def publish_version(self, who: str, task: str, *, seed: int, task_type: str = "classification",
-                        labels: tuple[str, ...] = ("neg", "pos"), density: float = 0.02) -> int:
+    def publish_version(
+        self,
+        who: str,
+        task: str,
+        *,
+        seed: int,
+        task_type: str = "classification",
+        labels: tuple[str, ...] = ("neg", "pos"),
+        density: float = 0.02,
+    ) -> int:
         """Publish a random sparse diff with a random head as the next version of `task`."""
-        data = random_artifact(self.base_dir, seed=seed, task_type=task_type, labels=labels,
-                               density=density)
+        data = random_artifact(
+            self.base_dir, seed=seed, task_type=task_type, labels=labels, density=density
+        )
         return publish_artifact(self, who, task, data, task_type=task_type, labels=list(labels))
 
 
@@ -92,16 +105,21 @@ def jsonl(rows: list[dict]) -> bytes:
 SENTIMENT_ROWS = [
     {"text": t, "label": lab}
     for t, lab in [
-        ("a wonderful, warm film", "pos"), ("dull and far too long", "neg"),
-        ("I loved every minute", "pos"), ("a waste of time", "neg"),
-        ("great acting and a clever plot", "pos"), ("the worst script this year", "neg"),
-        ("charming and funny", "pos"), ("boring, flat, forgettable", "neg"),
+        ("a wonderful, warm film", "pos"),
+        ("dull and far too long", "neg"),
+        ("I loved every minute", "pos"),
+        ("a waste of time", "neg"),
+        ("great acting and a clever plot", "pos"),
+        ("the worst script this year", "neg"),
+        ("charming and funny", "pos"),
+        ("boring, flat, forgettable", "neg"),
     ]
 ]
 
 
-def random_artifact(base_dir: Path, *, seed: int, task_type: str, labels: tuple[str, ...],
-                    density: float) -> bytes:
+def random_artifact(
+    base_dir: Path, *, seed: int, task_type: str, labels: tuple[str, ...], density: float
+) -> bytes:
     """Artifact bytes of a random sparse diff (given density) and random head on the base."""
     import torch
 
@@ -119,7 +137,8 @@ def random_artifact(base_dir: Path, *, seed: int, task_type: str, labels: tuple[
     encoder_ids = {id(p) for p in model.base_model.parameters()}
     head = {
         name: torch.randn(p.shape, generator=generator)
-        for name, p in model.named_parameters() if id(p) not in encoder_ids
+        for name, p in model.named_parameters()
+        if id(p) not in encoder_ids
     }
     meta = ArtifactMeta(
         base_name=base.name,
@@ -140,13 +159,17 @@ def register_base(session_factory, base_dir: Path):
     base = load_base(str(base_dir))
     with session_factory() as session:
         return catalog.register_base_model(
-            session, name=base.name, source=str(base_dir), fingerprint=base.fingerprint,
+            session,
+            name=base.name,
+            source=str(base_dir),
+            fingerprint=base.fingerprint,
             n_params=base.n_params,
         )
 
 
-def publish_artifact(world: ApiWorld, who: str, task: str, data: bytes, *, task_type: str,
-                     labels: list[str]) -> int:
+def publish_artifact(
+    world: ApiWorld, who: str, task: str, data: bytes, *, task_type: str, labels: list[str]
+) -> int:
     """Blob -> verify -> task version row, as the worker publishes; the new version number."""
     from registry.artifact import loads_artifact
     from registry.publish import publish_version
@@ -155,12 +178,22 @@ def publish_artifact(world: ApiWorld, who: str, task: str, data: bytes, *, task_
     base_row = register_base(world.session_factory, world.base_dir)
     with world.session_factory() as session:
         task_row = catalog.get_or_create_task(
-            session, tenant_id=world.tenant_ids[who], name=task, base_model_id=base_row.id,
-            task_type=task_type, label_names=labels,
+            session,
+            tenant_id=world.tenant_ids[who],
+            name=task,
+            base_model_id=base_row.id,
+            task_type=task_type,
+            label_names=labels,
         )
         version = publish_version(
-            session, world.store, task_id=task_row.id, diff_bytes=data, nnz=diff.nnz, density=diff.meta.density,
-            metrics={"accuracy": 0.5}, config={"seed": 0},
+            session,
+            world.store,
+            task_id=task_row.id,
+            diff_bytes=data,
+            nnz=diff.nnz,
+            density=diff.meta.density,
+            metrics={"accuracy": 0.5},
+            config={"seed": 0},
         )
     return version.number
 
@@ -181,10 +214,13 @@ def make_world(tmp_path: Path, redis_url: str, base_dir: Path, **overrides: Any)
     settings = Settings(**{**fields, **overrides})
     upgrade(settings.database_url)
     app = create_app(settings)
-    world = ApiWorld(app=app, client=TestClient(app), settings=settings, base_dir=base_dir,
-                     redis_url=redis_url)
+    world = ApiWorld(
+        app=app, client=TestClient(app), settings=settings, base_dir=base_dir, redis_url=redis_url
+    )
     scopes = {
-        "alice": ["read", "submit"], "bob": ["read", "submit"], "reader": ["read"],
+        "alice": ["read", "submit"],
+        "bob": ["read", "submit"],
+        "reader": ["read"],
         "admin": ["admin"],
     }
     with app.state.session_factory() as session:

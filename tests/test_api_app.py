@@ -52,12 +52,14 @@ def test_readyz_reports_every_dependency_ready(world):
     response = world.client.get("/readyz")
     assert response.status_code == 200, response.text
     assert response.json() == {
-        "status": "ready", "checks": {"database": "ok", "store": "ok", "broker": "ok"},
+        "status": "ready",
+        "checks": {"database": "ok", "store": "ok", "broker": "ok"},
     }
 
 
-def test_readyz_answers_503_naming_the_broker_when_redis_is_down(tmp_path, redis_server,
-                                                                 tiny_base_dir):
+def test_readyz_answers_503_naming_the_broker_when_redis_is_down(
+    tmp_path, redis_server, tiny_base_dir
+):
     dead = f"redis://127.0.0.1:{free_port()}/0"
     world = make_world(tmp_path, redis_server.url, tiny_base_dir)
     world.app.state.settings = world.settings.model_copy(update={"redis_url": dead})
@@ -73,15 +75,20 @@ def test_readyz_answers_503_naming_the_broker_when_redis_is_down(tmp_path, redis
 def test_metrics_count_requests_by_route_template_and_jobs_by_state(world):
     dataset = world.upload_ok("alice", SENTIMENT_ROWS)
     for _ in range(2):
-        response = world.client.post("/v1/jobs", headers=world.headers("alice"),
-                                     json={"task": "metrics-task", "dataset_id": dataset["id"]})
+        response = world.client.post(
+            "/v1/jobs",
+            headers=world.headers("alice"),
+            json={"task": "metrics-task", "dataset_id": dataset["id"]},
+        )
         assert response.status_code == 202
     world.client.get("/v1/jobs/999999", headers=world.headers("alice"))
     text = world.client.get("/metrics").text
     assert 'diffbank_http_requests_total{method="POST",route="/v1/jobs",status="202"} 2.0' in text
     assert 'route="/v1/jobs/{job_id}",status="404"' in text
     assert "diffbank_http_request_duration_seconds_bucket" in text
-    queued = [line for line in text.splitlines() if line.startswith('diffbank_jobs{state="queued"}')]
+    queued = [
+        line for line in text.splitlines() if line.startswith('diffbank_jobs{state="queued"}')
+    ]
     assert queued and float(queued[0].split()[-1]) >= 2
 
 
@@ -89,10 +96,21 @@ def test_openapi_documents_every_route_with_bearer_auth(world):
     schema = world.client.get("/openapi.json").json()
     paths = set(schema["paths"])
     for path in [
-        "/v1/datasets", "/v1/datasets/{dataset_id}", "/v1/jobs", "/v1/jobs/{job_id}",
-        "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events", "/v1/tasks", "/v1/tasks/{name}",
-        "/v1/tasks/{name}/versions", "/v1/tasks/{name}/diff", "/v1/tasks/{name}/stats",
-        "/v1/tasks/{name}/versions/{number}", "/v1/tasks/{name}/predict", "/healthz", "/readyz",
+        "/v1/datasets",
+        "/v1/datasets/{dataset_id}",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/events",
+        "/v1/tasks",
+        "/v1/tasks/{name}",
+        "/v1/tasks/{name}/versions",
+        "/v1/tasks/{name}/diff",
+        "/v1/tasks/{name}/stats",
+        "/v1/tasks/{name}/versions/{number}",
+        "/v1/tasks/{name}/predict",
+        "/healthz",
+        "/readyz",
     ]:
         assert path in paths, path
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

@@ -34,14 +34,19 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory, redis_server, tiny_base_dir) -> Ctx:
     world = make_world(
-        tmp_path_factory.mktemp("api-errors"), redis_server.url, tiny_base_dir,
-        max_upload_bytes=MAX_UPLOAD, serving_max_batch=MAX_BATCH, serving_max_text_chars=MAX_CHARS,
+        tmp_path_factory.mktemp("api-errors"),
+        redis_server.url,
+        tiny_base_dir,
+        max_upload_bytes=MAX_UPLOAD,
+        serving_max_batch=MAX_BATCH,
+        serving_max_text_chars=MAX_CHARS,
     )
     alice = world.upload_ok("alice", SENTIMENT_ROWS)["id"]
     bob = world.upload_ok("bob", SENTIMENT_ROWS)["id"]
     busy = world.upload_ok("alice", SENTIMENT_ROWS[:6] + SENTIMENT_ROWS[:2])["id"]
-    response = world.client.post("/v1/jobs", headers=world.headers("alice"),
-                                 json={"task": "busy", "dataset_id": busy})
+    response = world.client.post(
+        "/v1/jobs", headers=world.headers("alice"), json={"task": "busy", "dataset_id": busy}
+    )
     assert response.status_code == 202, response.text
     three = world.upload_ok("alice", SENTIMENT_ROWS + [{"text": "meh", "label": "mixed"}])["id"]
     world.publish_version("alice", "sent", seed=1)
@@ -58,6 +63,7 @@ def post_job(body: dict | Callable[[Ctx], dict], who: str = "alice"):
     def send(c: Ctx):
         payload = body(c) if callable(body) else body
         return c.world.client.post("/v1/jobs", headers=c.world.headers(who), json=payload)
+
     return send
 
 
@@ -70,6 +76,7 @@ def get(path: str, who: str | None = "alice", headers: dict | None = None):
         h = dict(c.world.headers(who)) if who else {}
         h.update(headers or {})
         return c.world.client.get(path, headers=h)
+
     return send
 
 
@@ -82,14 +89,19 @@ def predict(task: str, inputs, who: str = "alice"):
 def upload_streamed(name: str, data: bytes):
     """A multipart upload sent chunked, without Content-Length: the limit must hold mid-stream."""
     boundary = "diffbank-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
     body += data + f"\r\n--{boundary}--\r\n".encode()
-    chunks = [body[i:i + 512] for i in range(0, len(body), 512)]
+    chunks = [body[i : i + 512] for i in range(0, len(body), 512)]
     return lambda c: c.world.client.post(
-        "/v1/datasets", content=iter(chunks),
-        headers={**c.world.headers("alice"),
-                 "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        "/v1/datasets",
+        content=iter(chunks),
+        headers={
+            **c.world.headers("alice"),
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
     )
 
 
@@ -103,80 +115,170 @@ CASES = [  # at least 15 kinds of bad input, by the brief
     # (id, request, status, code, field)
     ("wrong_file_type", upload("notes.txt", b"hello"), 422, "unsupported_format", "file"),
     ("oversize_upload", upload("big.jsonl", OVERSIZE), 413, "too_large", "file"),
-    ("oversize_upload_streamed_without_length", upload_streamed("big.jsonl", OVERSIZE), 413,
-     "too_large", "file"),
+    (
+        "oversize_upload_streamed_without_length",
+        upload_streamed("big.jsonl", OVERSIZE),
+        413,
+        "too_large",
+        "file",
+    ),
     ("malformed_row", upload("bad.jsonl", MALFORMED), 422, "malformed_row", "file"),
-    ("missing_label_column", upload("t.jsonl", jsonl(ROWS_WITHOUT_LABEL)), 422,
-     "missing_column", "label"),
+    (
+        "missing_label_column",
+        upload("t.jsonl", jsonl(ROWS_WITHOUT_LABEL)),
+        422,
+        "missing_column",
+        "label",
+    ),
     ("single_class", upload("t.jsonl", jsonl(ONE_CLASS)), 422, "single_class", "label"),
     ("empty_file", upload("t.jsonl", b""), 422, "empty_file", "file"),
-    ("bad_task_type_form_field", upload("t.jsonl", jsonl(SENTIMENT_ROWS), task_type="poetry"),
-     422, "invalid_task_type", "task_type"),
-    ("unknown_form_field", upload("t.jsonl", jsonl(SENTIMENT_ROWS), colour="blue"), 422,
-     "unknown_field", "colour"),
-    ("upload_not_multipart",
-     lambda c: c.world.client.post("/v1/datasets", headers=c.world.headers("alice"),
-                                   json={"file": "x"}),
-     415, "unsupported_media_type", "file"),
-    ("upload_without_file_part",
-     lambda c: c.world.client.post("/v1/datasets", headers=c.world.headers("alice"),
-                                   files={"other": ("t.jsonl", io.BytesIO(b"{}"))}),
-     422, "missing_file", "file"),
-    ("unknown_base", post_job(job(base_model="no-such-encoder")), 422, "unknown_base_model",
-     "base_model"),
-    ("base_model_not_text",
-     lambda c: c.world.client.post(
-         "/v1/jobs", headers={**c.world.headers("alice"), "Content-Type": "application/json"},
-         content=b'{"task": "sent", "dataset_id": %d, "base_model": "x\\ud800"}' % c.alice_dataset),
-     422, "validation_error", "base_model"),
+    (
+        "bad_task_type_form_field",
+        upload("t.jsonl", jsonl(SENTIMENT_ROWS), task_type="poetry"),
+        422,
+        "invalid_task_type",
+        "task_type",
+    ),
+    (
+        "unknown_form_field",
+        upload("t.jsonl", jsonl(SENTIMENT_ROWS), colour="blue"),
+        422,
+        "unknown_field",
+        "colour",
+    ),
+    (
+        "upload_not_multipart",
+        lambda c: c.world.client.post(
+            "/v1/datasets", headers=c.world.headers("alice"), json={"file": "x"}
+        ),
+        415,
+        "unsupported_media_type",
+        "file",
+    ),
+    (
+        "upload_without_file_part",
+        lambda c: c.world.client.post(
+            "/v1/datasets",
+            headers=c.world.headers("alice"),
+            files={"other": ("t.jsonl", io.BytesIO(b"{}"))},
+        ),
+        422,
+        "missing_file",
+        "file",
+    ),
+    (
+        "unknown_base",
+        post_job(job(base_model="no-such-encoder")),
+        422,
+        "unknown_base_model",
+        "base_model",
+    ),
+    (
+        "base_model_not_text",
+        lambda c: c.world.client.post(
+            "/v1/jobs",
+            headers={**c.world.headers("alice"), "Content-Type": "application/json"},
+            content=b'{"task": "sent", "dataset_id": %d, "base_model": "x\\ud800"}'
+            % c.alice_dataset,
+        ),
+        422,
+        "validation_error",
+        "base_model",
+    ),
     ("density_zero", post_job(job(density=0.0)), 422, "validation_error", "density"),
     ("density_above_one", post_job(job(density=1.5)), 422, "validation_error", "density"),
     ("epochs_zero", post_job(job(epochs=0)), 422, "validation_error", "epochs"),
     ("epochs_too_many", post_job(job(epochs=101)), 422, "validation_error", "epochs"),
     ("negative_lr", post_job(job(lr=-0.001)), 422, "validation_error", "lr"),
-    ("batch_size_not_int", post_job(job(batch_size="lots")), 422, "validation_error",
-     "batch_size"),
+    ("batch_size_not_int", post_job(job(batch_size="lots")), 422, "validation_error", "batch_size"),
     ("unknown_hyperparameter", post_job(job(dropout=0.1)), 422, "validation_error", "dropout"),
     ("bad_task_name", post_job(job(task="no spaces allowed!")), 422, "validation_error", "task"),
-    ("validation_label_unseen_in_training",
-     post_job(lambda c: {"task": "sent", "dataset_id": c.alice_dataset,
-                         "validation_dataset_id": c.three_label_dataset}),
-     422, "unknown_label", "validation_dataset_id"),
+    (
+        "validation_label_unseen_in_training",
+        post_job(
+            lambda c: {
+                "task": "sent",
+                "dataset_id": c.alice_dataset,
+                "validation_dataset_id": c.three_label_dataset,
+            }
+        ),
+        422,
+        "unknown_label",
+        "validation_dataset_id",
+    ),
     ("unknown_dataset", post_job(job(dataset_id=999_999)), 404, "not_found", "dataset_id"),
-    ("other_tenants_dataset", post_job(lambda c: {"task": "x", "dataset_id": c.bob_dataset}),
-     404, "not_found", "dataset_id"),
-    ("task_exists_with_other_task_type",
-     post_job(lambda c: {"task": "scores", "dataset_id": c.alice_dataset}),
-     409, "task_type_mismatch", "dataset_id"),
+    (
+        "other_tenants_dataset",
+        post_job(lambda c: {"task": "x", "dataset_id": c.bob_dataset}),
+        404,
+        "not_found",
+        "dataset_id",
+    ),
+    (
+        "task_exists_with_other_task_type",
+        post_job(lambda c: {"task": "scores", "dataset_id": c.alice_dataset}),
+        409,
+        "task_type_mismatch",
+        "dataset_id",
+    ),
     ("other_tenants_task", get("/v1/tasks/bobtask"), 404, "not_found", "task"),
     ("other_tenants_task_diff", get("/v1/tasks/bobtask/diff"), 404, "not_found", "task"),
     ("other_tenants_task_predict", predict("bobtask", ["hi"]), 404, "not_found", "task"),
     ("missing_key", get("/v1/jobs", who=None), 401, "missing_key", "Authorization"),
-    ("wrong_key", get("/v1/jobs", who=None,
-                      headers={"Authorization": "Bearer dbk_000000000000_nope"}),
-     401, "invalid_key", "Authorization"),
+    (
+        "wrong_key",
+        get("/v1/jobs", who=None, headers={"Authorization": "Bearer dbk_000000000000_nope"}),
+        401,
+        "invalid_key",
+        "Authorization",
+    ),
     ("missing_scope", post_job(job(), who="reader"), 403, "missing_scope", "Authorization"),
     ("bad_cursor", get("/v1/jobs?cursor=not-a-cursor"), 422, "invalid", "cursor"),
     ("bad_state_filter", get("/v1/jobs?state=sleeping"), 422, "validation_error", "state"),
     ("empty_predict_inputs", predict("sent", []), 422, "validation_error", "inputs"),
-    ("oversize_predict_batch", predict("sent", ["x"] * (MAX_BATCH + 1)), 422,
-     "too_many_inputs", "inputs"),
-    ("predict_text_too_long", predict("sent", ["ok", "x" * (MAX_CHARS + 1)]), 422,
-     "text_too_long", "inputs.1"),
-    ("predict_text_with_lone_surrogate",
-     lambda c: c.world.client.post(
-         "/v1/tasks/sent/predict", content=b'{"inputs": ["ok", "\\ud800"]}',
-         headers={**c.world.headers("alice"), "Content-Type": "application/json"}),
-     422, "invalid_text", "inputs.1"),
-    ("pairs_for_single_text_task", predict("sent", [["a", "b"]]), 422, "invalid_inputs",
-     "inputs"),
+    (
+        "oversize_predict_batch",
+        predict("sent", ["x"] * (MAX_BATCH + 1)),
+        422,
+        "too_many_inputs",
+        "inputs",
+    ),
+    (
+        "predict_text_too_long",
+        predict("sent", ["ok", "x" * (MAX_CHARS + 1)]),
+        422,
+        "text_too_long",
+        "inputs.1",
+    ),
+    (
+        "predict_text_with_lone_surrogate",
+        lambda c: c.world.client.post(
+            "/v1/tasks/sent/predict",
+            content=b'{"inputs": ["ok", "\\ud800"]}',
+            headers={**c.world.headers("alice"), "Content-Type": "application/json"},
+        ),
+        422,
+        "invalid_text",
+        "inputs.1",
+    ),
+    ("pairs_for_single_text_task", predict("sent", [["a", "b"]]), 422, "invalid_inputs", "inputs"),
     ("unknown_version", get("/v1/tasks/sent/diff?version=7"), 404, "not_found", "version"),
-    ("unsatisfiable_range", get("/v1/tasks/sent/diff", headers={"Range": "bytes=99999999-"}),
-     416, "range_not_satisfiable", "Range"),
-    ("delete_dataset_in_use",
-     lambda c: c.world.client.delete(f"/v1/datasets/{c.busy_dataset}",
-                                     headers=c.world.headers("alice")),
-     409, "dataset_in_use", "dataset_id"),
+    (
+        "unsatisfiable_range",
+        get("/v1/tasks/sent/diff", headers={"Range": "bytes=99999999-"}),
+        416,
+        "range_not_satisfiable",
+        "Range",
+    ),
+    (
+        "delete_dataset_in_use",
+        lambda c: c.world.client.delete(
+            f"/v1/datasets/{c.busy_dataset}", headers=c.world.headers("alice")
+        ),
+        409,
+        "dataset_in_use",
+        "dataset_id",
+    ),
     ("unknown_job", get("/v1/jobs/424242"), 404, "not_found", "job_id"),
 ]
 

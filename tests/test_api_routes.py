@@ -27,32 +27,48 @@ def test_upload_validates_stores_and_answers_the_dataset(world):
     assert dataset["filename"] == "reviews.jsonl" and dataset["format"] == "jsonl"
     got = world.client.get(f"/v1/datasets/{dataset['id']}", headers=world.headers("alice"))
     assert got.json() == dataset
-    stored = world.store.get(f"datasets/{dataset['sha256'][:2]}/{dataset['sha256'][2:4]}/"
-                             f"{dataset['sha256']}.jsonl", sha256=dataset["sha256"])
+    stored = world.store.get(
+        f"datasets/{dataset['sha256'][:2]}/{dataset['sha256'][2:4]}/{dataset['sha256']}.jsonl",
+        sha256=dataset["sha256"],
+    )
     assert stored == data
 
 
 def test_upload_with_column_mapping_reads_a_csv_pair_task(world):
     csv = "premise,hypothesis,gold\nit rains,the street is wet,yes\nit is sunny,it rains,no\n"
-    response = world.upload("alice", "pairs.csv", csv.encode(), text_field="premise",
-                            text_pair_field="hypothesis", label_field="gold")
+    response = world.upload(
+        "alice",
+        "pairs.csv",
+        csv.encode(),
+        text_field="premise",
+        text_pair_field="hypothesis",
+        label_field="gold",
+    )
     assert response.status_code == 201, response.text
     dataset = response.json()
     assert dataset["task_type"] == "pair-classification"
     assert (dataset["text_field"], dataset["text_pair_field"], dataset["label_field"]) == (
-        "premise", "hypothesis", "gold")
+        "premise",
+        "hypothesis",
+        "gold",
+    )
 
 
 def test_datasets_list_is_per_tenant_and_paginated(world):
     ids = [world.upload_ok("bob", SENTIMENT_ROWS[: 4 + i])["id"] for i in range(3)]
     first = world.client.get("/v1/datasets?limit=2", headers=world.headers("bob")).json()
     assert [d["id"] for d in first["items"]] == ids[::-1][:2]
-    second = world.client.get(f"/v1/datasets?limit=2&cursor={first['next_cursor']}",
-                              headers=world.headers("bob")).json()
+    second = world.client.get(
+        f"/v1/datasets?limit=2&cursor={first['next_cursor']}", headers=world.headers("bob")
+    ).json()
     assert [d["id"] for d in second["items"]] == [ids[0]]
     assert second["next_cursor"] is None
-    alice_ids = {d["id"] for d in world.client.get(
-        "/v1/datasets?limit=500", headers=world.headers("alice")).json()["items"]}
+    alice_ids = {
+        d["id"]
+        for d in world.client.get("/v1/datasets?limit=500", headers=world.headers("alice")).json()[
+            "items"
+        ]
+    }
     assert alice_ids.isdisjoint(ids)
 
 
@@ -64,8 +80,12 @@ def test_deleting_a_dataset_removes_its_row_and_blob(world):
     after = world.counts()
     assert after["datasets"] == before["datasets"] - 1
     assert after["objects"] == before["objects"] - 1
-    assert world.client.get(f"/v1/datasets/{dataset['id']}",
-                            headers=world.headers("alice")).status_code == 404
+    assert (
+        world.client.get(
+            f"/v1/datasets/{dataset['id']}", headers=world.headers("alice")
+        ).status_code
+        == 404
+    )
 
 
 def test_creating_a_job_commits_it_then_queues_one_train_message(world):
@@ -73,7 +93,8 @@ def test_creating_a_job_commits_it_then_queues_one_train_message(world):
     queue = redis.Redis.from_url(world.redis_url)
     before = queue.llen("train")
     response = world.client.post(
-        "/v1/jobs", headers=world.headers("alice"),
+        "/v1/jobs",
+        headers=world.headers("alice"),
         json={"task": "queued-task", "dataset_id": dataset["id"], "density": 0.01, "epochs": 2},
     )
     assert response.status_code == 202, response.text
@@ -87,23 +108,29 @@ def test_creating_a_job_commits_it_then_queues_one_train_message(world):
     assert json.loads(message["headers"]["argsrepr"]) == [job["id"]]
     events = world.client.get(f"/v1/jobs/{job['id']}/events", headers=world.headers("alice"))
     assert [(e["seq"], e["kind"], e["payload"]["state"]) for e in events.json()["items"]] == [
-        (1, "state", "queued")]
+        (1, "state", "queued")
+    ]
 
 
 def test_jobs_are_listed_newest_first_with_filters_and_a_cursor(world):
     dataset = world.upload_ok("bob", SENTIMENT_ROWS)
     ids = []
     for task in ("list-a", "list-b", "list-a"):
-        response = world.client.post("/v1/jobs", headers=world.headers("bob"),
-                                     json={"task": task, "dataset_id": dataset["id"]})
+        response = world.client.post(
+            "/v1/jobs",
+            headers=world.headers("bob"),
+            json={"task": task, "dataset_id": dataset["id"]},
+        )
         ids.append(response.json()["id"])
     page = world.client.get("/v1/jobs?task=list-a&limit=1", headers=world.headers("bob")).json()
     assert [j["id"] for j in page["items"]] == [ids[2]]
-    page = world.client.get(f"/v1/jobs?task=list-a&limit=1&cursor={page['next_cursor']}",
-                            headers=world.headers("bob")).json()
+    page = world.client.get(
+        f"/v1/jobs?task=list-a&limit=1&cursor={page['next_cursor']}", headers=world.headers("bob")
+    ).json()
     assert [j["id"] for j in page["items"]] == [ids[0]]
-    queued = world.client.get("/v1/jobs?state=queued&kind=train&limit=500",
-                              headers=world.headers("bob")).json()["items"]
+    queued = world.client.get(
+        "/v1/jobs?state=queued&kind=train&limit=500", headers=world.headers("bob")
+    ).json()["items"]
     assert set(ids) <= {j["id"] for j in queued}
     others = world.client.get("/v1/jobs?limit=500", headers=world.headers("alice")).json()
     assert set(ids).isdisjoint({j["id"] for j in others["items"]})
@@ -111,13 +138,17 @@ def test_jobs_are_listed_newest_first_with_filters_and_a_cursor(world):
 
 def test_cancelling_a_queued_job_ends_it_cancelled_with_an_event(world):
     dataset = world.upload_ok("alice", SENTIMENT_ROWS)
-    job = world.client.post("/v1/jobs", headers=world.headers("alice"),
-                            json={"task": "to-cancel", "dataset_id": dataset["id"]}).json()
+    job = world.client.post(
+        "/v1/jobs",
+        headers=world.headers("alice"),
+        json={"task": "to-cancel", "dataset_id": dataset["id"]},
+    ).json()
     response = world.client.post(f"/v1/jobs/{job['id']}/cancel", headers=world.headers("alice"))
     assert response.status_code == 200
     assert response.json()["state"] == "cancelled"
-    events = world.client.get(f"/v1/jobs/{job['id']}/events?after=1",
-                              headers=world.headers("alice")).json()["items"]
+    events = world.client.get(
+        f"/v1/jobs/{job['id']}/events?after=1", headers=world.headers("alice")
+    ).json()["items"]
     assert [e["payload"].get("state") for e in events] == ["cancelled"]
 
 
@@ -127,14 +158,20 @@ def test_job_for_a_task_on_another_base_is_a_conflict(world, tmp_path):
     world.publish_version("alice", "on-tiny", seed=11)
     dataset = world.upload_ok("alice", SENTIMENT_ROWS)
     before = world.counts()
-    response = world.client.post("/v1/jobs", headers=world.headers("alice"), json={
-        "task": "on-tiny", "dataset_id": dataset["id"], "base_model": "other-base"})
+    response = world.client.post(
+        "/v1/jobs",
+        headers=world.headers("alice"),
+        json={"task": "on-tiny", "dataset_id": dataset["id"], "base_model": "other-base"},
+    )
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "base_model_mismatch"
     assert response.json()["error"]["field"] == "base_model"
     assert world.counts() == before
-    accepted = world.client.post("/v1/jobs", headers=world.headers("alice"), json={
-        "task": "new-on-other", "dataset_id": dataset["id"], "base_model": "other-base"})
+    accepted = world.client.post(
+        "/v1/jobs",
+        headers=world.headers("alice"),
+        json={"task": "new-on-other", "dataset_id": dataset["id"], "base_model": "other-base"},
+    )
     assert accepted.status_code == 202
     assert accepted.json()["base_model"] == str(other_dir)
 
@@ -145,45 +182,58 @@ def test_task_versions_list_metrics_and_lineage_and_the_active_one(world):
     task = world.client.get("/v1/tasks/versioned", headers=world.headers("bob")).json()
     assert task["active_version"] == second and task["task_type"] == "classification"
     assert task["base_model"] == world.base_dir.name
-    versions = world.client.get("/v1/tasks/versioned/versions",
-                                headers=world.headers("bob")).json()["items"]
+    versions = world.client.get(
+        "/v1/tasks/versioned/versions", headers=world.headers("bob")
+    ).json()["items"]
     assert [(v["number"], v["active"]) for v in versions] == [(first, False), (second, True)]
     assert versions[0]["metrics"] == {"accuracy": 0.5}
-    assert set(versions[0]["lineage"]) == {"source_job_id", "consolidation_run_id",
-                                           "parent_version"}
-    names = [t["name"] for t in world.client.get("/v1/tasks",
-                                                 headers=world.headers("bob")).json()["items"]]
+    assert set(versions[0]["lineage"]) == {
+        "source_job_id",
+        "consolidation_run_id",
+        "parent_version",
+    }
+    names = [
+        t["name"]
+        for t in world.client.get("/v1/tasks", headers=world.headers("bob")).json()["items"]
+    ]
     assert "versioned" in names
 
 
 def test_diff_download_streams_verified_bytes_with_etag_and_ranges(world):
     number = world.publish_version("alice", "download-me", seed=31)
-    version = world.client.get("/v1/tasks/download-me/versions",
-                               headers=world.headers("alice")).json()["items"][-1]
+    version = world.client.get(
+        "/v1/tasks/download-me/versions", headers=world.headers("alice")
+    ).json()["items"][-1]
     full = world.client.get("/v1/tasks/download-me/diff", headers=world.headers("alice"))
     assert full.status_code == 200
     assert hashlib.sha256(full.content).hexdigest() == version["sha256"]
     assert full.headers["x-diffbank-sha256"] == version["sha256"]
     assert full.headers["etag"] == f'"{version["sha256"]}"'
     assert full.headers["x-diffbank-version"] == str(number)
-    part = world.client.get("/v1/tasks/download-me/diff",
-                            headers={**world.headers("alice"), "Range": "bytes=10-19"})
+    part = world.client.get(
+        "/v1/tasks/download-me/diff", headers={**world.headers("alice"), "Range": "bytes=10-19"}
+    )
     assert part.status_code == 206
     assert part.content == full.content[10:20]
     assert part.headers["content-range"] == f"bytes 10-19/{len(full.content)}"
-    tail = world.client.get("/v1/tasks/download-me/diff",
-                            headers={**world.headers("alice"), "Range": "bytes=-5"})
+    tail = world.client.get(
+        "/v1/tasks/download-me/diff", headers={**world.headers("alice"), "Range": "bytes=-5"}
+    )
     assert tail.content == full.content[-5:]
     for ignored in ("items=0-1", "bytes=0-1,5-6"):  # other units, several ranges: whole file
-        whole = world.client.get("/v1/tasks/download-me/diff",
-                                 headers={**world.headers("alice"), "Range": ignored})
+        whole = world.client.get(
+            "/v1/tasks/download-me/diff", headers={**world.headers("alice"), "Range": ignored}
+        )
         assert whole.status_code == 200 and whole.content == full.content
-    cached = world.client.get("/v1/tasks/download-me/diff", headers={
-        **world.headers("alice"), "If-None-Match": full.headers["etag"]})
+    cached = world.client.get(
+        "/v1/tasks/download-me/diff",
+        headers={**world.headers("alice"), "If-None-Match": full.headers["etag"]},
+    )
     assert cached.status_code == 304
     # A file store cannot presign: presign=1 streams the same bytes.
-    presigned = world.client.get("/v1/tasks/download-me/diff?presign=1",
-                                 headers=world.headers("alice"))
+    presigned = world.client.get(
+        "/v1/tasks/download-me/diff?presign=1", headers=world.headers("alice")
+    )
     assert presigned.status_code == 200 and presigned.content == full.content
 
 
@@ -199,16 +249,18 @@ def test_deleting_the_active_version_activates_the_previous_and_removes_the_blob
     first = world.publish_version("alice", "deletable", seed=51)
     second = world.publish_version("alice", "deletable", seed=52)
     before = world.counts()
-    response = world.client.delete(f"/v1/tasks/deletable/versions/{second}",
-                                   headers=world.headers("alice"))
+    response = world.client.delete(
+        f"/v1/tasks/deletable/versions/{second}", headers=world.headers("alice")
+    )
     assert response.status_code == 204
     after = world.counts()
     assert after["task_versions"] == before["task_versions"] - 1
     assert after["objects"] == before["objects"] - 1
     task = world.client.get("/v1/tasks/deletable", headers=world.headers("alice")).json()
     assert task["active_version"] == first
-    gone = world.client.get(f"/v1/tasks/deletable/diff?version={second}",
-                            headers=world.headers("alice"))
+    gone = world.client.get(
+        f"/v1/tasks/deletable/diff?version={second}", headers=world.headers("alice")
+    )
     assert gone.status_code == 404
 
 
@@ -221,9 +273,12 @@ def test_diff_on_an_s3_store_streams_or_redirects_to_a_presigned_url(
     from tests.fixtures.backends import make_s3_bucket
 
     s3 = make_world(
-        tmp_path, redis_server.url, tiny_base_dir,
+        tmp_path,
+        redis_server.url,
+        tiny_base_dir,
         store_url=f"s3://{make_s3_bucket(moto_s3_server)}/diffbank",
-        s3_endpoint_url=moto_s3_server.endpoint_url, s3_region="us-east-1",
+        s3_endpoint_url=moto_s3_server.endpoint_url,
+        s3_region="us-east-1",
     )
     assert s3.upload_ok("alice", SENTIMENT_ROWS)["rows"] == len(SENTIMENT_ROWS)
     s3.publish_version("alice", "on-s3", seed=61)
@@ -231,8 +286,9 @@ def test_diff_on_an_s3_store_streams_or_redirects_to_a_presigned_url(
     assert streamed.status_code == 200
     sha = streamed.headers["x-diffbank-sha256"]
     assert hashlib.sha256(streamed.content).hexdigest() == sha
-    redirect = s3.client.get("/v1/tasks/on-s3/diff?presign=1", headers=s3.headers("alice"),
-                             follow_redirects=False)
+    redirect = s3.client.get(
+        "/v1/tasks/on-s3/diff?presign=1", headers=s3.headers("alice"), follow_redirects=False
+    )
     assert redirect.status_code == 307
     assert redirect.headers["x-diffbank-sha256"] == sha
     presigned = httpx.get(redirect.headers["location"])

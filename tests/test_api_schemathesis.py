@@ -35,14 +35,21 @@ def test_generated_requests_never_get_a_server_error(world):
         for mode, examples in EXAMPLES.items():
 
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=examples, deadline=None, phases=[Phase.generate],
-                      suppress_health_check=list(HealthCheck), database=None)
+            @settings(
+                max_examples=examples,
+                deadline=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+                database=None,
+            )
             def send(case):
                 response = case.call(headers=headers)
                 statuses.append(response.status_code)
                 if response.status_code >= 500:
-                    failures.append(f"{case.method} {case.formatted_path} "
-                                    f"-> {response.status_code}: {response.text[:300]}")
+                    failures.append(
+                        f"{case.method} {case.formatted_path} "
+                        f"-> {response.status_code}: {response.text[:300]}"
+                    )
                     return
                 content_type = (response.headers.get("content-type") or [""])[0]
                 if response.status_code >= 400 and content_type.startswith("application/json"):

@@ -108,7 +108,8 @@ def test_inspect_piped_into_a_reader_that_stops_early_ends_without_a_traceback(a
     # A pipe buffer is 64 KiB: read one line and close, then the rest of the table hits EPIPE.
     proc = subprocess.Popen(
         [sys.executable, "-m", "api", "inspect", str(artifact_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     proc.stdout.readline()
     proc.stdout.close()

@@ -18,11 +18,30 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_train_json_reports_the_saved_artifact(tmp_path, tiny_base_dir, capsys):
     data = write_sentiment_task(tmp_path / "data.jsonl", 60, seed=0)
     out = tmp_path / "out" / "task.safetensors"
-    code = main([
-        "train", str(data), "--out", str(out), "--base", str(tiny_base_dir), "--density", "0.01",
-        "--epochs", "1", "--fix-epochs", "1", "--batch-size", "16", "--max-length", "16",
-        "--fix-lr", "0.004", "--no-compile", "--json",
-    ])
+    code = main(
+        [
+            "train",
+            str(data),
+            "--out",
+            str(out),
+            "--base",
+            str(tiny_base_dir),
+            "--density",
+            "0.01",
+            "--epochs",
+            "1",
+            "--fix-epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "16",
+            "--fix-lr",
+            "0.004",
+            "--no-compile",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     summary = json.loads(captured.out.strip().splitlines()[-1])
@@ -41,9 +60,19 @@ def test_train_data_error_exits_2_with_the_message_and_no_traceback(tmp_path, ti
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "only text, no label"}\n')
     run = subprocess.run(
-        [sys.executable, "-m", "api", "train", str(data), "--out", str(tmp_path / "x.safetensors"),
-         "--base", str(tiny_base_dir)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "api",
+            "train",
+            str(data),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+            "--base",
+            str(tiny_base_dir),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 2
     assert "label" in run.stderr

@@ -35,26 +35,48 @@ def server(service_env, api_server, tiny_base_dir, tmp_path):
         tenant = catalog.get_or_create_tenant(session, name="cli-tenant")
         _, key = catalog.create_api_key(session, tenant_id=tenant.id, scopes=["read", "submit"])
     process = api_server(service_env)
-    store = open_store(service_env["DIFFBANK_STORE_URL"], Settings(**{
-        "data_dir": service_env["DIFFBANK_DATA_DIR"]}))
-    return {"url": process.url, "key": key, "sessions": sessions, "store": store,
-            "tenant_id": tenant.id, "env": service_env}
+    store = open_store(
+        service_env["DIFFBANK_STORE_URL"],
+        Settings(**{"data_dir": service_env["DIFFBANK_DATA_DIR"]}),
+    )
+    return {
+        "url": process.url,
+        "key": key,
+        "sessions": sessions,
+        "store": store,
+        "tenant_id": tenant.id,
+        "env": service_env,
+    }
 
 
 def _publish(server, tiny_base_dir: Path, task: str, seed: int) -> None:
     from registry.artifact import loads_artifact
     from registry.publish import publish_version
 
-    data = random_artifact(tiny_base_dir, seed=seed, task_type="classification",
-                           labels=("neg", "pos"), density=0.02)
+    data = random_artifact(
+        tiny_base_dir, seed=seed, task_type="classification", labels=("neg", "pos"), density=0.02
+    )
     diff = loads_artifact(data)
     base_row = register_base(server["sessions"], tiny_base_dir)
     with server["sessions"]() as session:
         task_row = catalog.get_or_create_task(
-            session, tenant_id=server["tenant_id"], name=task, base_model_id=base_row.id,
-            task_type="classification", label_names=["neg", "pos"])
-        publish_version(session, server["store"], task_id=task_row.id, diff_bytes=data,
-                        nnz=diff.nnz, density=diff.meta.density, metrics={}, config={})
+            session,
+            tenant_id=server["tenant_id"],
+            name=task,
+            base_model_id=base_row.id,
+            task_type="classification",
+            label_names=["neg", "pos"],
+        )
+        publish_version(
+            session,
+            server["store"],
+            task_id=task_row.id,
+            diff_bytes=data,
+            nnz=diff.nnz,
+            density=diff.meta.density,
+            metrics={},
+            config={},
+        )
 
 
 def test_submit_queues_a_job_that_jobs_job_and_tasks_show_and_errors_exit_non_zero(
@@ -63,8 +85,25 @@ def test_submit_queues_a_job_that_jobs_job_and_tasks_show_and_errors_exit_non_ze
     data = tmp_path / "train.jsonl"
     data.write_bytes(jsonl(SENTIMENT_ROWS))
     conn = ["--url", server["url"], "--key", server["key"]]
-    assert diffbank(["submit", str(data), "--task", "cli-task", "--density", "0.01",
-                     "--epochs", "2", "--fix-lr", "0.004", "--json", *conn]) == 0
+    assert (
+        diffbank(
+            [
+                "submit",
+                str(data),
+                "--task",
+                "cli-task",
+                "--density",
+                "0.01",
+                "--epochs",
+                "2",
+                "--fix-lr",
+                "0.004",
+                "--json",
+                *conn,
+            ]
+        )
+        == 0
+    )
     submitted = _last_json(capsys.readouterr().out)
     assert submitted["state"] == "queued" and submitted["task"] == "cli-task"
     assert submitted["version"] is None and submitted["metrics"] == {}
@@ -72,7 +111,11 @@ def test_submit_queues_a_job_that_jobs_job_and_tasks_show_and_errors_exit_non_ze
     listed = _last_json(capsys.readouterr().out)
     assert [j["id"] for j in listed["items"]] == [submitted["job_id"]]
     assert diffbank(["job", str(submitted["job_id"]), "--json", *conn]) == 0
-    assert _last_json(capsys.readouterr().out)["params"] == {"density": 0.01, "epochs": 2, "fix_lr": 0.004}
+    assert _last_json(capsys.readouterr().out)["params"] == {
+        "density": 0.01,
+        "epochs": 2,
+        "fix_lr": 0.004,
+    }
 
     # A directory submits train.* and validation.* as two datasets of one job.
     folder = tmp_path / "task-dir"
@@ -134,11 +177,35 @@ def test_submit_wait_shows_progress_and_ends_with_the_published_version(
     celery_worker(server["env"], queues="train")
     data = tmp_path / "train.jsonl"
     data.write_bytes(jsonl(SENTIMENT_ROWS * 2))
-    assert diffbank([
-        "submit", str(data), "--task", "waited", "--epochs", "1", "--fix-epochs", "1",
-        "--batch-size", "8", "--max-length", "16", "--density", "0.01", "--wait",
-        "--poll", "0.3", "--json", "--url", server["url"], "--key", server["key"],
-    ]) == 0
+    assert (
+        diffbank(
+            [
+                "submit",
+                str(data),
+                "--task",
+                "waited",
+                "--epochs",
+                "1",
+                "--fix-epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--max-length",
+                "16",
+                "--density",
+                "0.01",
+                "--wait",
+                "--poll",
+                "0.3",
+                "--json",
+                "--url",
+                server["url"],
+                "--key",
+                server["key"],
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     result = _last_json(captured.out)
     assert result["state"] == "succeeded", result

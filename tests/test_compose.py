@@ -38,15 +38,19 @@ def test_every_diffbank_command_in_compose_is_a_real_cli_command(compose):
     parser = build_parser()
     for name, argv in commands:
         args = parser.parse_args(argv)  # exits (SystemExit) on an unknown command
-        assert getattr(args, "func", None), f"service {name}: `diffbank {' '.join(argv)}` runs nothing"
+        assert getattr(args, "func", None), (
+            f"service {name}: `diffbank {' '.join(argv)}` runs nothing"
+        )
 
 
 def test_every_diffbank_variable_in_compose_is_a_settings_field(compose):
     fields = {name.upper() for name in Settings.model_fields}
     for name, service in compose["services"].items():
-        for variable in (service.get("environment") or {}):
+        for variable in service.get("environment") or {}:
             if variable.startswith("DIFFBANK_"):
-                assert variable.removeprefix("DIFFBANK_") in fields, f"{name}: {variable} is no setting"
+                assert variable.removeprefix("DIFFBANK_") in fields, (
+                    f"{name}: {variable} is no setting"
+                )
 
 
 def test_every_image_is_pinned(compose):

@@ -49,9 +49,14 @@ def _task_data(root: Path, name: str, rows: int):
     lines = []
     for _ in range(rows):
         label = rng.randrange(2)
-        lines.append(json.dumps({
-            "text": f"{WORDS[name][label]} item {rng.randrange(50)}", "label": ["neg", "pos"][label],
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "text": f"{WORDS[name][label]} item {rng.randrange(50)}",
+                    "label": ["neg", "pos"][label],
+                }
+            )
+        )
     (directory / "train.jsonl").write_text("\n".join(lines) + "\n")
     return load_task_data(directory, validation_fraction=0.25)
 
@@ -72,9 +77,14 @@ def _random_current(base, data, *, seed: int, entries: int):
         "classifier.weight": torch.randn(2, hidden, generator=generator) * 0.1,
         "classifier.bias": torch.zeros(2),
     }
-    meta = ArtifactMeta(base_name=base.name, base_fingerprint=base.fingerprint,
-                        n_params=base.n_params, task_type=data.task_type,
-                        label_names=list(data.label_names), max_length=16)
+    meta = ArtifactMeta(
+        base_name=base.name,
+        base_fingerprint=base.fingerprint,
+        n_params=base.n_params,
+        task_type=data.task_type,
+        label_names=list(data.label_names),
+        max_length=16,
+    )
     return diff_from_dense(deltas, head, meta, "float32")
 
 
@@ -94,8 +104,17 @@ def tasks(base, tmp_path_factory):
 
 
 def _config(**overrides) -> ConsolidationConfig:
-    values = dict(budget=2000, epochs=0.5, fix_epochs=0.5, batch_size=16, max_length=16,
-                  value_dtype="float32", rank=2, device="cpu", lr=1e-3)
+    values = dict(
+        budget=2000,
+        epochs=0.5,
+        fix_epochs=0.5,
+        batch_size=16,
+        max_length=16,
+        value_dtype="float32",
+        rank=2,
+        device="cpu",
+        lr=1e-3,
+    )
     values.update(overrides)
     return ConsolidationConfig(**values)
 
@@ -147,15 +166,19 @@ def test_composed_diff_equals_shared_then_residual_applied_in_turn(
         apply_diff(in_turn, outcome.residual)
         composed = copy.deepcopy(base.encoder)
         apply_diff(composed, outcome.composed)
-        for (name, a), (_, b) in zip(in_turn.named_parameters(), composed.named_parameters(),
-                                     strict=True):
+        for (name, a), (_, b) in zip(
+            in_turn.named_parameters(), composed.named_parameters(), strict=True
+        ):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
 def test_artifacts_round_trip_with_lineage_and_config(elementwise_result, base):
     outcome = elementwise_result.tasks[0]
-    loaded = loads_artifact(dumps_artifact(outcome.composed), expected_fingerprint=base.fingerprint,
-                            base_shapes=base.shapes)
+    loaded = loads_artifact(
+        dumps_artifact(outcome.composed),
+        expected_fingerprint=base.fingerprint,
+        base_shapes=base.shapes,
+    )
     lineage = loaded.meta.extra["consolidation"]
     assert lineage["run_id"] == 7 and lineage["role"] == "composed" and lineage["task"] == "a"
     assert loaded.meta.config["budget"] == 2000 and loaded.meta.config["strategy"] == "elementwise"
@@ -278,8 +301,15 @@ def test_an_interrupted_run_resumes_to_the_same_result(tasks, base, elementwise_
         return len(steps) >= 4
 
     with pytest.raises(TrainingCancelled):
-        consolidate(tasks, config, base=base, run_id=7, checkpoint=checkpoint,
-                    progress=steps.append, should_stop=stop_after_four)
+        consolidate(
+            tasks,
+            config,
+            base=base,
+            run_id=7,
+            checkpoint=checkpoint,
+            progress=steps.append,
+            should_stop=stop_after_four,
+        )
     assert checkpoint.data is not None
     assert steps[-1].phase == "fix" and steps[-1].step < steps[-1].total_steps  # past projection
     resumed = consolidate(tasks, config, base=base, run_id=7, checkpoint=checkpoint)

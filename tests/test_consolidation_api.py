@@ -21,7 +21,9 @@ from tests.api_support import make_world, random_artifact, register_base
 def world(tmp_path_factory, redis_server, tiny_base_dir):
     """carol (keys `admin`, `reader`) owns t1, t2 and t-nover (no version) on the tiny base and
     t-other on another base; bob owns bobtask."""
-    world = make_world(tmp_path_factory.mktemp("consolidation-api"), redis_server.url, tiny_base_dir)
+    world = make_world(
+        tmp_path_factory.mktemp("consolidation-api"), redis_server.url, tiny_base_dir
+    )
     world.publish_version("admin", "t1", seed=1)
     world.publish_version("admin", "t1", seed=2)
     world.publish_version("admin", "t2", seed=3)
@@ -29,15 +31,29 @@ def world(tmp_path_factory, redis_server, tiny_base_dir):
     base_row = register_base(world.session_factory, tiny_base_dir)
     with world.session_factory() as session:
         other = catalog.register_base_model(
-            session, name="other-base", source="/nonexistent/other-base", fingerprint="0" * 64,
+            session,
+            name="other-base",
+            source="/nonexistent/other-base",
+            fingerprint="0" * 64,
             n_params=1000,
         )
         tenant = world.tenant_ids["admin"]
-        catalog.get_or_create_task(session, tenant_id=tenant, name="t-other", base_model_id=other.id,
-                                   task_type="classification", label_names=["neg", "pos"])
-        catalog.get_or_create_task(session, tenant_id=tenant, name="t-nover",
-                                   base_model_id=base_row.id, task_type="classification",
-                                   label_names=["neg", "pos"])
+        catalog.get_or_create_task(
+            session,
+            tenant_id=tenant,
+            name="t-other",
+            base_model_id=other.id,
+            task_type="classification",
+            label_names=["neg", "pos"],
+        )
+        catalog.get_or_create_task(
+            session,
+            tenant_id=tenant,
+            name="t-nover",
+            base_model_id=base_row.id,
+            task_type="classification",
+            label_names=["neg", "pos"],
+        )
     world.n_params, world.base_name = base_row.n_params, base_row.name
     return world
 
@@ -68,8 +84,13 @@ BAD_REQUESTS = [
     ("admin", {"tasks": ["t1"], "budget": 100, "strategy": "magic"}, 422, None, "strategy"),
     ("admin", {"tasks": ["t1"], "budget": 100, "tolerance": -1}, 422, None, "tolerance"),
     ("admin", {"tasks": ["t1"], "budget": 100, "surprise": 1}, 422, None, "surprise"),
-    ("admin", {"tasks": ["t1"], "budget": 100, "base_model": "other-base"}, 422,
-     "base_model_mismatch", "base_model"),
+    (
+        "admin",
+        {"tasks": ["t1"], "budget": 100, "base_model": "other-base"},
+        422,
+        "base_model_mismatch",
+        "base_model",
+    ),
     ("alice", {"tasks": ["t1"], "budget": 100}, 403, "missing_scope", "Authorization"),
     ("reader", {"tasks": ["t1"], "budget": 100}, 403, "missing_scope", "Authorization"),
     (None, {"tasks": ["t1"], "budget": 100}, 401, "missing_key", "Authorization"),
@@ -96,7 +117,8 @@ def test_invalid_consolidation_requests_are_refused_and_start_nothing(
 def test_admin_starts_a_run_that_is_queued_readable_listed_and_cancellable(world):
     runs, jobs, queued = _started(world)
     response = world.client.post(
-        "/v1/consolidations", headers=world.headers("admin"),
+        "/v1/consolidations",
+        headers=world.headers("admin"),
         json={"tasks": ["t1", "t2"], "budget": 500, "strategy": "rank", "epochs": 2},
     )
     assert response.status_code == 202, response.text
@@ -110,22 +132,30 @@ def test_admin_starts_a_run_that_is_queued_readable_listed_and_cancellable(world
     listed = world.client.get("/v1/consolidations", headers=world.headers("reader")).json()
     assert run["id"] in [item["id"] for item in listed["items"]]
     # another tenant sees nothing
-    assert world.client.get(f"/v1/consolidations/{run['id']}",
-                            headers=world.headers("bob")).status_code == 404
-    assert world.client.get("/v1/consolidations", headers=world.headers("bob")).json()["items"] == []
+    assert (
+        world.client.get(
+            f"/v1/consolidations/{run['id']}", headers=world.headers("bob")
+        ).status_code
+        == 404
+    )
+    assert (
+        world.client.get("/v1/consolidations", headers=world.headers("bob")).json()["items"] == []
+    )
     with world.session_factory() as session:
         job = catalog.load_job(session, job_id=run["job_id"])
     assert job.kind == "consolidate" and job.params == {"epochs": 2.0}
 
-    cancelled = world.client.post(f"/v1/consolidations/{run['id']}/cancel",
-                                  headers=world.headers("admin"))
+    cancelled = world.client.post(
+        f"/v1/consolidations/{run['id']}/cancel", headers=world.headers("admin")
+    )
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     redis.Redis.from_url(world.redis_url).delete("consolidate")
 
 
 def test_without_task_names_every_task_with_a_version_on_the_base_is_taken(world):
-    response = world.client.post("/v1/consolidations", headers=world.headers("admin"),
-                                 json={"budget": 100})
+    response = world.client.post(
+        "/v1/consolidations", headers=world.headers("admin"), json={"budget": 100}
+    )
     assert response.status_code == 202, response.text
     assert response.json()["task_names"] == ["t1", "t2"]
     redis.Redis.from_url(world.redis_url).delete("consolidate")
@@ -152,34 +182,54 @@ def test_factored_parts_of_a_consolidated_version_are_listed_and_downloadable(wo
 
     headers = world.headers("admin")
     assert world.client.get("/v1/tasks/t2/versions/1/parts", headers=headers).status_code == 409
-    shared = random_artifact(world.base_dir, seed=10, task_type="classification",
-                             labels=("neg", "pos"), density=0.01)
-    residual = random_artifact(world.base_dir, seed=11, task_type="classification",
-                               labels=("neg", "pos"), density=0.01)
-    composed = random_artifact(world.base_dir, seed=12, task_type="classification",
-                               labels=("neg", "pos"), density=0.02)
+    shared = random_artifact(
+        world.base_dir, seed=10, task_type="classification", labels=("neg", "pos"), density=0.01
+    )
+    residual = random_artifact(
+        world.base_dir, seed=11, task_type="classification", labels=("neg", "pos"), density=0.01
+    )
+    composed = random_artifact(
+        world.base_dir, seed=12, task_type="classification", labels=("neg", "pos"), density=0.02
+    )
     tenant = world.tenant_ids["admin"]
     with world.session_factory() as session:
         run = catalog.create_consolidation_run(
-            session, tenant_id=tenant, base_model=world.base_name, budget=100, task_names=["t2"],
+            session,
+            tenant_id=tenant,
+            base_model=world.base_name,
+            budget=100,
+            task_names=["t2"],
         )
         shared_id = publish_shared_diff(session, world.store, run_id=run.id, data=shared)
         task = catalog.get_task(session, tenant_id=tenant, name="t2")
         version = publish_version(
-            session, world.store, task_id=task.id, diff_bytes=composed, residual_bytes=residual,
-            nnz=1, density=0.0, metrics={}, config={}, consolidation_run_id=run.id,
+            session,
+            world.store,
+            task_id=task.id,
+            diff_bytes=composed,
+            residual_bytes=residual,
+            nnz=1,
+            density=0.0,
+            metrics={},
+            config={},
+            consolidation_run_id=run.id,
             shared_artifact_id=shared_id,
         )
     listing = world.client.get(f"/v1/tasks/t2/versions/{version.number}/parts", headers=headers)
     assert listing.status_code == 200, listing.text
     body = listing.json()
-    assert body["layout"] == "factored" and [p["role"] for p in body["parts"]] == ["shared", "residual"]
+    assert body["layout"] == "factored" and [p["role"] for p in body["parts"]] == [
+        "shared",
+        "residual",
+    ]
     assert body["composed_sha256"] == hashlib.sha256(composed).hexdigest()
     for part, data in zip(body["parts"], (shared, residual), strict=True):
         download = world.client.get(part["url"], headers=headers)
         assert download.status_code == 200 and download.content == data
         assert download.headers["X-Diffbank-Sha256"] == part["sha256"]
-    assert world.client.get(body["parts"][0]["url"], headers=world.headers("bob")).status_code == 404
+    assert (
+        world.client.get(body["parts"][0]["url"], headers=world.headers("bob")).status_code == 404
+    )
     # the task's diff download: composed by default, the listing with ?layout=factored
     default = world.client.get("/v1/tasks/t2/diff", headers=headers)
     assert default.status_code == 200 and default.content == composed
@@ -210,10 +260,25 @@ def _cli(world, monkeypatch, capsys, argv: list[str]) -> tuple[int, str, str]:
 def test_cli_consolidate_queues_a_run_and_prints_json(world, monkeypatch, capsys):
     import json
 
-    code, out, _ = _cli(world, monkeypatch, capsys, [
-        "consolidate", "--tasks", "t1,t2", "--budget", "300", "--strategy", "rank",
-        "--epochs", "1", "--json", "--key", world.keys["admin"],
-    ])
+    code, out, _ = _cli(
+        world,
+        monkeypatch,
+        capsys,
+        [
+            "consolidate",
+            "--tasks",
+            "t1,t2",
+            "--budget",
+            "300",
+            "--strategy",
+            "rank",
+            "--epochs",
+            "1",
+            "--json",
+            "--key",
+            world.keys["admin"],
+        ],
+    )
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["state"] == "queued" and summary["budget"] == 300
@@ -224,8 +289,19 @@ def test_cli_consolidate_queues_a_run_and_prints_json(world, monkeypatch, capsys
 
 def test_cli_consolidate_reports_the_server_error(world, monkeypatch, capsys):
     before = _started(world)
-    code, _, err = _cli(world, monkeypatch, capsys, [
-        "consolidate", "--tasks", "t1,nope", "--budget", "300", "--key", world.keys["admin"],
-    ])
+    code, _, err = _cli(
+        world,
+        monkeypatch,
+        capsys,
+        [
+            "consolidate",
+            "--tasks",
+            "t1,nope",
+            "--budget",
+            "300",
+            "--key",
+            world.keys["admin"],
+        ],
+    )
     assert code == 1 and "nope" in err
     assert _started(world) == before

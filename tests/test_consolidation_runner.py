@@ -64,9 +64,14 @@ def _write_task(path: Path, rows: int, seed: int) -> Path:
 def settings(tmp_path_factory, tiny_base_dir, redis_server) -> Settings:
     root = tmp_path_factory.mktemp("consolidation-runner")
     return Settings(
-        data_dir=root / "data", base_model=str(tiny_base_dir), redis_url=redis_server.url,
-        checkpoint_every_steps=2, job_progress_interval_s=0.0, job_cancel_poll_s=0.0,
-        job_heartbeat_interval_s=0.2, worker_device="cpu",
+        data_dir=root / "data",
+        base_model=str(tiny_base_dir),
+        redis_url=redis_server.url,
+        checkpoint_every_steps=2,
+        job_progress_interval_s=0.0,
+        job_cancel_poll_s=0.0,
+        job_heartbeat_interval_s=0.2,
+        worker_device="cpu",
     )
 
 
@@ -90,11 +95,17 @@ def _fitted_head_diff(base, data, *, seed: int):
         name: (torch.rand(p.shape, generator=generator) < 0.002) * 1e-3
         for name, p in base.encoder.named_parameters()
     }
-    meta = ArtifactMeta(base_name=base.name, base_fingerprint=base.fingerprint,
-                        n_params=base.n_params, task_type=data.task_type,
-                        label_names=list(data.label_names), max_length=8)
+    meta = ArtifactMeta(
+        base_name=base.name,
+        base_fingerprint=base.fingerprint,
+        n_params=base.n_params,
+        task_type=data.task_type,
+        label_names=list(data.label_names),
+        max_length=8,
+    )
     return diff_from_dense(
-        deltas, {"classifier.weight": head.weight.detach(), "classifier.bias": head.bias.detach()},
+        deltas,
+        {"classifier.weight": head.weight.detach(), "classifier.bias": head.bias.detach()},
         meta,
     )
 
@@ -113,17 +124,31 @@ def world(settings, tmp_path_factory, tiny_base_dir):
             job = catalog.load_job(session, job_id=job_id)
             data = load_job_data(session, store, job, settings, seed=0)
             base_row = catalog.register_base_model(
-                session, name=base.name, source=str(tiny_base_dir), fingerprint=base.fingerprint,
+                session,
+                name=base.name,
+                source=str(tiny_base_dir),
+                fingerprint=base.fingerprint,
                 n_params=base.n_params,
             )
             task_row = catalog.get_or_create_task(
-                session, tenant_id=job.tenant_id, name=task, base_model_id=base_row.id,
-                task_type=data.task_type, label_names=list(data.label_names),
+                session,
+                tenant_id=job.tenant_id,
+                name=task,
+                base_model_id=base_row.id,
+                task_type=data.task_type,
+                label_names=list(data.label_names),
             )
             diff = _fitted_head_diff(base, data, seed=i)
             publish_version(
-                session, store, task_id=task_row.id, diff_bytes=dumps_artifact(diff), nnz=diff.nnz,
-                density=diff.meta.density, metrics={}, config={}, source_job_id=job_id,
+                session,
+                store,
+                task_id=task_row.id,
+                diff_bytes=dumps_artifact(diff),
+                nnz=diff.nnz,
+                density=diff.meta.density,
+                metrics={},
+                config={},
+                source_job_id=job_id,
             )
     with sessions() as session:
         tenant_id = catalog.get_or_create_tenant(session, name=TENANT).id
@@ -133,8 +158,13 @@ def world(settings, tmp_path_factory, tiny_base_dir):
 def _new_run(world, settings, *, budget: int, tolerance: float, params: dict) -> ConsolidationRun:
     with world["sessions"]() as session:
         return catalog.create_consolidation_run(
-            session, tenant_id=world["tenant_id"], base_model=world["base"].name, budget=budget,
-            task_names=list(TASKS), tolerance=tolerance, params=params,
+            session,
+            tenant_id=world["tenant_id"],
+            base_model=world["base"].name,
+            budget=budget,
+            task_names=list(TASKS),
+            tolerance=tolerance,
+            params=params,
         )
 
 
@@ -212,8 +242,11 @@ def test_published_composed_diff_is_shared_plus_residual(accepted_run, world):
     new = _versions(world, "fewshot")[-1]
 
     def read(artifact):
-        return loads_artifact(store.get(artifact.object_key, sha256=artifact.sha256),
-                              expected_fingerprint=base.fingerprint, base_shapes=base.shapes)
+        return loads_artifact(
+            store.get(artifact.object_key, sha256=artifact.sha256),
+            expected_fingerprint=base.fingerprint,
+            base_shapes=base.shapes,
+        )
 
     composed, residual = read(new.artifact), read(new.residual_artifact)
     with world["sessions"]() as session, session.begin():
@@ -222,13 +255,17 @@ def test_published_composed_diff_is_shared_plus_residual(accepted_run, world):
     apply_diff(in_turn, shared)
     apply_diff(in_turn, residual)
     apply_diff(merged, composed)
-    for (name, a), (_, b) in zip(in_turn.named_parameters(), merged.named_parameters(), strict=True):
+    for (name, a), (_, b) in zip(
+        in_turn.named_parameters(), merged.named_parameters(), strict=True
+    ):
         # fp16 values: fp16(s) + fp16(r) vs fp16(s + r)
         torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-5, msg=name)
     assert composed.meta.extra["consolidation"]["run_id"] == run.id
 
 
-def test_schedule_policy_fires_only_above_the_threshold(accepted_run, world, settings, redis_server):
+def test_schedule_policy_fires_only_above_the_threshold(
+    accepted_run, world, settings, redis_server
+):
     import redis
 
     def runs() -> int:
@@ -236,10 +273,16 @@ def test_schedule_policy_fires_only_above_the_threshold(accepted_run, world, set
             return session.scalar(select(func.count()).select_from(ConsolidationRun))
 
     with world["sessions"]() as session, session.begin():
-        active = session.execute(
-            select(TaskVersion).join(Task, TaskVersion.task_id == Task.id)
-            .where(TaskVersion.number == Task.active_version)
-        ).scalars().unique().all()
+        active = (
+            session.execute(
+                select(TaskVersion)
+                .join(Task, TaskVersion.task_id == Task.id)
+                .where(TaskVersion.number == Task.active_version)
+            )
+            .scalars()
+            .unique()
+            .all()
+        )
     total = total_stored_entries(list(active))
     queue = redis.Redis.from_url(redis_server.url)
     queue.delete("consolidate")
@@ -272,8 +315,9 @@ def test_schedule_setting_parses_every_and_cron_and_rejects_garbage(settings):
     for bad in ("every -1", "hourly", "0 3 * *", "99 3 * * *"):
         with pytest.raises(ValueError):
             parse_schedule(bad)
-    on = settings.model_copy(update={"consolidation_schedule": "every 60",
-                                     "consolidation_budget_nnz": 10})
+    on = settings.model_copy(
+        update={"consolidation_schedule": "every 60", "consolidation_budget_nnz": 10}
+    )
     entry = consolidation_beat_schedule(on)["consolidation-policy"]
     assert entry["task"] == "diffbank.consolidation_policy" and entry["schedule"] == 60.0
     assert consolidation_beat_schedule(settings) == {}
@@ -285,7 +329,9 @@ def test_unknown_run_is_not_claimed(settings, world):
     assert run_consolidation(999_999, settings=settings) == NOT_CLAIMED
 
 
-def test_finished_run_reads_back_through_the_api_and_renders_in_the_cli(accepted_run, world, settings):
+def test_finished_run_reads_back_through_the_api_and_renders_in_the_cli(
+    accepted_run, world, settings
+):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
@@ -301,6 +347,12 @@ def test_finished_run_reads_back_through_the_api_and_renders_in_the_cli(accepted
     assert view["state"] == "succeeded" and view["total_nnz_after"] == 3000
     assert [t["task"] for t in view["tasks"]] == list(TASKS)
     printed = summary(view)
-    assert printed["tasks"][0].keys() >= {"task", "metric_before", "metric_after", "nnz", "accepted"}
+    assert printed["tasks"][0].keys() >= {
+        "task",
+        "metric_before",
+        "metric_after",
+        "nnz",
+        "accepted",
+    }
     table = format_table(view)
     assert "reviews" in table and "fewshot" in table and "-> 3000" in table

@@ -13,26 +13,38 @@ from registry.basemodel import load_base
 def _sparse(base, *, seed: int, density: float, head: bool):
     generator = torch.Generator().manual_seed(seed)
     deltas = {
-        name: torch.randn(p.shape, generator=generator) * 0.3
+        name: torch.randn(p.shape, generator=generator)
+        * 0.3
         * (torch.rand(p.shape, generator=generator) < density)
         for name, p in base.encoder.named_parameters()
     }
     hidden = base.config.hidden_size
-    heads = {
-        "classifier.weight": torch.randn(2, hidden, generator=generator),
-        "classifier.bias": torch.randn(2, generator=generator),
-    } if head else {}
+    heads = (
+        {
+            "classifier.weight": torch.randn(2, hidden, generator=generator),
+            "classifier.bias": torch.randn(2, generator=generator),
+        }
+        if head
+        else {}
+    )
     return deltas, heads
 
 
 def _artifact(base, deltas, head) -> bytes:
-    meta = ArtifactMeta(base_name=base.name, base_fingerprint=base.fingerprint,
-                        n_params=base.n_params, task_type="classification",
-                        label_names=["neg", "pos"], max_length=16)
+    meta = ArtifactMeta(
+        base_name=base.name,
+        base_fingerprint=base.fingerprint,
+        n_params=base.n_params,
+        task_type="classification",
+        label_names=["neg", "pos"],
+        max_length=16,
+    )
     return dumps_artifact(diff_from_dense(deltas, head, meta, "float32"))
 
 
-def test_factored_serving_matches_the_composed_diff_and_keeps_the_shared_part_resident(tiny_base_dir):
+def test_factored_serving_matches_the_composed_diff_and_keeps_the_shared_part_resident(
+    tiny_base_dir,
+):
     base = load_base(str(tiny_base_dir))
     shared_deltas, _ = _sparse(base, seed=0, density=0.05, head=False)
     shared = _artifact(base, shared_deltas, {})
@@ -40,18 +52,21 @@ def test_factored_serving_matches_the_composed_diff_and_keeps_the_shared_part_re
     for task, seed in (("a", 1), ("b", 2)):
         deltas, head = _sparse(base, seed=seed, density=0.02, head=True)
         residuals[task] = _artifact(base, deltas, head)
-        composed[task] = _artifact(
-            base, {n: shared_deltas[n] + deltas[n] for n in deltas}, head
-        )
+        composed[task] = _artifact(base, {n: shared_deltas[n] + deltas[n] for n in deltas}, head)
     predictor = Predictor(cache_size=8)
     texts = ["a fine day", "a terrible night", "nothing much"]
-    pristine = {n: p.detach().clone()
-                for n, p in predictor.base(str(tiny_base_dir)).model.base_model.named_parameters()}
+    pristine = {
+        n: p.detach().clone()
+        for n, p in predictor.base(str(tiny_base_dir)).model.base_model.named_parameters()
+    }
 
     for task in ("a", "b", "a"):
         factored = predictor.predict_factored(
-            base=str(tiny_base_dir), shared_key="shared", fetch_shared=lambda: shared,
-            residual_key=f"residual-{task}", fetch_residual=lambda task=task: residuals[task],
+            base=str(tiny_base_dir),
+            shared_key="shared",
+            fetch_shared=lambda: shared,
+            residual_key=f"residual-{task}",
+            fetch_residual=lambda task=task: residuals[task],
             inputs=texts,
         )
         held = predictor.base(str(tiny_base_dir))

@@ -59,7 +59,11 @@ def _start_up(env: dict[str, str], *, sigint_ignored: bool = False) -> subproces
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen(
         [sys.executable, "-m", "api", "up", "--no-beat"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=ignore,
     )
 
 
@@ -77,7 +81,9 @@ def _read_until(proc: subprocess.Popen, needle: str, timeout_s: float = 120.0) -
     raise AssertionError(f"{needle!r} never printed; output:\n{''.join(seen)}")
 
 
-def test_up_serves_the_api_prints_a_key_once_and_ctrl_c_or_sigterm_stops_every_process(tmp_path, tiny_base_dir):
+def test_up_serves_the_api_prints_a_key_once_and_ctrl_c_or_sigterm_stops_every_process(
+    tmp_path, tiny_base_dir
+):
     data_dir, port = tmp_path / "data", free_port()
     env = _stack_env(data_dir, tiny_base_dir, port)
     up = _start_up(env)
@@ -88,8 +94,11 @@ def test_up_serves_the_api_prints_a_key_once_and_ctrl_c_or_sigterm_stops_every_p
         assert key in out  # shown on first start
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
         assert ready.status_code == 200, ready.text
-        tasks = httpx.get(f"http://127.0.0.1:{port}/v1/tasks",
-                          headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        tasks = httpx.get(
+            f"http://127.0.0.1:{port}/v1/tasks",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
         assert tasks.status_code == 200
     finally:
         up.send_signal(signal.SIGINT)
@@ -100,8 +109,11 @@ def test_up_serves_the_api_prints_a_key_once_and_ctrl_c_or_sigterm_stops_every_p
     try:
         out = _read_until(again, "Ctrl-C stops every process")
         assert key not in out and "admin.key" in out  # the same key, not shown again
-        tasks = httpx.get(f"http://127.0.0.1:{port}/v1/tasks",
-                          headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        tasks = httpx.get(
+            f"http://127.0.0.1:{port}/v1/tasks",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
         assert tasks.status_code == 200
     finally:
         again.send_signal(signal.SIGTERM)
@@ -123,7 +135,10 @@ def test_demo_trains_a_sample_task_end_to_end_and_saves_the_picture(tmp_path, ti
     plot = tmp_path / "nonzeros.png"
     done = subprocess.run(
         [sys.executable, "-m", "api", "demo", "--plot", str(plot)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "accuracy on the validation split" in done.stdout

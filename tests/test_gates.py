@@ -97,7 +97,7 @@ def off_boundary_inputs(seed: int, n: int = 24, lower: float = LOWER, upper: flo
     bits = sample_noise_bits(n, device="cpu", generator=g)
     noise = logistic_from_bits(bits, torch.float64)
     pre = torch.sigmoid(noise + alpha) * (upper - lower) + lower
-    near = ((pre.abs() < 1e-3) | ((pre - 1).abs() < 1e-3))
+    near = (pre.abs() < 1e-3) | ((pre - 1).abs() < 1e-3)
     alpha = torch.where(near, alpha + 0.05, alpha)
     gate_scale = torch.rand((), generator=g, dtype=torch.float64) * 0.5 + 0.5
     return theta0, w, alpha, gate_scale, bits
@@ -122,7 +122,9 @@ def test_fused_gate_passes_gradcheck_in_double(seed):
 def test_fused_gate_matches_autograd_reference(seed, stretch):
     lower, upper = stretch
     theta0, w, alpha, gate_scale, bits = off_boundary_inputs(seed, lower=lower, upper=upper)
-    weights = torch.randn(theta0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    weights = torch.randn(
+        theta0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
     def objective(fn):
         leaves = [t.clone().requires_grad_(True) for t in (w, alpha, gate_scale)]
@@ -149,7 +151,9 @@ def test_forward_kernel_keeps_base_and_counts_expected_nonzeros():
     w = torch.zeros(1000)
     alpha = torch.full((1000,), 5.0)
     bits = sample_noise_bits(1000, device="cpu", generator=torch.Generator().manual_seed(0))
-    theta, expected = gate_forward_kernel(theta0, w, alpha, torch.tensor(1.0), bits, LOWER, UPPER, 0.0)
+    theta, expected = gate_forward_kernel(
+        theta0, w, alpha, torch.tensor(1.0), bits, LOWER, UPPER, 0.0
+    )
     assert torch.equal(theta, theta0)  # w = 0: no change
     assert float(expected) == pytest.approx(1000 * (1 / (1 + math.exp(-5))), rel=1e-5)
     z = stochastic_gate(alpha, logistic_from_bits(bits), LOWER, UPPER)

@@ -14,7 +14,9 @@ from worker.projection import densify, global_topk, k_for_density, project_topk
 def diffs_and_k(draw):
     """A few named tensors with few distinct magnitudes (many ties) and a k in [0, N]."""
     n_tensors = draw(st.integers(1, 4))
-    levels = draw(st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -2.0, 3e-4]), min_size=1, max_size=4))
+    levels = draw(
+        st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -2.0, 3e-4]), min_size=1, max_size=4)
+    )
     deltas = {}
     for i in range(n_tensors):
         shape = draw(st.sampled_from([(7,), (3, 4), (2, 2, 3), (1,)]))
@@ -49,7 +51,10 @@ def test_projection_keeps_the_largest_and_breaks_ties_by_global_index(case):
     deltas, k = case
     indices, _ = project_topk(deltas, k)
     mask = flat_in_name_order(
-        {n: torch.zeros(t.numel(), dtype=torch.bool).index_fill_(0, indices[n], True) for n, t in deltas.items()}
+        {
+            n: torch.zeros(t.numel(), dtype=torch.bool).index_fill_(0, indices[n], True)
+            for n, t in deltas.items()
+        }
     )
     magnitude = flat_in_name_order(deltas).abs()
     if 0 < k < magnitude.numel():

@@ -248,7 +248,9 @@ def test_gc_on_each_store_kind(session, store, task):
     assert list(store.list()) == [kept.artifact.object_key]
 
 
-def test_delete_racing_an_identical_publish_leaves_the_new_version_its_blob(session, objects, task, monkeypatch):
+def test_delete_racing_an_identical_publish_leaves_the_new_version_its_blob(
+    session, objects, task, monkeypatch
+):
     publish(session, objects, task.id, b"same")
     real_head = objects.head
     raced: list[str] = []
@@ -257,7 +259,9 @@ def test_delete_racing_an_identical_publish_leaves_the_new_version_its_blob(sess
         found = real_head(key)
         if not raced:  # after the publisher's upload and read-back, before its commit
             raced.append(key)
-            catalog.delete_task_version(session, objects, tenant_id=task.tenant_id, name="sst", number=1)
+            catalog.delete_task_version(
+                session, objects, tenant_id=task.tenant_id, name="sst", number=1
+            )
         return found
 
     monkeypatch.setattr(objects, "head", head_then_delete_v1)
@@ -266,4 +270,3 @@ def test_delete_racing_an_identical_publish_leaves_the_new_version_its_blob(sess
     assert raced == [content_key_of(objects, b"same")]
     assert v2.number == 2
     assert_every_row_has_its_blob(session, objects)
-

@@ -16,7 +16,9 @@ def test_a_read_session_reads_while_a_writer_holds_the_lock(tmp_path):
     writer = make_session_factory(engine)()
     reader = make_session_factory(engine, reads_only=True)()
     with writer.begin():
-        writer.execute(text("INSERT INTO tenants (name, created_at) VALUES ('a', CURRENT_TIMESTAMP)"))
+        writer.execute(
+            text("INSERT INTO tenants (name, created_at) VALUES ('a', CURRENT_TIMESTAMP)")
+        )
         started = time.monotonic()
         with reader.begin():
             count = reader.execute(text("SELECT count(*) FROM tenants")).scalar_one()

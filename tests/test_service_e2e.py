@@ -64,12 +64,19 @@ def test_uploaded_dataset_trains_to_a_diff_that_predicts_as_the_worker_measured(
     model = build_task_model(base, diff).eval()
     # The worker's validation split is seeded: the downloaded diff scores what the job reported.
     data = load_task_data(tmp_path / "sentiment.jsonl", mapping=ColumnMapping(), seed=0)
-    metrics = evaluate(model, data.validation, tokenizer=base.tokenizer, task_type=data.task_type,
-                       num_labels=len(data.label_names), max_length=16)
+    metrics = evaluate(
+        model,
+        data.validation,
+        tokenizer=base.tokenizer,
+        task_type=data.task_type,
+        num_labels=len(data.label_names),
+        max_length=16,
+    )
     assert metrics["accuracy"] == pytest.approx(job["metrics"]["accuracy"], abs=1e-9)
     # The server's hot-swapped prediction agrees with the merged model.
-    batch = base.tokenizer(texts, padding=True, truncation=True, max_length=diff.meta.max_length,
-                           return_tensors="pt")
+    batch = base.tokenizer(
+        texts, padding=True, truncation=True, max_length=diff.meta.max_length, return_tensors="pt"
+    )
     with torch.no_grad():
         local = model(**batch).logits.argmax(-1).tolist()
     assert [p["label"] for p in served["predictions"]] == [diff.meta.label_names[i] for i in local]
@@ -84,8 +91,11 @@ def test_same_message_delivered_twice_runs_once_and_publishes_one_version(stack,
 
     job = stack.job(job_id)
     with stack.client() as client:
-        running = [e for e in client.job_events(job_id)
-                   if e["kind"] == "state" and e["payload"].get("state") == "running"]
+        running = [
+            e
+            for e in client.job_events(job_id)
+            if e["kind"] == "state" and e["payload"].get("state") == "running"
+        ]
     assert job["attempts"] == 1 and len(running) == 1
     assert stack.versions_of_job(job_id) == 1
 
@@ -93,8 +103,11 @@ def test_same_message_delivered_twice_runs_once_and_publishes_one_version(stack,
 def test_cancel_while_running_leaves_no_version_and_no_orphan_rows(stack, tmp_path):
     long_job = {**ONE_STEP_JOB, "epochs": 50, "batch_size": 8}
     job_id = stack.submit(tmp_path, "cancelme", long_job)
-    wait_until(lambda: (stack.job(job_id)["progress"].get("step") or 0) >= 2, timeout_s=120,
-               what="training to start")
+    wait_until(
+        lambda: (stack.job(job_id)["progress"].get("step") or 0) >= 2,
+        timeout_s=120,
+        what="training to start",
+    )
 
     with stack.client() as client:
         assert client.cancel_job(job_id)["cancel_requested"] is True
@@ -103,10 +116,18 @@ def test_cancel_while_running_leaves_no_version_and_no_orphan_rows(stack, tmp_pa
     assert job["state"] == "cancelled" and job["version"] is None
     assert job["progress"]["step"] < job["progress"]["total_steps"]
     with get_session_factory(stack.settings)() as session, session.begin():
-        assert session.scalar(select(func.count()).select_from(Task).where(Task.name == "cancelme")) == 0
-        assert session.scalar(
-            select(func.count()).select_from(TaskVersion).where(TaskVersion.source_job_id == job_id)
-        ) == 0
+        assert (
+            session.scalar(select(func.count()).select_from(Task).where(Task.name == "cancelme"))
+            == 0
+        )
+        assert (
+            session.scalar(
+                select(func.count())
+                .select_from(TaskVersion)
+                .where(TaskVersion.source_job_id == job_id)
+            )
+            == 0
+        )
         referenced = set(session.scalars(select(Artifact.object_key)))
     store = open_store(stack.settings.store_url, stack.settings)
     assert store.get_mutable(checkpoint_key(job_id)) is None
@@ -140,10 +161,12 @@ def test_twenty_concurrent_uploads_and_jobs_all_complete_exactly_once(stack, tmp
         names = session.scalars(select(Job.task_name).where(Job.id.in_(job_ids))).all()
         per_job = session.execute(
             select(TaskVersion.source_job_id, func.count())
-            .where(TaskVersion.source_job_id.in_(job_ids)).group_by(TaskVersion.source_job_id)
+            .where(TaskVersion.source_job_id.in_(job_ids))
+            .group_by(TaskVersion.source_job_id)
         ).all()
         jobs_per_task = session.execute(
-            select(Job.task_name, func.count()).where(Job.task_name.like("many%"))
+            select(Job.task_name, func.count())
+            .where(Job.task_name.like("many%"))
             .group_by(Job.task_name)
         ).all()
     assert sorted(names) == [f"many{i:02d}" for i in range(20)]
@@ -153,10 +176,14 @@ def test_twenty_concurrent_uploads_and_jobs_all_complete_exactly_once(stack, tmp
 
 def test_job_whose_dataset_blob_vanished_fails_with_a_reason(stack, tmp_path):
     with stack.client() as client:
-        dataset = client.upload_dataset(write_sentiment_jsonl(tmp_path / "p.jsonl", rows=30, seed=7))
+        dataset = client.upload_dataset(
+            write_sentiment_jsonl(tmp_path / "p.jsonl", rows=30, seed=7)
+        )
     store = open_store(stack.settings.store_url, stack.settings)
     with get_session_factory(stack.settings)() as session, session.begin():
-        key = session.scalar(select(Artifact.object_key).where(Artifact.sha256 == dataset["sha256"]))
+        key = session.scalar(
+            select(Artifact.object_key).where(Artifact.sha256 == dataset["sha256"])
+        )
     store.delete(key)
 
     with stack.client() as client:
@@ -217,18 +244,28 @@ def test_consolidation_started_over_http_runs_on_a_real_worker_and_serves_the_ne
     stack, tmp_path
 ):
     train = {"epochs": 1, "fix_epochs": 1, "batch_size": 16, "max_length": 16, "density": 0.01}
-    jobs = [stack.submit(tmp_path, name, train, seed=i) for i, name in enumerate(("merge-a", "merge-b"))]
+    jobs = [
+        stack.submit(tmp_path, name, train, seed=i) for i, name in enumerate(("merge-a", "merge-b"))
+    ]
     for job_id in jobs:
         assert stack.wait_job(job_id, timeout_s=180)["state"] == "succeeded"
     with stack.client() as client:
         before = {name: client.get_task(name)["active_version"] for name in ("merge-a", "merge-b")}
         run = client.create_consolidation(
-            tasks=["merge-a", "merge-b"], budget=2000, tolerance=100.0,
-            epochs=0.5, fix_epochs=0.5, batch_size=16, max_length=8,
+            tasks=["merge-a", "merge-b"],
+            budget=2000,
+            tolerance=100.0,
+            epochs=0.5,
+            fix_epochs=0.5,
+            batch_size=16,
+            max_length=8,
         )
         assert run["state"] == "queued"
-        wait_until(lambda: client.get_consolidation(run["id"])["state"] not in ("queued", "running"),
-                   timeout_s=180, what="the consolidation run to finish")
+        wait_until(
+            lambda: client.get_consolidation(run["id"])["state"] not in ("queued", "running"),
+            timeout_s=180,
+            what="the consolidation run to finish",
+        )
         done = client.get_consolidation(run["id"])
         assert done["state"] == "succeeded", done
         assert done["total_nnz_after"] == 2000

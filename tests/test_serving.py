@@ -19,8 +19,12 @@ TEXTS = ["a wonderful, warm film", "dull and far too long", "it was fine, I gues
 
 
 def _predict(world, task, inputs, **params):
-    response = world.client.post(f"/v1/tasks/{task}/predict", headers=world.headers("alice"),
-                                  params=params, json={"inputs": inputs})
+    response = world.client.post(
+        f"/v1/tasks/{task}/predict",
+        headers=world.headers("alice"),
+        params=params,
+        json={"inputs": inputs},
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -30,8 +34,9 @@ def _merged_predictions(outdir, inputs, *, pairs=None, max_length=64):
 
     model = AutoModelForSequenceClassification.from_pretrained(outdir).eval()
     tokenizer = AutoTokenizer.from_pretrained(outdir)
-    encoded = tokenizer(inputs, pairs, truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
+    encoded = tokenizer(
+        inputs, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         return model(**encoded).logits
 
@@ -39,10 +44,13 @@ def _merged_predictions(outdir, inputs, *, pairs=None, max_length=64):
 def test_api_predictions_equal_the_exported_merged_model(world, tmp_path):
     world.publish_version("alice", "three-way", seed=101, labels=("a", "b", "c"), density=0.05)
     artifact = tmp_path / "three-way.safetensors"
-    artifact.write_bytes(world.client.get("/v1/tasks/three-way/diff",
-                                          headers=world.headers("alice")).content)
-    assert diffbank(["export", str(artifact), str(tmp_path / "merged"),
-                     "--base", str(world.base_dir)]) == 0
+    artifact.write_bytes(
+        world.client.get("/v1/tasks/three-way/diff", headers=world.headers("alice")).content
+    )
+    assert (
+        diffbank(["export", str(artifact), str(tmp_path / "merged"), "--base", str(world.base_dir)])
+        == 0
+    )
     logits = _merged_predictions(tmp_path / "merged", TEXTS)
     probs = logits.softmax(-1)
     answer = _predict(world, "three-way", TEXTS)
@@ -55,31 +63,40 @@ def test_api_predictions_equal_the_exported_merged_model(world, tmp_path):
 def test_regression_task_answers_values_equal_to_the_merged_model(world, tmp_path):
     world.publish_version("alice", "rating", seed=102, task_type="regression", labels=())
     artifact = tmp_path / "rating.safetensors"
-    artifact.write_bytes(world.client.get("/v1/tasks/rating/diff",
-                                          headers=world.headers("alice")).content)
-    assert diffbank(["export", str(artifact), str(tmp_path / "merged"),
-                     "--base", str(world.base_dir)]) == 0
+    artifact.write_bytes(
+        world.client.get("/v1/tasks/rating/diff", headers=world.headers("alice")).content
+    )
+    assert (
+        diffbank(["export", str(artifact), str(tmp_path / "merged"), "--base", str(world.base_dir)])
+        == 0
+    )
     logits = _merged_predictions(tmp_path / "merged", TEXTS)
     answer = _predict(world, "rating", TEXTS)
     assert all(set(p) == {"value"} for p in answer["predictions"])
     assert [p["value"] for p in answer["predictions"]] == pytest.approx(
-        logits[:, 0].tolist(), abs=1e-5)
+        logits[:, 0].tolist(), abs=1e-5
+    )
 
 
 def test_pair_task_takes_pairs(world, tmp_path):
-    world.publish_version("alice", "entail", seed=103, task_type="pair-classification",
-                          labels=("no", "yes"))
+    world.publish_version(
+        "alice", "entail", seed=103, task_type="pair-classification", labels=("no", "yes")
+    )
     pairs = [["it rains", "the street is wet"], ["it is sunny", "it rains"]]
     answer = _predict(world, "entail", pairs)
     artifact = tmp_path / "entail.safetensors"
-    artifact.write_bytes(world.client.get("/v1/tasks/entail/diff",
-                                          headers=world.headers("alice")).content)
-    assert diffbank(["export", str(artifact), str(tmp_path / "m"), "--base",
-                     str(world.base_dir)]) == 0
-    probs = _merged_predictions(tmp_path / "m", [p[0] for p in pairs],
-                                pairs=[p[1] for p in pairs]).softmax(-1)
+    artifact.write_bytes(
+        world.client.get("/v1/tasks/entail/diff", headers=world.headers("alice")).content
+    )
+    assert (
+        diffbank(["export", str(artifact), str(tmp_path / "m"), "--base", str(world.base_dir)]) == 0
+    )
+    probs = _merged_predictions(
+        tmp_path / "m", [p[0] for p in pairs], pairs=[p[1] for p in pairs]
+    ).softmax(-1)
     assert [p["label"] for p in answer["predictions"]] == [
-        ["no", "yes"][int(r.argmax())] for r in probs]
+        ["no", "yes"][int(r.argmax())] for r in probs
+    ]
 
 
 def test_hot_swap_between_tasks_returns_the_base_bit_exact_between_requests(world):
@@ -105,8 +122,9 @@ def test_hot_swap_between_tasks_returns_the_base_bit_exact_between_requests(worl
 def test_decoded_diffs_are_kept_in_an_lru_of_the_configured_size(tiny_base_dir):
     predictor = Predictor(cache_size=2)
     artifacts = {
-        key: random_artifact(tiny_base_dir, seed=seed, task_type="classification",
-                             labels=("n", "p"), density=0.01)
+        key: random_artifact(
+            tiny_base_dir, seed=seed, task_type="classification", labels=("n", "p"), density=0.01
+        )
         for key, seed in [("a", 1), ("b", 2), ("c", 3)]
     }
     fetched = []
@@ -115,8 +133,10 @@ def test_decoded_diffs_are_kept_in_an_lru_of_the_configured_size(tiny_base_dir):
         def fetch():
             fetched.append(key)
             return artifacts[key]
-        return predictor.predict(base=str(tiny_base_dir), diff_key=key, fetch=fetch,
-                                 inputs=["hello"])
+
+        return predictor.predict(
+            base=str(tiny_base_dir), diff_key=key, fetch=fetch, inputs=["hello"]
+        )
 
     for key in ["a", "b", "a", "c", "a", "b"]:
         ask(key)
@@ -154,7 +174,8 @@ def test_an_artifact_for_another_base_cannot_be_served(tiny_base_dir, tmp_path):
     from tests.fixtures.models import make_tiny_bert
 
     other = make_tiny_bert(tmp_path / "other", seed=9)
-    data = random_artifact(other, seed=1, task_type="classification", labels=("n", "p"),
-                           density=0.01)
+    data = random_artifact(
+        other, seed=1, task_type="classification", labels=("n", "p"), density=0.01
+    )
     with pytest.raises(ArtifactError, match="wrong base"):
         Predictor().predict_artifact(data, ["hello"], base=str(tiny_base_dir))

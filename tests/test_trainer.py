@@ -33,7 +33,9 @@ def write_sentiment_task(path: Path, rows: int, seed: int) -> Path:
             words = [rng.choice(POSITIVE if positive else NEGATIVE)]
             words += [rng.choice(FILLER) for _ in range(4)]
             rng.shuffle(words)
-            out.write(json.dumps({"text": " ".join(words), "label": "pos" if positive else "neg"}) + "\n")
+            out.write(
+                json.dumps({"text": " ".join(words), "label": "pos" if positive else "neg"}) + "\n"
+            )
     return path
 
 
@@ -67,8 +69,16 @@ def small_sentiment(tmp_path_factory):
 def fast_config(**changes) -> DiffPruneConfig:
     """Large learning rates and short sequences: the tiny random BERT learns in seconds."""
     values = dict(
-        epochs=3, fix_epochs=2, batch_size=16, max_length=16, lr=1e-2, fix_lr=1e-2,
-        head_lr=1e-2, density=0.05, compile_gates=False, eval_batch_size=32,
+        epochs=3,
+        fix_epochs=2,
+        batch_size=16,
+        max_length=16,
+        lr=1e-2,
+        fix_lr=1e-2,
+        head_lr=1e-2,
+        density=0.05,
+        compile_gates=False,
+        eval_batch_size=32,
     )
     values.update(changes)
     return DiffPruneConfig(**values)
@@ -125,8 +135,12 @@ def test_training_learns_a_separable_task_with_exactly_k_entries(sentiment, tiny
     loaded = loads_artifact(dumps_artifact(diff), expected_fingerprint=base.fingerprint)
     model = build_task_model(base, loaded)
     again = evaluate(
-        model, sentiment.validation, tokenizer=base.tokenizer, task_type="classification",
-        num_labels=2, max_length=16,
+        model,
+        sentiment.validation,
+        tokenizer=base.tokenizer,
+        task_type="classification",
+        num_labels=2,
+        max_length=16,
     )
     assert again["accuracy"] == pytest.approx(result.metrics["accuracy"])
 
@@ -142,9 +156,14 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(small_sentiment, tin
         steps: list[int] = []
         with pytest.raises(TrainingCancelled):
             train_diff(
-                small_sentiment, config, base=base, checkpoint=store,
+                small_sentiment,
+                config,
+                base=base,
+                checkpoint=store,
                 progress=lambda p, steps=steps: steps.append(p.step),
-                should_stop=lambda steps=steps, stop_at=stop_at: bool(steps) and steps[-1] >= stop_at,
+                should_stop=lambda steps=steps, stop_at=stop_at: (
+                    bool(steps) and steps[-1] >= stop_at
+                ),
             )
     resumed = train_diff(small_sentiment, config, base=base, checkpoint=store)
     assert store.saves == 2 + 2 + 2  # (2, 4) (6, 8) (10, 12)
@@ -157,14 +176,25 @@ def test_checkpoint_from_another_config_is_refused(small_sentiment, tiny_base_di
     store = MemoryCheckpoint()
     train_diff(small_sentiment, fast_config(epochs=1, fix_epochs=0), base=base, checkpoint=store)
     with pytest.raises(ValueError, match="lr"):
-        train_diff(small_sentiment, fast_config(epochs=1, fix_epochs=0, lr=0.5), base=base, checkpoint=store)
+        train_diff(
+            small_sentiment,
+            fast_config(epochs=1, fix_epochs=0, lr=0.5),
+            base=base,
+            checkpoint=store,
+        )
 
 
 def test_should_stop_cancels_before_any_step(small_sentiment, tiny_base_dir):
     base = load_base(str(tiny_base_dir))
     seen: list[Progress] = []
     with pytest.raises(TrainingCancelled):
-        train_diff(small_sentiment, fast_config(), base=base, progress=seen.append, should_stop=lambda: True)
+        train_diff(
+            small_sentiment,
+            fast_config(),
+            base=base,
+            progress=seen.append,
+            should_stop=lambda: True,
+        )
     assert seen == []
 
 
@@ -207,7 +237,9 @@ def test_fixed_mask_step_grows_for_sparser_diffs_and_shorter_runs_within_bounds(
 def test_a_phase_two_longer_than_the_reference_keeps_the_reference_step():
     assert fix_lr_for(DiffPruneConfig(), 80) == pytest.approx(FIX_LR_REFERENCE)
     assert fix_lr_for(DiffPruneConfig(), 1_000) == pytest.approx(FIX_LR_REFERENCE)
-    assert fix_lr_for(DiffPruneConfig(density=0.005 / 4), 500) == pytest.approx(2 * FIX_LR_REFERENCE)
+    assert fix_lr_for(DiffPruneConfig(density=0.005 / 4), 500) == pytest.approx(
+        2 * FIX_LR_REFERENCE
+    )
 
 
 def test_an_explicit_fixed_mask_step_is_used_as_given():
@@ -232,7 +264,9 @@ def test_with_nothing_pruned_and_no_gated_epoch_the_trainer_is_plain_full_finetu
     write_counting_task(tmp_path / "validation.jsonl", 32, seed=2)
     data = load_task_data(tmp_path, mapping=ColumnMapping(), task_type="regression")
     base = load_base(str(tiny_base_dir))
-    config = fast_config(epochs=0, fix_epochs=2, density=1.0, lr=1e-3, fix_lr=1e-3, value_dtype="float32")
+    config = fast_config(
+        epochs=0, fix_epochs=2, density=1.0, lr=1e-3, fix_lr=1e-3, value_dtype="float32"
+    )
     diff_metrics = train_diff(data, config, base=base).metrics
     full_config = fast_config(epochs=2, fix_epochs=0, lr=1e-3)
     full_metrics = train_dense(data, full_config, base=base, method="full").metrics

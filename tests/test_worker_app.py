@@ -23,9 +23,13 @@ def test_importing_the_celery_app_does_not_import_torch():
 
 
 def test_app_delivers_at_least_once_one_job_at_a_time_with_json_only(tmp_path):
-    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:1/3",
-                        broker_visibility_timeout_s=777, job_soft_time_limit_s=60,
-                        job_hard_time_limit_s=90)
+    settings = Settings(
+        data_dir=tmp_path,
+        redis_url="redis://127.0.0.1:1/3",
+        broker_visibility_timeout_s=777,
+        job_soft_time_limit_s=60,
+        job_hard_time_limit_s=90,
+    )
     conf = make_celery_app(settings).conf
 
     assert conf.broker_url == "redis://127.0.0.1:1/3"

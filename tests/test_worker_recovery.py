@@ -34,9 +34,12 @@ def test_worker_killed_mid_training_is_resumed_from_its_checkpoint_by_another_wo
     job_id = stack.submit(tmp_path, "resumable", LONG_JOB)
     store = open_store(stack.settings.store_url, stack.settings)
     wait_until(
-        lambda: (stack.job(job_id)["progress"].get("step") or 0) >= 3
-        and store.get_mutable(checkpoint_key(job_id)) is not None,
-        timeout_s=120, what="a checkpoint mid-training",
+        lambda: (
+            (stack.job(job_id)["progress"].get("step") or 0) >= 3
+            and store.get_mutable(checkpoint_key(job_id)) is not None
+        ),
+        timeout_s=120,
+        what="a checkpoint mid-training",
     )
 
     first.kill(signal.SIGKILL)
@@ -50,8 +53,10 @@ def test_worker_killed_mid_training_is_resumed_from_its_checkpoint_by_another_wo
     with stack.client() as client:
         events = client.job_events(job_id)
     second_start = next(
-        i for i, e in enumerate(events)
-        if e["kind"] == "state" and e["payload"].get("state") == "running"
+        i
+        for i, e in enumerate(events)
+        if e["kind"] == "state"
+        and e["payload"].get("state") == "running"
         and e["payload"].get("attempt") == 2
     )
     resumed = [e["payload"] for e in events[second_start:] if e["kind"] == "progress"]

@@ -113,7 +113,9 @@ def test_cancel_while_running_ends_cancelled_without_version_or_checkpoint(setti
     long_params = {**TINY_PARAMS, "epochs": 200, "batch_size": 8}
     job_id = seed_training_job(settings, dataset_path, params=long_params)
     outcome: list[str] = []
-    runner = threading.Thread(target=lambda: outcome.append(run_training_job(job_id, settings=settings)))
+    runner = threading.Thread(
+        target=lambda: outcome.append(run_training_job(job_id, settings=settings))
+    )
     runner.start()
     _wait_for(lambda: _job(settings, job_id).progress.get("step", 0) >= 3, timeout_s=120)
 
@@ -135,10 +137,16 @@ def test_running_job_past_its_attempt_cap_ends_failed_too_many_attempts(settings
     job_id = seed_training_job(settings, dataset_path, params=TINY_PARAMS, max_attempts=2)
     # Two workers claimed it and died: running, attempts at the cap, heartbeat long stale.
     with get_session_factory(settings)() as session, session.begin():
-        session.execute(update(Job).where(Job.id == job_id).values(
-            state="running", attempts=2, worker_id="dead:1",
-            heartbeat_at=utcnow() - timedelta(hours=1),
-        ))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                state="running",
+                attempts=2,
+                worker_id="dead:1",
+                heartbeat_at=utcnow() - timedelta(hours=1),
+            )
+        )
 
     assert run_training_job(job_id, settings=settings) == NOT_CLAIMED
 
@@ -160,9 +168,11 @@ def test_monitor_stops_training_when_another_worker_owns_the_job(settings, datas
 
 def _events(settings: Settings, job_id: int) -> list[JobEvent]:
     with get_session_factory(settings)() as session, session.begin():
-        return list(session.scalars(
-            select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
-        ))
+        return list(
+            session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
+            )
+        )
 
 
 def _wait_for(condition, *, timeout_s: float) -> None:

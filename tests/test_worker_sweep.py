@@ -26,7 +26,9 @@ pytestmark = pytest.mark.services
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str, tiny_base_dir: Path) -> Settings:
     return Settings(
-        data_dir=tmp_path / "data", base_model=str(tiny_base_dir), redis_url=redis_url,
+        data_dir=tmp_path / "data",
+        base_model=str(tiny_base_dir),
+        redis_url=redis_url,
         sweep_requeue_after_s=60,
     )
 
@@ -100,8 +102,15 @@ def test_running_job_with_stale_heartbeat_is_resent_even_if_its_dead_worker_hold
     settings, tmp_path, broker
 ):
     stale = utcnow() - timedelta(seconds=600)
-    job_id = _new_job(settings, tmp_path, age_s=900, state="running", attempts=1,
-                      worker_id="dead:1", heartbeat_at=stale)
+    job_id = _new_job(
+        settings,
+        tmp_path,
+        age_s=900,
+        state="running",
+        attempts=1,
+        worker_id="dead:1",
+        heartbeat_at=stale,
+    )
     _send(settings, job_id)
     # the dead worker's delivery stays unacked until the broker's visibility timeout
     with _delivered_without_ack(settings):
@@ -111,9 +120,18 @@ def test_running_job_with_stale_heartbeat_is_resent_even_if_its_dead_worker_hold
     assert (TRAIN_TASK, job_id) in waiting and (TRAIN_TASK, job_id) in unacked
 
 
-def test_running_job_with_fresh_heartbeat_and_finished_jobs_are_not_resent(settings, tmp_path, broker):
-    _new_job(settings, tmp_path, age_s=900, state="running", attempts=1, worker_id="alive:1",
-             heartbeat_at=utcnow())
+def test_running_job_with_fresh_heartbeat_and_finished_jobs_are_not_resent(
+    settings, tmp_path, broker
+):
+    _new_job(
+        settings,
+        tmp_path,
+        age_s=900,
+        state="running",
+        attempts=1,
+        worker_id="alive:1",
+        heartbeat_at=utcnow(),
+    )
     _new_job(settings, tmp_path, age_s=901, state="succeeded", attempts=1)
     _new_job(settings, tmp_path, age_s=902, state="cancelled")
 

@@ -74,7 +74,9 @@ class ConsolidationConfig:
     l0_lambda: float = 1.25e-7  # per parameter, on the expected L0 of every gated set in a step
     alpha_init: float = 5.0
     rank: int = 8  # max components per factored matrix and per set (rank strategy)
-    balance_roles: bool = True  # element-wise projection ranks each set's magnitudes relative to its mean
+    balance_roles: bool = (
+        True  # element-wise projection ranks each set's magnitudes relative to its mean
+    )
     warmup_fraction: float = 0.1
     max_train_examples: int = 0  # per task; 0 = all
     eval_batch_size: int = 64
@@ -378,7 +380,9 @@ def _role_scales(keys: list[tuple[str, str]], magnitudes: list[Tensor]) -> dict[
         entry = totals.setdefault(role, [0.0, 0.0])
         entry[0] += float(mag.sum())
         entry[1] += float((mag > 0).sum())
-    return {role: (total / count if count else 1.0) or 1.0 for role, (total, count) in totals.items()}
+    return {
+        role: (total / count if count else 1.0) or 1.0 for role, (total, count) in totals.items()
+    }
 
 
 def _knapsack_masks(

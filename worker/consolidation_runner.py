@@ -72,7 +72,8 @@ def _training_job(session: Session, version: TaskVersion) -> Job:
         with catalog.transaction(session):
             current = session.get(TaskVersion, current.parent_version_id)
     raise JobFailure(
-        "dataset_missing", f"version {version.number}: no training job (and so no dataset) behind it"
+        "dataset_missing",
+        f"version {version.number}: no training job (and so no dataset) behind it",
     )
 
 
@@ -92,7 +93,9 @@ def _load_tasks(
             raise JobFailure("task_missing", str(exc)) from exc
         try:
             raw = store.get(version.artifact.object_key, sha256=version.artifact.sha256)
-            diff = loads_artifact(raw, expected_fingerprint=base.fingerprint, base_shapes=base.shapes)
+            diff = loads_artifact(
+                raw, expected_fingerprint=base.fingerprint, base_shapes=base.shapes
+            )
         except (ObjectNotFound, ObjectIntegrityError, ArtifactError) as exc:
             raise JobFailure("artifact_unreadable", f"task {name!r}: {exc}") from exc
         job = _training_job(session, version)
@@ -102,7 +105,9 @@ def _load_tasks(
     return loaded
 
 
-def _config_for(run: ConsolidationRun, job: Job, tasks: list[LoadedTask], settings: Settings) -> Any:
+def _config_for(
+    run: ConsolidationRun, job: Job, tasks: list[LoadedTask], settings: Settings
+) -> Any:
     """The run's ConsolidationConfig: job params over defaults, budget in stored entries."""
     from worker.consolidation import ConsolidationConfig
     from worker.device import select_device
@@ -187,8 +192,12 @@ def _publish(
 
 
 def _report(
-    run: ConsolidationRun, config: Any, tasks: list[LoadedTask], result: Any,
-    before: list[dict], after: list[dict],
+    run: ConsolidationRun,
+    config: Any,
+    tasks: list[LoadedTask],
+    result: Any,
+    before: list[dict],
+    after: list[dict],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run report and its per-task rows (accepted by the tolerance rule)."""
     from registry.artifact import dumps_artifact
@@ -199,23 +208,27 @@ def _report(
     for task, metrics_before, metrics_after in zip(tasks, before, after, strict=True):
         outcome = outcomes[task.name]
         own, _, _ = stored_entries_of(task.version)
-        rows.append({
-            "task": task.name,
-            "metric_name": metrics_after["metric_name"],
-            "metric_before": metrics_before["metric"],
-            "metric_after": metrics_after["metric"],
-            "metrics_before": metrics_before,
-            "metrics_after": metrics_after,
-            "version_before": task.version.number,
-            "version_after": None,
-            "nnz_before": own,
-            "nnz": outcome.nnz,
-            "composed_nnz": outcome.composed.nnz,
-            "bytes_before": task.diff_bytes,
-            "bytes": len(dumps_artifact(outcome.composed)),
-            "residual_bytes": len(dumps_artifact(outcome.residual)),
-            "accepted": accept(metrics_before["metric"], metrics_after["metric"], run.tolerance),
-        })
+        rows.append(
+            {
+                "task": task.name,
+                "metric_name": metrics_after["metric_name"],
+                "metric_before": metrics_before["metric"],
+                "metric_after": metrics_after["metric"],
+                "metrics_before": metrics_before,
+                "metrics_after": metrics_after,
+                "version_before": task.version.number,
+                "version_after": None,
+                "nnz_before": own,
+                "nnz": outcome.nnz,
+                "composed_nnz": outcome.composed.nnz,
+                "bytes_before": task.diff_bytes,
+                "bytes": len(dumps_artifact(outcome.composed)),
+                "residual_bytes": len(dumps_artifact(outcome.residual)),
+                "accepted": accept(
+                    metrics_before["metric"], metrics_after["metric"], run.tolerance
+                ),
+            }
+        )
     report = {
         "strategy": config.strategy,
         "budget": int(run.budget),
@@ -260,14 +273,17 @@ def run_consolidation(run_id: int, *, settings: Settings) -> str:
             log.warning("consolidation run %s does not exist", run_id)
             return NOT_CLAIMED
         job = catalog.claim_job(
-            session, job_id=run.job_id, worker_id=worker_id,
+            session,
+            job_id=run.job_id,
+            worker_id=worker_id,
             stale_after_s=settings.sweep_requeue_after_s,
         )
     if job is None:
         return NOT_CLAIMED
     checkpoint = StoreCheckpointIO(store, checkpoint_key(job.id))
-    monitor = JobMonitor(sessions, job.id, worker_id, settings, attempt=job.attempts,
-                         checkpoint=checkpoint)
+    monitor = JobMonitor(
+        sessions, job.id, worker_id, settings, attempt=job.attempts, checkpoint=checkpoint
+    )
     try:
         with monitor.heartbeating():
             if job.kind != "consolidate":
@@ -278,15 +294,21 @@ def run_consolidation(run_id: int, *, settings: Settings) -> str:
             config = _config_for(run, job, tasks, settings)
             before = [evaluate_diff(t.diff, t.data, base=base, config=config) for t in tasks]
             result = consolidate(
-                [ConsolidationTask(t.name, t.data, t.diff) for t in tasks], config, base=base,
-                run_id=run.id, progress=monitor.progress, checkpoint=checkpoint,
+                [ConsolidationTask(t.name, t.data, t.diff) for t in tasks],
+                config,
+                base=base,
+                run_id=run.id,
+                progress=monitor.progress,
+                checkpoint=checkpoint,
                 should_stop=monitor.should_stop,
             )
             after = [
                 evaluate_diff(o.composed, t.data, base=base, config=config)
                 for o, t in zip(result.tasks, tasks, strict=True)
             ]
-            monitor.progress(Progress(result.steps, result.steps, 0.0, result.total_nnz, "evaluate"))
+            monitor.progress(
+                Progress(result.steps, result.steps, 0.0, result.total_nnz, "evaluate")
+            )
             if monitor.should_stop():
                 raise TrainingCancelled()
             report, rows = _report(run, config, tasks, result, before, after)
@@ -297,12 +319,17 @@ def run_consolidation(run_id: int, *, settings: Settings) -> str:
             report["total_nnz_before"], report["total_nnz_after"] = total_before, total_after
             with sessions() as session:
                 catalog.record_report(
-                    session, run_id=run.id, report=report,
-                    total_nnz_before=total_before, total_nnz_after=total_after,
+                    session,
+                    run_id=run.id,
+                    report=report,
+                    total_nnz_before=total_before,
+                    total_nnz_after=total_after,
                 )
             summary = {
-                "accepted": sum(r["accepted"] for r in rows), "tasks": len(rows),
-                "total_nnz_before": total_before, "total_nnz_after": total_after,
+                "accepted": sum(r["accepted"] for r in rows),
+                "tasks": len(rows),
+                "total_nnz_before": total_before,
+                "total_nnz_after": total_after,
             }
             if not finish_job(sessions, job.id, worker_id, SUCCEEDED, metrics=summary):
                 return LOST
@@ -316,8 +343,14 @@ def run_consolidation(run_id: int, *, settings: Settings) -> str:
         return fail_job(sessions, checkpoint, job.id, worker_id, code, str(exc))
     except Exception as exc:
         log.exception("consolidation run %s failed", run_id)
-        return fail_job(sessions, checkpoint, job.id, worker_id, "internal_error",
-                        f"{type(exc).__name__}: {exc}")
+        return fail_job(
+            sessions,
+            checkpoint,
+            job.id,
+            worker_id,
+            "internal_error",
+            f"{type(exc).__name__}: {exc}",
+        )
     checkpoint.remove()
     return SUCCEEDED
 

@@ -140,8 +140,14 @@ def prob_nonzero(alpha: Tensor, lower: float, upper: float) -> Tensor:
 
 
 def gate_forward_kernel(
-    theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor, bits: Tensor,
-    lower: float, upper: float, shift: float,
+    theta0: Tensor,
+    w: Tensor,
+    alpha: Tensor,
+    gate_scale: Tensor,
+    bits: Tensor,
+    lower: float,
+    upper: float,
+    shift: float,
 ) -> tuple[Tensor, Tensor]:
     """(θ₀ + z·g·w, Σ P(z ≠ 0)) with z the gate sampled from 16-bit `bits` (any dtype)."""
     u = (bits.to(alpha.dtype) + _U_OFFSET) * _U_SCALE
@@ -154,8 +160,15 @@ def gate_forward_kernel(
 
 
 def gate_backward_kernel(
-    grad: Tensor, grad_expected: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor,
-    bits: Tensor, lower: float, upper: float, shift: float,
+    grad: Tensor,
+    grad_expected: Tensor,
+    w: Tensor,
+    alpha: Tensor,
+    gate_scale: Tensor,
+    bits: Tensor,
+    lower: float,
+    upper: float,
+    shift: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (w, α, g), recomputing z from the replayed `bits` and α.
 
@@ -166,9 +179,7 @@ def gate_backward_kernel(
     s = u / (u + (1.0 - u) * e)
     stretched = s * (upper - lower) + lower
     z = torch.clamp(stretched, 0.0, 1.0)
-    slope = torch.where(
-        (stretched > 0.0) & (stretched < 1.0), (upper - lower) * s * (1.0 - s), 0.0
-    )
+    slope = torch.where((stretched > 0.0) & (stretched < 1.0), (upper - lower) * s * (1.0 - s), 0.0)
     grad_z = grad * z
     grad_scale = (grad_z * w).sum()
     grad_w = grad_z * gate_scale
@@ -188,7 +199,11 @@ class _Kernels:
     def use_compiled(self, enabled: bool) -> bool:
         """Switch to torch.compile'd kernels (True) or eager ones; returns whether compiled."""
         if not enabled:
-            self.forward, self.backward, self.compiled = gate_forward_kernel, gate_backward_kernel, False
+            self.forward, self.backward, self.compiled = (
+                gate_forward_kernel,
+                gate_backward_kernel,
+                False,
+            )
             return False
         if not self.compiled:
             try:
@@ -226,13 +241,25 @@ class GatedDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor,
-        noise: NoiseDraw | FixedNoise, lower: float, upper: float,
+        ctx,
+        theta0: Tensor,
+        w: Tensor,
+        alpha: Tensor,
+        gate_scale: Tensor,
+        noise: NoiseDraw | FixedNoise,
+        lower: float,
+        upper: float,
     ) -> tuple[Tensor, Tensor]:
         shift = l0_shift(lower, upper)
         theta, expected = kernels.run_forward(
-            theta0.reshape(-1), w.reshape(-1), alpha.reshape(-1), gate_scale,
-            noise.bits().reshape(-1), lower, upper, shift,
+            theta0.reshape(-1),
+            w.reshape(-1),
+            alpha.reshape(-1),
+            gate_scale,
+            noise.bits().reshape(-1),
+            lower,
+            upper,
+            shift,
         )
         ctx.save_for_backward(w, alpha, gate_scale)
         ctx.noise = noise
@@ -244,21 +271,35 @@ class GatedDelta(torch.autograd.Function):
         w, alpha, gate_scale = ctx.saved_tensors
         lower, upper, shift = ctx.bounds
         grad_w, grad_alpha, grad_scale = kernels.backward(
-            grad.reshape(-1), grad_expected, w.reshape(-1), alpha.reshape(-1), gate_scale,
-            ctx.noise.bits().reshape(-1), lower, upper, shift,
+            grad.reshape(-1),
+            grad_expected,
+            w.reshape(-1),
+            alpha.reshape(-1),
+            gate_scale,
+            ctx.noise.bits().reshape(-1),
+            lower,
+            upper,
+            shift,
         )
         return (
             None,
             grad_w.view(w.shape),
             grad_alpha.view(alpha.shape),
             grad_scale.reshape(gate_scale.shape),
-            None, None, None,
+            None,
+            None,
+            None,
         )
 
 
 def gated_delta(
-    theta0: Tensor, w: Tensor, alpha: Tensor, gate_scale: Tensor,
-    noise: NoiseDraw | FixedNoise, lower: float, upper: float,
+    theta0: Tensor,
+    w: Tensor,
+    alpha: Tensor,
+    gate_scale: Tensor,
+    noise: NoiseDraw | FixedNoise,
+    lower: float,
+    upper: float,
 ) -> tuple[Tensor, Tensor]:
     """(θ₀ + z·gate_scale·w, Σ P(z ≠ 0)) with z sampled from `noise`; fused (see `GatedDelta`)."""
     return GatedDelta.apply(theta0, w, alpha, gate_scale, noise, lower, upper)

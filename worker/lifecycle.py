@@ -27,7 +27,9 @@ from registry.stores import ObjectStore
 log = logging.getLogger(__name__)
 
 # Outcomes returned by run_training_job and run_consolidation (also logged by the Celery tasks).
-NOT_CLAIMED = "not-claimed"  # duplicate delivery, finished, cancelled while queued, or out of attempts
+NOT_CLAIMED = (
+    "not-claimed"  # duplicate delivery, finished, cancelled while queued, or out of attempts
+)
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
@@ -116,9 +118,12 @@ class JobMonitor:
             "resumed": bool(self.checkpoint and self.checkpoint.resumed),
         }
         with self.sessions() as session:
-            if catalog.record_progress(
-                session, job_id=self.job_id, worker_id=self.worker_id, progress=payload
-            ) is None:
+            if (
+                catalog.record_progress(
+                    session, job_id=self.job_id, worker_id=self.worker_id, progress=payload
+                )
+                is None
+            ):
                 self.lost = True
 
     def should_stop(self) -> bool:
@@ -141,7 +146,10 @@ class JobMonitor:
         while not self._stop_beating.wait(self.settings.job_heartbeat_interval_s):
             try:
                 with self.sessions() as session:
-                    if catalog.heartbeat(session, job_id=self.job_id, worker_id=self.worker_id) is None:
+                    if (
+                        catalog.heartbeat(session, job_id=self.job_id, worker_id=self.worker_id)
+                        is None
+                    ):
                         self.lost = True
                         return
             except Exception:  # a DB hiccup must not kill the job; the next beat retries
@@ -161,13 +169,21 @@ class JobMonitor:
             thread.join(timeout=5)
 
 
-def _dataset_file(session: Session, store: ObjectStore, job: Job, dataset_id: int | None,
-                  directory: Path, stem: str) -> Path:
+def _dataset_file(
+    session: Session,
+    store: ObjectStore,
+    job: Job,
+    dataset_id: int | None,
+    directory: Path,
+    stem: str,
+) -> Path:
     """Fetch a dataset blob (sha256-verified) into `directory` as `<stem>.<format>`."""
     if dataset_id is None:
         raise JobFailure("dataset_missing", f"the job's {stem} dataset was deleted")
     try:
-        dataset: Dataset = catalog.get_dataset(session, tenant_id=job.tenant_id, dataset_id=dataset_id)
+        dataset: Dataset = catalog.get_dataset(
+            session, tenant_id=job.tenant_id, dataset_id=dataset_id
+        )
     except catalog.NotFoundError as exc:
         raise JobFailure("dataset_missing", f"{stem} dataset {dataset_id} not found") from exc
     from registry.stores import ObjectIntegrityError, ObjectNotFound
@@ -185,7 +201,9 @@ def _dataset_file(session: Session, store: ObjectStore, job: Job, dataset_id: in
     return path
 
 
-def load_job_data(session: Session, store: ObjectStore, job: Job, settings: Settings, seed: int) -> Any:
+def load_job_data(
+    session: Session, store: ObjectStore, job: Job, settings: Settings, seed: int
+) -> Any:
     """The job's `TaskData`: train (and validation) files from the store, parsed and validated."""
     from registry.tabular import ColumnMapping, DatasetError, TableLimits
     from worker.data import load_task_data
@@ -222,20 +240,30 @@ def load_job_base(name_or_path: str) -> Any:
         raise JobFailure("base_model_unavailable", f"base model {name_or_path!r}: {exc}") from exc
 
 
-def finish_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, state: str,
-            **fields: Any) -> bool:
+def finish_job(
+    sessions: sessionmaker[Session], job_id: int, worker_id: str, state: str, **fields: Any
+) -> bool:
     """Move our running job to a final state; False when it was not ours any more."""
     with sessions() as session:
-        return catalog.finish_job(
-            session, job_id=job_id, state=state, worker_id=worker_id, **fields
-        ) is not None
+        return (
+            catalog.finish_job(session, job_id=job_id, state=state, worker_id=worker_id, **fields)
+            is not None
+        )
 
 
-def fail_job(sessions: sessionmaker[Session], checkpoint: StoreCheckpointIO, job_id: int,
-          worker_id: str, code: str, message: str) -> str:
+def fail_job(
+    sessions: sessionmaker[Session],
+    checkpoint: StoreCheckpointIO,
+    job_id: int,
+    worker_id: str,
+    code: str,
+    message: str,
+) -> str:
     """Record a failure (if the job is still ours) and drop its checkpoint."""
     log.warning("job %s failed: %s: %s", job_id, code, message)
-    if not finish_job(sessions, job_id, worker_id, FAILED, error_code=code, error_message=message[:4000]):
+    if not finish_job(
+        sessions, job_id, worker_id, FAILED, error_code=code, error_message=message[:4000]
+    ):
         return LOST
     checkpoint.remove()
     return FAILED

@@ -157,7 +157,9 @@ def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]
     )
     with catalog.transaction(session):
         found = session.execute(query).unique().all()
-    return [(tenant, base, name, *stored_entries_of(version)) for tenant, base, name, version in found]
+    return [
+        (tenant, base, name, *stored_entries_of(version)) for tenant, base, name, version in found
+    ]
 
 
 def _run_in_flight(session: Any, tenant_id: int, base_model: str) -> bool:

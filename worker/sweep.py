@@ -40,7 +40,10 @@ _PRIORITY_STEPS = (0, 3, 6, 9)
 _UNACKED_HASH = "unacked"
 
 # Task name → (queue, job kind) of the messages the sweep knows how to re-send.
-_RESENDABLE = {TRAIN_TASK: (TRAIN_QUEUE, "train"), CONSOLIDATE_TASK: (CONSOLIDATE_QUEUE, "consolidate")}
+_RESENDABLE = {
+    TRAIN_TASK: (TRAIN_QUEUE, "train"),
+    CONSOLIDATE_TASK: (CONSOLIDATE_QUEUE, "consolidate"),
+}
 
 MessageRef = tuple[str, int]  # (task name, first argument: job id or consolidation run id)
 
@@ -61,7 +64,9 @@ def message_ref(raw: bytes | str) -> MessageRef | None:
         return None
 
 
-def broker_messages(client: redis.Redis, queues: Iterable[str]) -> tuple[set[MessageRef], set[MessageRef]]:
+def broker_messages(
+    client: redis.Redis, queues: Iterable[str]
+) -> tuple[set[MessageRef], set[MessageRef]]:
     """Messages waiting in `queues`, and messages delivered but not yet acknowledged."""
     waiting: set[MessageRef] = set()
     for queue in queues:
@@ -93,7 +98,9 @@ def sweep_lost_jobs(*, settings: Settings, client: redis.Redis | None = None) ->
     resent: list[int] = []
     try:
         with sessions() as session, Connection(broker_url(settings)) as connection:
-            candidates = catalog.find_lost_jobs(session, older_than_s=settings.sweep_requeue_after_s)
+            candidates = catalog.find_lost_jobs(
+                session, older_than_s=settings.sweep_requeue_after_s
+            )
             if not candidates:
                 return resent
             waiting, unacked = broker_messages(client, (TRAIN_QUEUE, CONSOLIDATE_QUEUE))

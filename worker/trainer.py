@@ -129,7 +129,9 @@ def micro_batches(rows: int, step_in_phase: int, config: DiffPruneConfig) -> lis
     """Row indices of the micro-batches of one optimizer step; the order is seeded per epoch."""
     per_epoch = steps_per_epoch(rows, config)
     epoch, position = divmod(step_in_phase, per_epoch)
-    order = torch.randperm(rows, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    order = torch.randperm(
+        rows, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    )
     batches = list(order.split(config.batch_size))
     return batches[position * config.grad_accum : (position + 1) * config.grad_accum]
 
@@ -535,4 +537,3 @@ def check_resumable(state: dict[str, Any], config: DiffPruneConfig) -> None:
     changed = sorted(k for k in current if saved.get(k) != current[k])
     if changed:
         raise ValueError(f"checkpoint was written with a different config: {', '.join(changed)}")
-

@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TRAIN_KNOBS = ("density", "epochs", "fix_epochs", "batch_size", "lr", "fix_lr", "max_length", "seed")
+TRAIN_KNOBS = (
+    "density",
+    "epochs",
+    "fix_epochs",
+    "batch_size",
+    "lr",
+    "fix_lr",
+    "max_length",
+    "seed",
+)
 
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +51,9 @@ def fail(exc: Exception) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the client commands to the `diffbank` parser."""
     p = subparsers.add_parser("submit", help="upload a dataset and queue a training job")
-    p.add_argument("data", help="a .jsonl/.csv/.parquet file, or a directory with train.* [validation.*]")
+    p.add_argument(
+        "data", help="a .jsonl/.csv/.parquet file, or a directory with train.* [validation.*]"
+    )
     p.add_argument("--task", required=True, help="task name")
     p.add_argument("--density", type=float)
     p.add_argument("--epochs", type=int)
@@ -56,8 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", dest="text_field")
     p.add_argument("--text-pair-field", dest="text_pair_field")
     p.add_argument("--label-field", dest="label_field")
-    p.add_argument("--task-type", dest="task_type",
-                   choices=["classification", "pair-classification", "regression"])
+    p.add_argument(
+        "--task-type",
+        dest="task_type",
+        choices=["classification", "pair-classification", "regression"],
+    )
     p.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls with --wait")
     p.add_argument("--json", action="store_true")
@@ -126,12 +140,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if validation_path is not None:
                 validation_id = client.upload_dataset(validation_path, **mapping)["id"]
             job = client.create_job(
-                args.task, dataset["id"], validation_dataset_id=validation_id,
-                base_model=args.base_model, **knobs,
+                args.task,
+                dataset["id"],
+                validation_dataset_id=validation_id,
+                base_model=args.base_model,
+                **knobs,
             )
             if not args.json:
-                print(f"job {job['id']} queued: task {args.task}, dataset {dataset['id']} "
-                      f"({dataset['rows']} rows, {dataset['task_type']})")
+                print(
+                    f"job {job['id']} queued: task {args.task}, dataset {dataset['id']} "
+                    f"({dataset['rows']} rows, {dataset['task_type']})"
+                )
             if not args.wait:
                 if args.json:
                     print_json(_job_summary(job))
@@ -196,8 +215,10 @@ def _print_job(job: dict[str, Any]) -> None:
     progress = job.get("progress") or {}
     print(f"job {job['id']}  {job['kind']}  task={job.get('task')}  state={job['state']}")
     if progress.get("total_steps"):
-        print(f"  progress: step {progress.get('step')}/{progress.get('total_steps')}"
-              f"  loss={progress.get('loss')}  expected_nnz={progress.get('expected_nnz')}")
+        print(
+            f"  progress: step {progress.get('step')}/{progress.get('total_steps')}"
+            f"  loss={progress.get('loss')}  expected_nnz={progress.get('expected_nnz')}"
+        )
     if job.get("version") is not None:
         print(f"  version: {job['version']}")
     for name, value in sorted((job.get("metrics") or {}).items()):
@@ -212,8 +233,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     with client_from_args(args) as client:
         try:
-            page = client.list_jobs(state=args.state, task=args.task, kind=args.kind,
-                                    limit=args.limit)
+            page = client.list_jobs(
+                state=args.state, task=args.task, kind=args.kind, limit=args.limit
+            )
         except DiffbankError as exc:
             return fail(exc)
     if args.json:
@@ -222,8 +244,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     print(f"{'id':>6}  {'kind':<11}  {'state':<9}  {'task':<24}  version")
     for job in page["items"]:
         version = "" if job.get("version") is None else str(job["version"])
-        print(f"{job['id']:>6}  {job['kind']:<11}  {job['state']:<9}  "
-              f"{(job.get('task') or ''):<24}  {version}")
+        print(
+            f"{job['id']:>6}  {job['kind']:<11}  {job['state']:<9}  "
+            f"{(job.get('task') or ''):<24}  {version}"
+        )
     return 0
 
 
@@ -283,8 +307,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
             data = client.download_diff(args.task, version=version, dest=out)
         except DiffbankError as exc:
             return fail(exc)
-    result = {"task": args.task, "version": version, "path": str(out), "bytes": len(data),
-              "sha256": hashlib.sha256(data).hexdigest()}
+    result = {
+        "task": args.task,
+        "version": version,
+        "path": str(out),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     if args.json:
         print_json(result)
     else:

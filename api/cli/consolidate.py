@@ -33,16 +33,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "consolidate", help="re-fit several tasks together under one parameter budget"
     )
     p.add_argument("--tasks", help="comma-separated task names (default: every task on the base)")
-    p.add_argument("--budget", type=int, required=True,
-                   help="total stored nonzeros (or bytes) for the set, shared part counted once")
+    p.add_argument(
+        "--budget",
+        type=int,
+        required=True,
+        help="total stored nonzeros (or bytes) for the set, shared part counted once",
+    )
     p.add_argument("--budget-kind", dest="budget_kind", choices=["nnz", "bytes"], default="nnz")
     p.add_argument("--strategy", choices=["elementwise", "rank"], default="elementwise")
-    p.add_argument("--tolerance", type=float,
-                   help="accuracy points a task may lose and still get the new version")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="accuracy points a task may lose and still get the new version",
+    )
     p.add_argument("--base-model", dest="base_model")
-    for knob, kind in (("epochs", float), ("fix-epochs", float), ("batch-size", int),
-                       ("max-length", int), ("lr", float), ("temperature", float), ("rank", int),
-                       ("seed", int)):
+    for knob, kind in (
+        ("epochs", float),
+        ("fix-epochs", float),
+        ("batch-size", int),
+        ("max-length", int),
+        ("lr", float),
+        ("temperature", float),
+        ("rank", int),
+        ("seed", int),
+    ):
         p.add_argument(f"--{knob}", dest=knob.replace("-", "_"), type=kind)
     p.add_argument("--wait", action="store_true", help="show progress until the run finishes")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls with --wait")
@@ -54,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def request_body(args: argparse.Namespace) -> dict[str, Any]:
     """The JSON body of `POST /v1/consolidations` from the command line."""
     body: dict[str, Any] = {
-        "budget": args.budget, "budget_kind": args.budget_kind, "strategy": args.strategy,
+        "budget": args.budget,
+        "budget_kind": args.budget_kind,
+        "strategy": args.strategy,
     }
     if args.tasks:
         body["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -131,8 +147,14 @@ def wait_for_run(client: Any, run_id: int, *, poll_s: float, show_progress: bool
     """Poll a run until it finishes, drawing its job progress on stderr."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, desc=f"consolidation {run_id}", unit="step", file=sys.stderr,
-               dynamic_ncols=True, disable=not show_progress)
+    bar = tqdm(
+        total=0,
+        desc=f"consolidation {run_id}",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not show_progress,
+    )
     try:
         while True:
             run = client.get_consolidation(run_id)

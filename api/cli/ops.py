@@ -15,8 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.set_defaults(func=cmd_up)
 
     demo = subparsers.add_parser("demo", help="train a shipped sample task end to end, then stop")
-    demo.add_argument("--task", default=None, help="sample task to train (default: the sentiment one)")
-    demo.add_argument("--plot", default="diffbank-demo-nonzeros.png", help="where to save the picture")
+    demo.add_argument(
+        "--task", default=None, help="sample task to train (default: the sentiment one)"
+    )
+    demo.add_argument(
+        "--plot", default="diffbank-demo-nonzeros.png", help="where to save the picture"
+    )
     demo.set_defaults(func=cmd_demo)
 
     api = subparsers.add_parser("api", help="serve the HTTP API with uvicorn")
@@ -30,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=cmd_worker)
 
-    beat = subparsers.add_parser("beat", help="run the Celery beat scheduler (sweep, consolidation)")
+    beat = subparsers.add_parser(
+        "beat", help="run the Celery beat scheduler (sweep, consolidation)"
+    )
     beat.add_argument("--loglevel", default="info")
     beat.set_defaults(func=cmd_beat)
 
@@ -57,9 +63,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.device:
         os.environ["DIFFBANK_WORKER_DEVICE"] = args.device
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "-Q", args.queues, "-c", "1", "--prefetch-multiplier", "1",
-        "-l", args.loglevel, "-n", f"diffbank-{os.getpid()}@%h",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "-Q",
+        args.queues,
+        "-c",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "-l",
+        args.loglevel,
+        "-n",
+        f"diffbank-{os.getpid()}@%h",
     ]
     os.execv(sys.executable, argv)
     return 0  # not reached
@@ -72,8 +91,16 @@ def cmd_beat(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.app", "beat", "-l", args.loglevel,
-        "-s", str(settings.data_dir / "celerybeat-schedule"),
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "beat",
+        "-l",
+        args.loglevel,
+        "-s",
+        str(settings.data_dir / "celerybeat-schedule"),
     ]
     os.execv(sys.executable, argv)
     return 0  # not reached

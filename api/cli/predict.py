@@ -16,13 +16,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="predict texts with a diff artifact (FILE TEXT...) or a server task (--task NAME TEXT...)",
     )
-    p.add_argument("args", nargs="+", metavar="FILE_OR_TEXT",
-                   help="library mode: FILE TEXT...; with --task: TEXT...")
+    p.add_argument(
+        "args",
+        nargs="+",
+        metavar="FILE_OR_TEXT",
+        help="library mode: FILE TEXT...; with --task: TEXT...",
+    )
     p.add_argument("--task", help="client mode: predict with this task on the server")
     p.add_argument("--version", type=int, help="client mode: task version (default: active)")
     p.add_argument("--base", help="library mode: base model path or name (default: the artifact's)")
-    p.add_argument("--pair-sep", dest="pair_sep",
-                   help="split each TEXT at this separator into a [text, text_pair] pair")
+    p.add_argument(
+        "--pair-sep",
+        dest="pair_sep",
+        help="split each TEXT at this separator into a [text, text_pair] pair",
+    )
     p.add_argument("--json", action="store_true")
     add_connection_args(p)
     p.set_defaults(func=cmd_predict)
@@ -77,9 +84,8 @@ def _predict_remote(args: argparse.Namespace, inputs: list[Any]) -> list[dict[st
 
 def _predict_local(path: Path, inputs: list[Any], *, base: str | None) -> list[dict[str, Any]]:
     """Apply the artifact to its base in this process and predict."""
-    from registry.artifact import loads_artifact
-
     from api.serving import Predictor
+    from registry.artifact import loads_artifact
 
     data = path.read_bytes()
     meta = loads_artifact(data).meta  # validates the file; says which base it needs
@@ -88,8 +94,6 @@ def _predict_local(path: Path, inputs: list[Any], *, base: str | None) -> list[d
     try:
         predictor.base(base)
     except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"cannot load base model {base!r} ({exc}); pass --base PATH"
-        ) from exc
+        raise ValueError(f"cannot load base model {base!r} ({exc}); pass --base PATH") from exc
     print(f"base {base}, task type {meta.task_type}", file=sys.stderr)
     return predictor.predict_artifact(data, inputs, base=base)

@@ -20,22 +20,38 @@ TASK_TYPES = ("classification", "pair-classification", "regression")
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train` command."""
     p = subparsers.add_parser("train", help="learn a sparse diff for a task and save the artifact")
-    p.add_argument("data", type=Path, help="a .jsonl/.csv/.parquet file, or a directory with train.* [validation.*]")
-    p.add_argument("--out", type=Path, required=True, help="where to write the .safetensors artifact")
+    p.add_argument(
+        "data",
+        type=Path,
+        help="a .jsonl/.csv/.parquet file, or a directory with train.* [validation.*]",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="where to write the .safetensors artifact"
+    )
     p.add_argument("--base", help="base model path or name (default: DIFFBANK_BASE_MODEL)")
     d = DiffPruneConfig()
-    p.add_argument("--density", type=float, help=f"kept fraction of base parameters (default {d.density})")
+    p.add_argument(
+        "--density", type=float, help=f"kept fraction of base parameters (default {d.density})"
+    )
     p.add_argument("--epochs", type=int, help=f"epochs of gated diff training (default {d.epochs})")
-    p.add_argument("--fix-epochs", type=int,
-                   help=f"epochs fine-tuning the kept values (default {d.fix_epochs})")
+    p.add_argument(
+        "--fix-epochs",
+        type=int,
+        help=f"epochs fine-tuning the kept values (default {d.fix_epochs})",
+    )
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--max-length", type=int, help=f"tokens per example, truncated (default {d.max_length})")
+    p.add_argument(
+        "--max-length", type=int, help=f"tokens per example, truncated (default {d.max_length})"
+    )
     p.add_argument("--lr", type=float, help=f"learning rate of the gated diff (default {d.lr:g})")
-    p.add_argument("--fix-lr", type=float,
-                   help=f"learning rate of the kept values, mask fixed (default: {FIX_LR_REFERENCE:g} at "
-                        f"density {FIX_DENSITY_REFERENCE:g} and {FIX_STEPS_REFERENCE} fixed-mask steps, "
-                        "scaled by 1/sqrt of density and steps)")
+    p.add_argument(
+        "--fix-lr",
+        type=float,
+        help=f"learning rate of the kept values, mask fixed (default: {FIX_LR_REFERENCE:g} at "
+        f"density {FIX_DENSITY_REFERENCE:g} and {FIX_STEPS_REFERENCE} fixed-mask steps, "
+        "scaled by 1/sqrt of density and steps)",
+    )
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--no-compile", action="store_true", help="run the gate kernels eagerly")
@@ -68,7 +84,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from registry.tabular import ColumnMapping, DatasetError
     from worker.data import load_task_data
 
-    overrides = {key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items() if getattr(args, flag) is not None}
+    overrides = {
+        key: getattr(args, flag)
+        for flag, key in CONFIG_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
     if args.no_compile:
         overrides["compile_gates"] = False
     try:
@@ -77,12 +97,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mapping = ColumnMapping(
-        text_field=args.text_field, text_pair_field=args.text_pair_field, label_field=args.label_field
+        text_field=args.text_field,
+        text_pair_field=args.text_pair_field,
+        label_field=args.label_field,
     )
     try:
         data = load_task_data(
-            args.data, mapping=mapping, task_type=args.task_type,
-            validation_path=args.validation, seed=config.seed,
+            args.data,
+            mapping=mapping,
+            task_type=args.task_type,
+            validation_path=args.validation,
+            seed=config.seed,
         )
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -184,28 +184,40 @@ def _resolve_base(session, settings, body: ConsolidationCreate, tenant_id: int) 
             raise ApiError(404, "not_found", f"task {name!r} not found", field="tasks") from None
         names.add(task.base_model.name)
     if len(names) > 1:
-        raise ApiError(422, "different_base_models",
-                       f"the tasks are on different base models: {', '.join(sorted(names))}",
-                       field="tasks")
+        raise ApiError(
+            422,
+            "different_base_models",
+            f"the tasks are on different base models: {', '.join(sorted(names))}",
+            field="tasks",
+        )
     requested = canonical_base_name(body.base_model) if body.base_model else None
     if names:
         base = names.pop()
         if requested is not None and requested != base:
-            raise ApiError(422, "base_model_mismatch",
-                           f"the tasks are on base model {base!r}, not {requested!r}",
-                           field="base_model")
+            raise ApiError(
+                422,
+                "base_model_mismatch",
+                f"the tasks are on base model {base!r}, not {requested!r}",
+                field="base_model",
+            )
     else:
         base = requested or canonical_base_name(settings.base_model)
     try:
         row = catalog.get_base_model(session, name=base)
     except catalog.NotFoundError:
-        raise ApiError(422, "unknown_base_model", f"base model {base!r} has no tasks here",
-                       field="base_model") from None
+        raise ApiError(
+            422, "unknown_base_model", f"base model {base!r} has no tasks here", field="base_model"
+        ) from None
     return row.name, int(row.n_params)
 
 
-@router.post("/consolidations", status_code=202, response_model=ConsolidationPublic,
-             responses=ERRORS, summary="Start a consolidation (admin)")
+@router.post(
+    "/consolidations",
+    status_code=202,
+    response_model=ConsolidationPublic,
+    responses=ERRORS,
+    summary="Start a consolidation (admin)",
+)
 def create_consolidation(
     body: ConsolidationCreate,
     request: Request,
@@ -217,10 +229,13 @@ def create_consolidation(
     base, n_params = _resolve_base(session, settings, body, principal.tenant_id)
     limit = n_params * (MAX_BYTES_PER_PARAM if body.budget_kind == "bytes" else 1)
     if body.budget > limit:
-        raise ApiError(422, "budget_too_large",
-                       f"budget {body.budget} exceeds the base model's size ({limit} "
-                       f"{'bytes' if body.budget_kind == 'bytes' else 'parameters'})",
-                       field="budget")
+        raise ApiError(
+            422,
+            "budget_too_large",
+            f"budget {body.budget} exceeds the base model's size ({limit} "
+            f"{'bytes' if body.budget_kind == 'bytes' else 'parameters'})",
+            field="budget",
+        )
     tolerance = settings.consolidation_tolerance if body.tolerance is None else body.tolerance
     run = catalog.create_consolidation_run(
         session,
@@ -253,8 +268,12 @@ def _enqueue(request: Request, session, run: ConsolidationRun) -> None:
     catalog.mark_enqueued(session, job_id=run.job_id)
 
 
-@router.get("/consolidations", response_model=ConsolidationsPublic, responses=ERRORS,
-            summary="List consolidation runs")
+@router.get(
+    "/consolidations",
+    response_model=ConsolidationsPublic,
+    responses=ERRORS,
+    summary="List consolidation runs",
+)
 def list_consolidations(
     principal: ReadPrincipal,
     session: SessionDep,
@@ -265,21 +284,32 @@ def list_consolidations(
     runs, next_cursor = catalog.list_consolidation_runs(
         session, tenant_id=principal.tenant_id, cursor=cursor, limit=limit
     )
-    return ConsolidationsPublic(items=[consolidation_public(r) for r in runs],
-                                next_cursor=next_cursor)
+    return ConsolidationsPublic(
+        items=[consolidation_public(r) for r in runs], next_cursor=next_cursor
+    )
 
 
-@router.get("/consolidations/{run_id}", response_model=ConsolidationPublic, responses=ERRORS,
-            summary="Get a consolidation run and its report")
-def get_consolidation(run_id: int, principal: ReadPrincipal, session: SessionDep) -> ConsolidationPublic:
+@router.get(
+    "/consolidations/{run_id}",
+    response_model=ConsolidationPublic,
+    responses=ERRORS,
+    summary="Get a consolidation run and its report",
+)
+def get_consolidation(
+    run_id: int, principal: ReadPrincipal, session: SessionDep
+) -> ConsolidationPublic:
     """A run: state, progress, and per-task before/after metrics, nonzeros, bytes, acceptance."""
     return consolidation_public(
         catalog.get_consolidation_run(session, tenant_id=principal.tenant_id, run_id=run_id)
     )
 
 
-@router.post("/consolidations/{run_id}/cancel", response_model=ConsolidationPublic,
-             responses=ERRORS, summary="Cancel a consolidation run")
+@router.post(
+    "/consolidations/{run_id}/cancel",
+    response_model=ConsolidationPublic,
+    responses=ERRORS,
+    summary="Cancel a consolidation run",
+)
 def cancel_consolidation(
     run_id: int, principal: AdminPrincipal, session: SessionDep
 ) -> ConsolidationPublic:
@@ -291,8 +321,12 @@ def cancel_consolidation(
     )
 
 
-@router.post("/tasks/{name}/versions/{number}/activate", response_model=TaskPublic,
-             responses=ERRORS, summary="Serve a given version (rollback)")
+@router.post(
+    "/tasks/{name}/versions/{number}/activate",
+    response_model=TaskPublic,
+    responses=ERRORS,
+    summary="Serve a given version (rollback)",
+)
 def activate_version(
     name: TaskNamePath,
     number: Annotated[int, Path(ge=1)],
@@ -309,9 +343,13 @@ def activate_version(
 def version_parts(version: TaskVersion, *, name: str, session) -> VersionPartsPublic:
     """The factored layout of a consolidated version; 409 for a version that has no parts."""
     if version.shared_artifact_id is None or version.residual_artifact_id is None:
-        raise ApiError(409, "not_factored",
-                       f"version {version.number} of task {name!r} is not a consolidated version "
-                       "and has no factored layout", field="layout")
+        raise ApiError(
+            409,
+            "not_factored",
+            f"version {version.number} of task {name!r} is not a consolidated version "
+            "and has no factored layout",
+            field="layout",
+        )
     with catalog.transaction(session):
         shared = session.get(Artifact, version.shared_artifact_id)
         residual = session.get(Artifact, version.residual_artifact_id)
@@ -322,16 +360,28 @@ def version_parts(version: TaskVersion, *, name: str, session) -> VersionPartsPu
         consolidation_run_id=version.consolidation_run_id,
         composed_sha256=version.artifact.sha256,
         parts=[
-            VersionPartPublic(role="shared", sha256=shared.sha256, size_bytes=shared.size_bytes,
-                              url=f"{base_url}/shared"),
-            VersionPartPublic(role="residual", sha256=residual.sha256,
-                              size_bytes=residual.size_bytes, url=f"{base_url}/residual"),
+            VersionPartPublic(
+                role="shared",
+                sha256=shared.sha256,
+                size_bytes=shared.size_bytes,
+                url=f"{base_url}/shared",
+            ),
+            VersionPartPublic(
+                role="residual",
+                sha256=residual.sha256,
+                size_bytes=residual.size_bytes,
+                url=f"{base_url}/residual",
+            ),
         ],
     )
 
 
-@router.get("/tasks/{name}/versions/{number}/parts", response_model=VersionPartsPublic,
-            responses=ERRORS, summary="List a consolidated version's shared and residual diffs")
+@router.get(
+    "/tasks/{name}/versions/{number}/parts",
+    response_model=VersionPartsPublic,
+    responses=ERRORS,
+    summary="List a consolidated version's shared and residual diffs",
+)
 def list_version_parts(
     name: TaskNamePath,
     number: Annotated[int, Path(ge=1)],
@@ -339,14 +389,18 @@ def list_version_parts(
     session: SessionDep,
 ) -> VersionPartsPublic:
     """The factored layout: the shared diff and the task's residual, each an artifact."""
-    version = catalog.get_task_version(session, tenant_id=principal.tenant_id, name=name,
-                                       number=number)
+    version = catalog.get_task_version(
+        session, tenant_id=principal.tenant_id, name=name, number=number
+    )
     return version_parts(version, name=name, session=session)
 
 
-@router.get("/tasks/{name}/versions/{number}/parts/{role}", response_class=StreamingResponse,
-            responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
-            summary="Download one part of a consolidated version")
+@router.get(
+    "/tasks/{name}/versions/{number}/parts/{role}",
+    response_class=StreamingResponse,
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    summary="Download one part of a consolidated version",
+)
 def download_version_part(
     name: TaskNamePath,
     number: Annotated[int, Path(ge=1)],
@@ -356,8 +410,9 @@ def download_version_part(
     store: StoreDep,
 ) -> StreamingResponse:
     """The shared or residual artifact (the usual format), sha256-verified while streaming."""
-    version = catalog.get_task_version(session, tenant_id=principal.tenant_id, name=name,
-                                       number=number)
+    version = catalog.get_task_version(
+        session, tenant_id=principal.tenant_id, name=name, number=number
+    )
     parts = version_parts(version, name=name, session=session)
     part = next(p for p in parts.parts if p.role == role)
     artifact_id = version.shared_artifact_id if role == "shared" else version.residual_artifact_id
@@ -371,5 +426,6 @@ def download_version_part(
         "Content-Length": str(part.size_bytes),
         "Content-Disposition": f'attachment; filename="{name}-v{number}-{role}.safetensors"',
     }
-    return StreamingResponse(itertools.chain([first], chunks), headers=headers,
-                             media_type="application/octet-stream")
+    return StreamingResponse(
+        itertools.chain([first], chunks), headers=headers, media_type="application/octet-stream"
+    )

@@ -35,13 +35,15 @@ UPLOAD_BODY = {
                     "type": "object",
                     "required": [FILE_FIELD],
                     "properties": {
-                        FILE_FIELD: {"type": "string", "format": "binary",
-                                     "description": "A .jsonl, .csv or .parquet file."},
+                        FILE_FIELD: {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "A .jsonl, .csv or .parquet file.",
+                        },
                         "text_field": {"type": "string", "default": "text"},
                         "text_pair_field": {"type": "string"},
                         "label_field": {"type": "string", "default": "label"},
-                        "task_type": {"type": "string",
-                                      "enum": list(tabular.TASK_TYPES)},
+                        "task_type": {"type": "string", "enum": list(tabular.TASK_TYPES)},
                     },
                 }
             }
@@ -79,8 +81,10 @@ def _mapping(fields: dict[str, str]) -> tuple[tabular.ColumnMapping, str | None]
     task_type = fields.get("task_type")
     if task_type is not None and task_type not in tabular.TASK_TYPES:
         raise ApiError(
-            422, "invalid_task_type",
-            f"task_type must be one of {', '.join(tabular.TASK_TYPES)}", field="task_type",
+            422,
+            "invalid_task_type",
+            f"task_type must be one of {', '.join(tabular.TASK_TYPES)}",
+            field="task_type",
         )
     mapping = tabular.ColumnMapping(
         text_field=fields.get("text_field", "text"),
@@ -121,8 +125,12 @@ async def upload_dataset(
             limits=tabular.TableLimits.from_settings(settings),
         )
         row = await run_in_threadpool(
-            _publish_dataset, session, store,
-            tenant_id=principal.tenant_id, upload_path=upload.path, filename=filename,
+            _publish_dataset,
+            session,
+            store,
+            tenant_id=principal.tenant_id,
+            upload_path=upload.path,
+            filename=filename,
             table=table,
         )
     finally:
@@ -130,10 +138,13 @@ async def upload_dataset(
     return dataset_public(row)
 
 
-def _publish_dataset(session, store, *, tenant_id: int, upload_path, filename: str, table) -> Dataset:
+def _publish_dataset(
+    session, store, *, tenant_id: int, upload_path, filename: str, table
+) -> Dataset:
     """Blob -> verify -> row (registry write order)."""
     return store_dataset(
-        session, store,
+        session,
+        store,
         tenant_id=tenant_id,
         data=upload_path.read_bytes(),
         filename=filename,
@@ -163,8 +174,9 @@ def list_datasets(
     return DatasetsPublic(items=[dataset_public(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic, responses=ERRORS,
-            summary="Get a dataset")
+@router.get(
+    "/{dataset_id}", response_model=DatasetPublic, responses=ERRORS, summary="Get a dataset"
+)
 def get_dataset(dataset_id: int, principal: ReadPrincipal, session: SessionDep) -> DatasetPublic:
     """One of the caller's datasets (another tenant's id answers 404)."""
     return dataset_public(

@@ -45,7 +45,9 @@ def job_public(job: Job, *, version: int | None = None) -> JobPublic:
     error = None
     if job.error_code or job.error_message:
         error = JobErrorPublic(code=job.error_code, message=job.error_message)
-    progress = {k: v for k, v in (job.progress or {}).items() if k in JobProgressPublic.model_fields}
+    progress = {
+        k: v for k, v in (job.progress or {}).items() if k in JobProgressPublic.model_fields
+    }
     return JobPublic(
         id=job.id,
         kind=job.kind,
@@ -92,36 +94,49 @@ def _resolve_base(session, settings, requested: str | None) -> str:
     at arbitrary paths or hub names.
     """
     if requested is None or requested in (
-        settings.base_model, canonical_base_name(settings.base_model)
+        settings.base_model,
+        canonical_base_name(settings.base_model),
     ):
         return settings.base_model
     with catalog.transaction(session):
         row = session.scalar(select(BaseModel).where(BaseModel.name == requested))
     if row is None:
-        raise ApiError(422, "unknown_base_model",
-                       f"base model {requested!r} is not registered on this server",
-                       field="base_model")
+        raise ApiError(
+            422,
+            "unknown_base_model",
+            f"base model {requested!r} is not registered on this server",
+            field="base_model",
+        )
     return row.source
 
 
-def _check_task_compatible(session, *, tenant_id: int, name: str, base: str, task_type: str) -> None:
+def _check_task_compatible(
+    session, *, tenant_id: int, name: str, base: str, task_type: str
+) -> None:
     """409 when the task already exists on another base or with another task type."""
     try:
         task = catalog.get_task(session, tenant_id=tenant_id, name=name)
     except catalog.NotFoundError:
         return
     if task.base_model.name != canonical_base_name(base):
-        raise ApiError(409, "base_model_mismatch",
-                       f"task {name!r} is on base model {task.base_model.name!r}",
-                       field="base_model")
+        raise ApiError(
+            409,
+            "base_model_mismatch",
+            f"task {name!r} is on base model {task.base_model.name!r}",
+            field="base_model",
+        )
     if task.task_type != task_type:
-        raise ApiError(409, "task_type_mismatch",
-                       f"task {name!r} is a {task.task_type} task; the dataset is {task_type}",
-                       field="dataset_id")
+        raise ApiError(
+            409,
+            "task_type_mismatch",
+            f"task {name!r} is a {task.task_type} task; the dataset is {task_type}",
+            field="dataset_id",
+        )
 
 
-@router.post("", status_code=202, response_model=JobPublic, responses=ERRORS,
-             summary="Queue a training job")
+@router.post(
+    "", status_code=202, response_model=JobPublic, responses=ERRORS, summary="Queue a training job"
+)
 def create_job(
     body: JobCreate,
     request: Request,
@@ -137,19 +152,27 @@ def create_job(
             session, tenant_id=tenant_id, dataset_id=body.validation_dataset_id
         )
         if validation.task_type != dataset.task_type:
-            raise ApiError(422, "task_type_mismatch",
-                           f"validation dataset is {validation.task_type}, training dataset is "
-                           f"{dataset.task_type}", field="validation_dataset_id")
+            raise ApiError(
+                422,
+                "task_type_mismatch",
+                f"validation dataset is {validation.task_type}, training dataset is "
+                f"{dataset.task_type}",
+                field="validation_dataset_id",
+            )
         unseen = sorted(set(validation.label_names or []) - set(dataset.label_names or []))
         if unseen:
-            raise ApiError(422, "unknown_label",
-                           f"validation label {unseen[0]!r} never occurs in the training dataset",
-                           field="validation_dataset_id")
+            raise ApiError(
+                422,
+                "unknown_label",
+                f"validation label {unseen[0]!r} never occurs in the training dataset",
+                field="validation_dataset_id",
+            )
     # Plain values: a catalog lookup that fails (rolls back) expires loaded rows.
     dataset_id, task_type = dataset.id, dataset.task_type
     base = _resolve_base(session, settings, body.base_model)
-    _check_task_compatible(session, tenant_id=tenant_id, name=body.task, base=base,
-                           task_type=task_type)
+    _check_task_compatible(
+        session, tenant_id=tenant_id, name=body.task, base=base, task_type=task_type
+    )
     job = catalog.create_job(
         session,
         tenant_id=tenant_id,
@@ -189,8 +212,13 @@ def list_jobs(
 ) -> JobsPublic:
     """The caller's jobs, newest first, filtered by state, task and kind; cursor pagination."""
     rows, next_cursor = catalog.list_jobs(
-        session, tenant_id=principal.tenant_id, state=state, task=task, kind=kind,
-        cursor=cursor, limit=limit,
+        session,
+        tenant_id=principal.tenant_id,
+        state=state,
+        task=task,
+        kind=kind,
+        cursor=cursor,
+        limit=limit,
     )
     return JobsPublic(items=jobs_public(session, rows), next_cursor=next_cursor)
 
@@ -202,16 +230,16 @@ def get_job(job_id: int, principal: ReadPrincipal, session: SessionDep) -> JobPu
     return jobs_public(session, [job])[0]
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS,
-             summary="Cancel a job")
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS, summary="Cancel a job")
 def cancel_job(job_id: int, principal: SubmitPrincipal, session: SessionDep) -> JobPublic:
     """A queued job is cancelled at once; a running one stops within seconds."""
     job = catalog.request_cancel(session, tenant_id=principal.tenant_id, job_id=job_id)
     return jobs_public(session, [job])[0]
 
 
-@router.get("/{job_id}/events", response_model=JobEventsPublic, responses=ERRORS,
-            summary="A job's events")
+@router.get(
+    "/{job_id}/events", response_model=JobEventsPublic, responses=ERRORS, summary="A job's events"
+)
 def job_events(
     job_id: int,
     principal: ReadPrincipal,
@@ -223,7 +251,9 @@ def job_events(
     events = catalog.list_job_events(
         session, tenant_id=principal.tenant_id, job_id=job_id, after_seq=after, limit=limit
     )
-    return JobEventsPublic(items=[
-        JobEventPublic(seq=e.seq, kind=e.kind, payload=e.payload or {}, created_at=e.created_at)
-        for e in events
-    ])
+    return JobEventsPublic(
+        items=[
+            JobEventPublic(seq=e.seq, kind=e.kind, payload=e.payload or {}, created_at=e.created_at)
+            for e in events
+        ]
+    )

@@ -20,22 +20,29 @@ ERRORS = ROUTE_ERRORS
 def _check_limits(body: PredictRequest, *, max_batch: int, max_chars: int) -> None:
     """422 naming the input that breaks a limit."""
     if len(body.inputs) > max_batch:
-        raise ApiError(422, "too_many_inputs",
-                       f"at most {max_batch} inputs per request, got {len(body.inputs)}",
-                       field="inputs")
+        raise ApiError(
+            422,
+            "too_many_inputs",
+            f"at most {max_batch} inputs per request, got {len(body.inputs)}",
+            field="inputs",
+        )
     for i, item in enumerate(body.inputs):
         texts = [item] if isinstance(item, str) else item
         for j, text in enumerate(texts):
             where = f"inputs.{i}" if isinstance(item, str) else f"inputs.{i}.{j}"
             if len(text) > max_chars:
-                raise ApiError(422, "text_too_long",
-                               f"{where} has {len(text)} characters; the limit is {max_chars}",
-                               field=where)
+                raise ApiError(
+                    422,
+                    "text_too_long",
+                    f"{where} has {len(text)} characters; the limit is {max_chars}",
+                    field=where,
+                )
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # lone surrogates (e.g. "\ud800") are not text
-                raise ApiError(422, "invalid_text", f"{where} is not valid Unicode text",
-                               field=where) from None
+                raise ApiError(
+                    422, "invalid_text", f"{where} is not valid Unicode text", field=where
+                ) from None
 
 
 @router.post(
@@ -59,8 +66,9 @@ def predict(
     """Classification answers `{"label", "score"}` per input, regression `{"value"}`."""
     from registry.artifact import ArtifactError
 
-    _check_limits(body, max_batch=settings.serving_max_batch,
-                  max_chars=settings.serving_max_text_chars)
+    _check_limits(
+        body, max_batch=settings.serving_max_batch, max_chars=settings.serving_max_text_chars
+    )
     task = catalog.get_task(session, tenant_id=principal.tenant_id, name=name)
     row = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=version
@@ -87,9 +95,12 @@ def predict(
     except PredictionInputError as exc:
         raise ApiError(422, "invalid_inputs", str(exc), field="inputs") from None
     except ArtifactError as exc:
-        raise ApiError(409, "artifact_mismatch",
-                       f"task {name!r} version {row.number} cannot be served: {exc}",
-                       field="version") from None
+        raise ApiError(
+            409,
+            "artifact_mismatch",
+            f"task {name!r} version {row.number} cannot be served: {exc}",
+            field="version",
+        ) from None
     request.app.state.metrics.predictions.labels(name).inc(len(predictions))
     return PredictionsPublic(
         task=name, version=row.number, predictions=[PredictionPublic(**p) for p in predictions]

@@ -95,8 +95,12 @@ def get_task(name: TaskNamePath, principal: ReadPrincipal, session: SessionDep) 
     return task_public(catalog.get_task(session, tenant_id=principal.tenant_id, name=name))
 
 
-@router.get("/{name}/versions", response_model=TaskVersionsPublic, responses=ERRORS,
-            summary="A task's versions")
+@router.get(
+    "/{name}/versions",
+    response_model=TaskVersionsPublic,
+    responses=ERRORS,
+    summary="A task's versions",
+)
 def list_versions(
     name: TaskNamePath, principal: ReadPrincipal, session: SessionDep
 ) -> TaskVersionsPublic:
@@ -109,8 +113,9 @@ def list_versions(
     )
 
 
-@router.delete("/{name}/versions/{number}", status_code=204, responses=ERRORS,
-               summary="Delete a task version")
+@router.delete(
+    "/{name}/versions/{number}", status_code=204, responses=ERRORS, summary="Delete a task version"
+)
 def delete_version(
     name: TaskNamePath,
     number: Annotated[int, Path(ge=1)],
@@ -158,8 +163,10 @@ def _wants_range(header: str | None) -> bool:
     "/{name}/diff",
     responses={
         **ERRORS,
-        200: {"content": {"application/octet-stream": {}},
-              "description": "The artifact (safetensors)"},
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "The artifact (safetensors)",
+        },
         206: {"description": "The requested byte range"},
         307: {"description": "Redirect to a presigned URL (`presign=1` on an S3 store)"},
         416: {"model": ErrorPublic, "description": "Range not satisfiable"},
@@ -178,8 +185,10 @@ def download_diff(
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
     layout: Annotated[
         Literal["composed", "factored"],
-        Query(description="`factored`: JSON listing of a consolidated version's shared and "
-                          "residual diffs (see /v1/tasks/{name}/versions/{n}/parts)"),
+        Query(
+            description="`factored`: JSON listing of a consolidated version's shared and "
+            "residual diffs (see /v1/tasks/{name}/versions/{n}/parts)"
+        ),
     ] = "composed",
 ) -> Response:
     """The artifact streamed with `ETag` and `X-Diffbank-Sha256`; `Range` answers 206.
@@ -213,15 +222,22 @@ def download_diff(
     if _wants_range(range_header):
         span = _parse_range(range_header, size)
         if span is None:
-            raise ApiError(416, "range_not_satisfiable",
-                           f"range {range_header!r} is not satisfiable for {size} bytes",
-                           field="Range", headers={"Content-Range": f"bytes */{size}"})
+            raise ApiError(
+                416,
+                "range_not_satisfiable",
+                f"range {range_header!r} is not satisfiable for {size} bytes",
+                field="Range",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
         start, end = span
-        body = _started(store.open(artifact.object_key, sha256=artifact.sha256, start=start, end=end))
+        body = _started(
+            store.open(artifact.object_key, sha256=artifact.sha256, start=start, end=end)
+        )
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         headers["Content-Length"] = str(end - start)
-        return StreamingResponse(body, status_code=206, headers=headers,
-                                 media_type="application/octet-stream")
+        return StreamingResponse(
+            body, status_code=206, headers=headers, media_type="application/octet-stream"
+        )
     # A full read is verified against the sha256 before the first byte goes out.
     body = _started(store.open(artifact.object_key, sha256=artifact.sha256))
     headers["Content-Length"] = str(size)
@@ -234,8 +250,9 @@ def _started(chunks: Iterator[bytes]) -> Iterator[bytes]:
     return itertools.chain([first], chunks)
 
 
-@router.get("/{name}/stats", response_model=TaskStatsPublic, responses=ERRORS,
-            summary="Nonzeros per layer")
+@router.get(
+    "/{name}/stats", response_model=TaskStatsPublic, responses=ERRORS, summary="Nonzeros per layer"
+)
 def task_stats(
     name: TaskNamePath,
     principal: ReadPrincipal,
