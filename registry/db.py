@@ -17,8 +17,21 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 READS_ONLY_OPTION = "diffbank_reads_only"
 
 
+# The Python package behind each SQLAlchemy PostgreSQL driver name a URL may carry.
+DRIVER_PACKAGES = {
+    "psycopg": "psycopg[binary]",
+    "psycopg2": "psycopg2-binary",
+    "pg8000": "pg8000",
+    "asyncpg": "asyncpg",
+}
+
+
 class SchemaNotCurrentError(RuntimeError):
     """The database schema is not the one this code expects."""
+
+
+class DatabaseDriverMissingError(RuntimeError):
+    """The database URL names a driver whose Python package is not installed."""
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -26,7 +39,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     sa_url = make_url(url)
     if sa_url.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
-        return create_engine(url, **kwargs)
+        try:
+            return create_engine(url, **kwargs)
+        except ModuleNotFoundError as exc:
+            driver = sa_url.get_dialect().driver
+            package = DRIVER_PACKAGES.get(driver, exc.name or driver)
+            raise DatabaseDriverMissingError(
+                f"the database URL {sa_url.drivername}://... needs the Python package "
+                f"{package!r}, which is not installed (pip install '{package}')"
+            ) from None
     database = sa_url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)

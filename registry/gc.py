@@ -8,8 +8,10 @@ Blobs younger than the grace period are kept: they may belong to a publish in pr
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -26,6 +28,7 @@ from registry.stores.base import (
 )
 
 DEFAULT_GRACE_S = 3600.0
+UPLOAD_TEMP_GLOB = "upload-*"  # the prefix api/uploads.py gives its temp files
 
 
 @dataclass
@@ -37,6 +40,7 @@ class GcReport:
     deleted_checkpoints: list[str] = field(default_factory=list)
     deleted_artifact_rows: list[int] = field(default_factory=list)
     kept_young_blobs: list[str] = field(default_factory=list)
+    deleted_uploads: list[str] = field(default_factory=list)
     scanned: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,11 +49,19 @@ class GcReport:
 
 
 def gc(
-    session: Session, store: ObjectStore, *, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S
+    session: Session,
+    store: ObjectStore,
+    *,
+    dry_run: bool = False,
+    grace_s: float = DEFAULT_GRACE_S,
+    upload_dir: Path | None = None,
 ) -> GcReport:
-    """Remove orphan blobs (older than `grace_s`), artifact rows nothing references, and
-    checkpoints of finished or vanished jobs. Never touches anything else."""
+    """Remove orphan blobs (older than `grace_s`), artifact rows nothing references,
+    checkpoints of finished or vanished jobs, and upload temp files (older than `grace_s`)
+    that a crashed API left in `upload_dir`. Never touches anything else."""
     report = GcReport(dry_run=dry_run)
+    if upload_dir is not None:
+        report.deleted_uploads = remove_stale_uploads(upload_dir, grace_s=grace_s, dry_run=dry_run)
     cutoff = utcnow() - timedelta(seconds=grace_s)
 
     # Artifact rows no dataset/version/run points at (e.g. left by a failed release).
@@ -107,3 +119,19 @@ def _job_state(session: Session, job_id: int) -> str | None:
     # A job newer than the snapshot above may already have a checkpoint: ask again.
     with transaction(session):
         return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
+def remove_stale_uploads(upload_dir: Path, *, grace_s: float, dry_run: bool = False) -> list[str]:
+    """Delete upload temp files older than `grace_s` (an upload in flight is younger)."""
+    cutoff = time.time() - grace_s
+    removed: list[str] = []
+    for path in sorted(Path(upload_dir).glob(UPLOAD_TEMP_GLOB)):
+        try:
+            if not path.is_file() or path.stat().st_mtime > cutoff:
+                continue
+            if not dry_run:
+                path.unlink()
+        except FileNotFoundError:
+            continue  # its upload finished and removed it meanwhile
+        removed.append(str(path))
+    return removed

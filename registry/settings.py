@@ -83,6 +83,11 @@ class Settings(BaseSettings):
             )
         return self
 
+    @property
+    def upload_dir(self) -> Path:
+        """Where the API streams uploads in flight (temp files; `gc` removes stale ones)."""
+        return self.data_dir / "uploads"
+
 
 @functools.lru_cache(maxsize=1)
 def get_settings() -> Settings:

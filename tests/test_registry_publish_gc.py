@@ -270,3 +270,23 @@ def test_delete_racing_an_identical_publish_leaves_the_new_version_its_blob(
     assert raced == [content_key_of(objects, b"same")]
     assert v2.number == 2
     assert_every_row_has_its_blob(session, objects)
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"], indirect=True)
+def test_gc_removes_upload_temp_files_a_crash_left_and_keeps_uploads_in_flight(
+    session, objects, tmp_path
+):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    stale, in_flight, other = (uploads / "upload-stale", uploads / "upload-now", uploads / "x")
+    for path in (stale, in_flight, other):
+        path.write_bytes(b"partial csv")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+
+    dry = gc(session, objects, dry_run=True, grace_s=3600, upload_dir=uploads)
+    assert dry.deleted_uploads == [str(stale)] and stale.exists()
+    report = gc(session, objects, grace_s=3600, upload_dir=uploads)
+    assert report.deleted_uploads == [str(stale)]
+    assert sorted(p.name for p in uploads.iterdir()) == ["upload-now", "x"]
