@@ -4,6 +4,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY api ./api
+COPY cli ./cli
 COPY worker ./worker
 COPY registry ./registry
 # A CUDA build of torch for GPU workers; pin it with the rest.

@@ -1,1 +1,1 @@
-"""The HTTP surface: FastAPI app, routes, schemas, auth, prediction serving, CLI and client."""
+"""The HTTP service: FastAPI app, routes, schemas, auth and prediction serving."""

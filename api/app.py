@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
-from api.routes import consolidations, datasets, health, jobs, predict, tasks
+from api.routes import consolidations, datasets, health, jobs, tasks
 from api.serving import Predictor
 from registry.settings import Settings, get_settings
 
@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
-    for module in (datasets, jobs, tasks, predict, consolidations):
+    for module in (datasets, jobs, tasks, consolidations):
         app.include_router(module.router, prefix="/v1")
     return app
 

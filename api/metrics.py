@@ -45,13 +45,17 @@ class ApiMetrics:
 
 
 class _JobsByStateCollector:
+    """A Prometheus collector reading the jobs-by-state gauge at scrape time."""
+
     def __init__(self, count_jobs_by_state: Callable[[], dict[str, int]]) -> None:
         self._count = count_jobs_by_state
 
     def describe(self) -> list:
+        """No metrics up front: the gauge is only known at scrape time."""
         return []
 
     def collect(self):
+        """The `diffbank_jobs` gauge, one sample per job state."""
         family = GaugeMetricFamily(
             "diffbank_jobs", "Jobs in the registry, by state.", labels=["state"]
         )

@@ -166,7 +166,7 @@ class Predictor:
         self, held: _ServingBase, key: str | None, shared: _PreparedDiff | None
     ) -> None:
         """Leave exactly `shared` applied to the base (None: the pristine base); O(nnz) on change."""
-        from registry.artifact import apply_diff
+        from registry.apply import apply_diff
 
         if held.resident is not None and held.resident[0] == key:
             return
@@ -193,7 +193,7 @@ class Predictor:
     ) -> list[dict[str, Any]]:
         import torch
 
-        from registry.artifact import apply_diff
+        from registry.apply import apply_diff
 
         meta = prepared.diff.meta
         texts, pairs = _split_inputs(inputs, meta.task_type)

@@ -61,20 +61,25 @@ class _PartCollector:
         self.error: ApiError | None = None
 
     def on_part_begin(self) -> None:
+        """A new form part: forget the previous part's headers and data."""
         self._disposition, self._name, self._data = b"", None, bytearray()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        """More bytes of a header name."""
         self._header_name += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        """More bytes of a header value."""
         self._header_value += data[start:end]
 
     def on_header_end(self) -> None:
+        """One header complete: keep it if it is the Content-Disposition."""
         if self._header_name.lower() == b"content-disposition":
             self._disposition = self._header_value
         self._header_name, self._header_value = b"", b""
 
     def on_headers_finished(self) -> None:
+        """The part's name is known: open the temporary file for the upload, or count a field."""
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name")
         if name is None:
@@ -94,6 +99,7 @@ class _PartCollector:
             raise _Abort(ApiError(422, "malformed_form", "too many form fields", field=self._name))
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        """Part bytes: to the file (size-limited) or to the field's buffer (length-limited)."""
         chunk = data[start:end]
         if self._out is not None:
             self.upload.size += len(chunk)
@@ -113,6 +119,7 @@ class _PartCollector:
             )
 
     def on_part_end(self) -> None:
+        """A part complete: close the file, or decode the field as UTF-8."""
         if self._out is not None:
             self._out.close()
             self._out = None
@@ -130,6 +137,7 @@ class _PartCollector:
                 ) from None
 
     def close(self) -> None:
+        """Close the file of an interrupted upload."""
         if self._out is not None:
             self._out.close()
             self._out = None

@@ -49,7 +49,7 @@ def diff_density(method: str) -> float | None:
 
 def diff_epochs(total: int) -> tuple[int, int]:
     """(gated, fixed-mask) epochs adding up to `total`, as close to the defaults' split as fits."""
-    from worker.config import DiffPruneConfig
+    from worker.diffprune.config import DiffPruneConfig
 
     fix = min(DiffPruneConfig().fix_epochs, total - 1)
     return total - fix, fix
@@ -57,7 +57,7 @@ def diff_epochs(total: int) -> tuple[int, int]:
 
 def default_epochs() -> int:
     """The trainer's default run length in epochs (gated + fixed-mask)."""
-    from worker.config import DiffPruneConfig
+    from worker.diffprune.config import DiffPruneConfig
 
     defaults = DiffPruneConfig()
     return defaults.epochs + defaults.fix_epochs
@@ -71,9 +71,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from bench.common import artifact_size, train_dense
     from registry.basemodel import load_base
-    from worker.config import DiffPruneConfig
     from worker.data import load_sample_task
-    from worker.trainer import train_diff
+    from worker.diffprune.config import DiffPruneConfig
+    from worker.diffprune.trainer import train_diff
 
     data = load_sample_task(args.task)
     if args.max_train_rows and data.train.rows > args.max_train_rows:
@@ -141,8 +141,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def fitted_metrics(data: Any, base: Any, diff: Any) -> dict[str, Any]:
     """Metrics of base + diff on the rows it was trained on (how well it fits them)."""
-    from registry.artifact import build_task_model
-    from worker.trainer import evaluate
+    from registry.apply import build_task_model
+    from worker.kit.evaluate import evaluate
 
     model = build_task_model(base, diff)
     return evaluate(

@@ -17,11 +17,11 @@ import time
 import torch
 
 from registry import index_coding
+from registry.apply import apply_diff
 from registry.artifact import (
     VALUE_DTYPES,
     ArtifactMeta,
     SparseDiff,
-    apply_diff,
     diff_from_dense,
     dumps_artifact,
     loads_artifact,

@@ -3,7 +3,7 @@ running one measurement per subprocess, and table printing.
 
 The baselines reuse the trainer's batching, schedule, optimizer and evaluation helpers, so
 their epochs use the same seeded shuffles as the trainer's (diff pruning restarts them at
-its fixed-mask phase, see worker/trainer.py).
+its fixed-mask phase, see worker/diffprune/trainer.py).
 """
 
 from __future__ import annotations
@@ -149,18 +149,12 @@ def train_dense(
     """
     import torch
 
-    from worker.trainer import (
-        encode_rows,
-        evaluate,
-        head_parameters,
-        label_tensor,
-        lr_at,
-        make_adamw,
-        micro_batches,
-        prepare_model,
-        resolve_device,
-        steps_per_epoch,
-    )
+    from worker.diffprune.trainer import micro_batches, steps_per_epoch
+    from worker.kit.batching import encode_rows, label_tensor
+    from worker.kit.evaluate import evaluate
+    from worker.kit.model import head_parameters, prepare_model, resolve_device
+    from worker.kit.optim import make_adamw
+    from worker.kit.schedule import linear_warmup_decay
 
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -199,7 +193,7 @@ def train_dense(
         total = min(total, max_steps)
     for step in range(total):
         for opt, lr in optimizers:
-            opt.param_groups[0]["lr"] = lr * lr_at(step, total, 1.0, config.warmup)
+            opt.param_groups[0]["lr"] = lr * linear_warmup_decay(step, total, config.warmup)
         batches = micro_batches(data.train.rows, step, config)
         for rows in batches:
             batch = encode_rows(base.tokenizer, data.train, rows, config.max_length, device)

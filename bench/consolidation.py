@@ -48,8 +48,8 @@ def capped(data, train_rows: int, validation_rows: int, seed: int = 0):
 def train_alone(name, data, base, args):
     """Diff-prune one task alone at 0.5% density (cached); (SparseDiff, train seconds)."""
     from registry.artifact import dumps_artifact, loads_artifact
-    from worker.config import DiffPruneConfig
-    from worker.trainer import train_diff
+    from worker.diffprune.config import DiffPruneConfig
+    from worker.diffprune.trainer import train_diff
 
     config = DiffPruneConfig(
         density=0.005,
@@ -108,13 +108,9 @@ def main() -> int:
     from bench.common import print_table
     from registry.artifact import dumps_artifact
     from registry.basemodel import load_base
-    from worker.consolidation import (
-        ConsolidationConfig,
-        ConsolidationTask,
-        accept,
-        consolidate,
-        evaluate_diff,
-    )
+    from worker.consolidation.artifacts import evaluate_diff
+    from worker.consolidation.config import ConsolidationConfig, ConsolidationTask, accept
+    from worker.consolidation.fit import consolidate
     from worker.data import load_sample_task
 
     torch.manual_seed(0)

@@ -241,7 +241,8 @@ def bench_serving(args: argparse.Namespace) -> None:
     from transformers import AutoModelForSequenceClassification
 
     from api.serving import Predictor
-    from registry.artifact import apply_diff, dumps_artifact, loads_artifact
+    from registry.apply import apply_diff
+    from registry.artifact import dumps_artifact, loads_artifact
     from registry.basemodel import build_model, load_base, resolve_base_path
 
     torch.manual_seed(0)

@@ -44,9 +44,9 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from registry.basemodel import load_base
-    from worker.config import DiffPruneConfig
     from worker.data import load_sample_task
-    from worker.trainer import train_diff
+    from worker.diffprune.config import DiffPruneConfig
+    from worker.diffprune.trainer import train_diff
 
     data = load_sample_task(args.task)
     data.train = data.train.select(range(args.batch_size))  # one batch, the same every step

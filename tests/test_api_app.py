@@ -8,7 +8,7 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
-from api.embedded import free_port
+from cli.embedded import free_port
 from registry.settings import Settings
 from tests.api_support import SENTIMENT_ROWS, make_world
 from tests.api_support import world as world  # noqa: F401  (module-scoped fixture)
@@ -27,7 +27,7 @@ def test_importing_and_creating_the_app_does_not_import_torch(tmp_path):
         "upgrade(s.database_url)\n"
         "api.app.create_app(s)\n"
         "assert 'torch' not in sys.modules, 'create_app pulled in torch'\n"
-        "assert 'worker.trainer' not in sys.modules\n"
+        "assert 'worker.diffprune.trainer' not in sys.modules\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from registry.apply import apply_diff, build_task_model
 from registry.artifact import (
     INDEX_HIGH_KEY,
     INDEX_LOW_KEY,
@@ -20,18 +21,15 @@ from registry.artifact import (
     ArtifactMeta,
     SparseDiff,
     all_finite,
-    apply_diff,
-    build_task_model,
     diff_from_dense,
     dumps_artifact,
-    layer_module_of,
     load_artifact,
     loads_artifact,
-    nonzeros_per_layer,
     pack_file,
     save_artifact,
 )
 from registry.basemodel import LoadedBase, base_fingerprint, build_model, load_base
+from registry.diffstats import layer_module_of, nonzeros_per_layer
 from registry.index_coding import low_bit_width, pack_fields
 from tests.fixtures.models import make_tiny_bert
 

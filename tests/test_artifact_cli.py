@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from api.cli import main
-from registry.artifact import apply_diff, dumps_artifact, save_artifact
+from cli import main
+from registry.apply import apply_diff
+from registry.artifact import dumps_artifact, save_artifact
 from registry.basemodel import build_model, load_base
 from tests.fixtures.models import make_tiny_bert
 from tests.test_artifact import random_diff
@@ -53,7 +54,7 @@ def test_inspect_of_a_corrupt_file_names_the_problem_without_a_traceback(artifac
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(artifact_file.read_bytes()[:100])
     result = subprocess.run(
-        [sys.executable, "-m", "api", "inspect", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "cli", "inspect", str(bad)], capture_output=True, text=True
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: truncated file")
@@ -107,7 +108,7 @@ def test_export_without_a_findable_base_asks_for_one(tiny_base_dir, tmp_path, ca
 def test_inspect_piped_into_a_reader_that_stops_early_ends_without_a_traceback(artifact_file):
     # A pipe buffer is 64 KiB: read one line and close, then the rest of the table hits EPIPE.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api", "inspect", str(artifact_file)],
+        [sys.executable, "-m", "cli", "inspect", str(artifact_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

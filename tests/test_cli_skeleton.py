@@ -6,7 +6,7 @@ import sys
 
 def test_diffbank_help_lists_commands():
     out = subprocess.run(
-        [sys.executable, "-m", "api", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "diffbank" in out.stdout
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from api.cli import main
+from cli import main
 from registry.artifact import load_artifact
 from tests.test_trainer import write_sentiment_task
 
@@ -63,7 +63,7 @@ def test_train_data_error_exits_2_with_the_message_and_no_traceback(tmp_path, ti
         [
             sys.executable,
             "-m",
-            "api",
+            "cli",
             "train",
             str(data),
             "--out",

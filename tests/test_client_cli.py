@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import main as diffbank
+from cli import main as diffbank
 from registry import catalog
 from registry.db import make_engine, make_session_factory, upgrade
 from tests.api_support import SENTIMENT_ROWS, jsonl, random_artifact, register_base

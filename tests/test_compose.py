@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.cli import build_parser
+from cli import build_parser
 from registry.settings import Settings
 
 COMPOSE = Path(__file__).resolve().parents[1] / "docker-compose.yml"

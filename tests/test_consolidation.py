@@ -14,29 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.artifact import (
-    ArtifactMeta,
-    apply_diff,
-    diff_from_dense,
-    dumps_artifact,
-    loads_artifact,
-)
+from registry.apply import apply_diff
+from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact, loads_artifact
 from registry.basemodel import load_base
-from worker import lowrank
-from worker.consolidation import (
-    SHARED,
+from worker.consolidation import lowrank
+from worker.consolidation.artifacts import evaluate_diff
+from worker.consolidation.budget import knapsack_topk, project_to_budget
+from worker.consolidation.config import (
     ConsolidationConfig,
     ConsolidationError,
     ConsolidationTask,
-    GatedDiffSet,
     accept,
-    consolidate,
-    evaluate_diff,
-    project_to_budget,
-    task_sampling_probabilities,
 )
+from worker.consolidation.fit import consolidate, task_sampling_probabilities
+from worker.consolidation.state import SHARED, GatedDiffSet
 from worker.data import load_task_data
-from worker.trainer import TrainingCancelled
+from worker.kit.progress import TrainingCancelled
 
 WORDS = {"a": ("bad", "good"), "b": ("awful", "great"), "c": ("sad", "happy")}
 SIZES = {"a": 40, "b": 40, "c": 16}  # task c is the low-resource one
@@ -232,7 +225,7 @@ def test_balanced_projection_does_not_starve_a_task_whose_values_are_small():
 def test_knapsack_fills_the_budget_exactly_with_cost_one_items():
     scores = torch.tensor([9.0, 8.0, 7.0, 1.0, 1.0, 1.0, 1.0, 0.5])
     costs = torch.tensor([10, 1, 10, 1, 1, 1, 1, 1])
-    keep = lowrank.knapsack_topk(scores, costs, 15)
+    keep = knapsack_topk(scores, costs, 15)
     assert int(costs[keep].sum()) == 15
     assert keep.tolist() == [True, True, False, True, True, True, True, False]
 
@@ -244,11 +237,22 @@ def test_knapsack_never_exceeds_the_budget_on_random_inputs():
         scores = torch.rand(n, generator=generator)
         costs = torch.randint(1, 12, (n,), generator=generator)
         budget = int(torch.randint(1, 60, (1,), generator=generator))
-        keep = lowrank.knapsack_topk(scores, costs, budget)
+        keep = knapsack_topk(scores, costs, budget)
         used = int(costs[keep].sum())
         assert used <= budget
         ones_left = int(((costs == 1) & ~keep).sum())
         assert used == budget or ones_left == 0
+
+
+def test_config_refuses_unknown_keys_and_impossible_values_by_name():
+    with pytest.raises(ConsolidationError, match="bogus") as caught:
+        ConsolidationConfig.from_dict({"bogus": 1})
+    assert caught.value.field == "bogus"
+    with pytest.raises(ConsolidationError) as caught:
+        ConsolidationConfig(rank=0)
+    assert caught.value.field == "rank"
+    config = ConsolidationConfig(budget=5, rank=2)
+    assert ConsolidationConfig.from_json(config.to_json()) == config
 
 
 def test_temperature_sampling_upsamples_small_tasks():
@@ -293,7 +297,7 @@ class MemoryCheckpoint:
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tasks, base, elementwise_result):
-    config = _config(strategy="elementwise", checkpoint_every_steps=2)
+    config = _config(strategy="elementwise", checkpoint_every=2)
     checkpoint = MemoryCheckpoint()
     steps = []
 

@@ -244,9 +244,9 @@ def _cli(world, monkeypatch, capsys, argv: list[str]) -> tuple[int, str, str]:
     """Run the `diffbank` CLI against the in-process app (a real DiffbankClient over TestClient)."""
     from fastapi.testclient import TestClient
 
-    import api.cli.consolidate as command
-    from api.cli import main
-    from api.client import DiffbankClient
+    import cli.consolidate as command
+    from cli import main
+    from cli.http_client import DiffbankClient
 
     def client_from_args(args):
         return DiffbankClient("http://testserver", args.key, http=TestClient(world.app))

@@ -19,13 +19,8 @@ import torch
 from sqlalchemy import func, select
 
 from registry import catalog
-from registry.artifact import (
-    ArtifactMeta,
-    apply_diff,
-    diff_from_dense,
-    dumps_artifact,
-    loads_artifact,
-)
+from registry.apply import apply_diff
+from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact, loads_artifact
 from registry.basemodel import load_base
 from registry.db import get_session_factory
 from registry.models import ConsolidationRun, Task, TaskVersion
@@ -33,14 +28,10 @@ from registry.publish import publish_version
 from registry.settings import Settings
 from registry.stores import checkpoint_key, open_store
 from tests.fixtures.services import seed_training_job
+from worker.beat import consolidation_beat_schedule, parse_schedule
 from worker.consolidation_runner import run_consolidation
 from worker.lifecycle import SUCCEEDED, load_job_data
-from worker.schedule import (
-    apply_consolidation_policy,
-    consolidation_beat_schedule,
-    parse_schedule,
-    total_stored_entries,
-)
+from worker.schedule import apply_consolidation_policy, total_stored_entries
 
 TENANT = "acme"
 TASKS = {"reviews": 60, "fewshot": 30}  # the second one is low-resource
@@ -77,7 +68,7 @@ def settings(tmp_path_factory, tiny_base_dir, redis_server) -> Settings:
 
 def _fitted_head_diff(base, data, *, seed: int):
     """A current version: a head fitted (full batch, Adam) on the base's pooled features + a tiny diff."""
-    from worker.trainer import encode_rows, label_tensor
+    from worker.kit.batching import encode_rows, label_tensor
 
     torch.manual_seed(seed)
     batch = encode_rows(base.tokenizer, data.train, list(range(data.train.rows)), 8, "cpu")
@@ -335,7 +326,7 @@ def test_finished_run_reads_back_through_the_api_and_renders_in_the_cli(
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from api.cli.consolidate import format_table, summary
+    from cli.consolidate import format_table, summary
 
     _, run, _ = accepted_run
     with world["sessions"]() as session:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.embedded import free_port
+from cli.embedded import free_port
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def _start_up(env: dict[str, str], *, sigint_ignored: bool = False) -> subproces
     # A background job of a non-interactive shell starts with SIGINT ignored.
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen(
-        [sys.executable, "-m", "api", "up", "--no-beat"],
+        [sys.executable, "-m", "cli", "up", "--no-beat"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -134,7 +134,7 @@ def test_demo_trains_a_sample_task_end_to_end_and_saves_the_picture(tmp_path, ti
     env = _stack_env(data_dir, tiny_base_dir, free_port())
     plot = tmp_path / "nonzeros.png"
     done = subprocess.run(
-        [sys.executable, "-m", "api", "demo", "--plot", str(plot)],
+        [sys.executable, "-m", "cli", "demo", "--plot", str(plot)],
         env=env,
         capture_output=True,
         text=True,

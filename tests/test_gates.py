@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.gates import (
+from worker.diffprune.gates import (
     FixedNoise,
     GateNoise,
     deterministic_gate,

@@ -90,7 +90,7 @@ def test_db_upgrade_command_works_from_any_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     done = subprocess.run(
-        [sys.executable, "-m", "api", "db", "upgrade"],
+        [sys.executable, "-m", "cli", "db", "upgrade"],
         cwd=elsewhere,
         env=env,
         capture_output=True,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.projection import densify, global_topk, k_for_density, project_topk
+from worker.diffprune.projection import densify, global_topk, k_for_density, project_topk
 
 
 @st.composite

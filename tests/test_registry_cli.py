@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from api.cli import main
+from cli import main
 from registry import catalog
 from registry.db import get_session_factory
 from registry.settings import get_settings

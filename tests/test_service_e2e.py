@@ -42,11 +42,12 @@ def _broker_idle(stack: ServiceStack) -> bool:
 def test_uploaded_dataset_trains_to_a_diff_that_predicts_as_the_worker_measured(stack, tmp_path):
     import torch
 
-    from registry.artifact import build_task_model, loads_artifact
+    from registry.apply import build_task_model
+    from registry.artifact import loads_artifact
     from registry.basemodel import load_base
     from registry.tabular import ColumnMapping
     from worker.data import load_task_data
-    from worker.trainer import evaluate
+    from worker.kit.evaluate import evaluate
 
     job_id = stack.submit(tmp_path, "sentiment", ONE_STEP_JOB)
 

@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.artifact import build_task_model, dumps_artifact, loads_artifact
+from registry.apply import build_task_model
+from registry.artifact import dumps_artifact, loads_artifact
 from registry.basemodel import load_base
 from registry.tabular import ColumnMapping
-from worker.config import FIX_LR_BOUNDS, FIX_LR_REFERENCE, DiffPruneConfig, fix_lr_for
 from worker.data import load_task_data
-from worker.projection import k_for_density
-from worker.trainer import Progress, TrainingCancelled, evaluate, steps_per_epoch, train_diff
+from worker.diffprune.config import FIX_LR_BOUNDS, FIX_LR_REFERENCE, DiffPruneConfig, fix_lr_for
+from worker.diffprune.projection import k_for_density
+from worker.diffprune.trainer import steps_per_epoch, train_diff
+from worker.kit.evaluate import evaluate
+from worker.kit.progress import Progress, TrainingCancelled
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -166,6 +166,20 @@ def test_monitor_stops_training_when_another_worker_owns_the_job(settings, datas
     assert monitor.lost and not monitor.cancel_requested
 
 
+def test_soft_time_limit_ends_any_job_failed_with_time_limit(settings, dataset_path):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from worker.lifecycle import failure_of, run_job
+
+    def past_the_limit(claimed):
+        raise SoftTimeLimitExceeded()
+
+    job_id = seed_training_job(settings, dataset_path, params=TINY_PARAMS)
+    assert run_job(job_id, kind="train", settings=settings, work=past_the_limit) == FAILED
+    assert _job(settings, job_id).error_code == "time_limit"
+    assert failure_of(ValueError("x"), settings) == ("internal_error", "ValueError: x")
+
+
 def _events(settings: Settings, job_id: int) -> list[JobEvent]:
     with get_session_factory(settings)() as session, session.begin():
         return list(

@@ -1,6 +1,7 @@
-"""The Celery application: broker, queues, routing, delivery guarantees and the beat schedule.
+"""The Celery application: broker, routing, delivery guarantees and the beat schedule.
 
-Importing this module must stay light (no torch): the API imports it to enqueue by task name.
+Importing this module must stay light (no torch): the API imports it to enqueue jobs. Queue
+and task names, and `enqueue`, live in `worker.queueing` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -9,18 +10,43 @@ from celery import Celery
 from celery.signals import worker_init
 
 from registry.settings import Settings, get_settings
+from worker.beat import beat_schedule
 from worker.device import pin_visible_gpu
-from worker.schedule import POLICY_TASK, consolidation_beat_schedule
+from worker.queueing import (
+    CONSOLIDATE_QUEUE,
+    CONSOLIDATE_TASK,
+    JOB_QUEUES,
+    JOB_TASKS,
+    MAINTENANCE_QUEUE,
+    MAINTENANCE_TASKS,
+    POLICY_TASK,
+    SWEEP_TASK,
+    TASK_QUEUES,
+    TRAIN_QUEUE,
+    TRAIN_TASK,
+    JobMessage,
+    enqueue,
+    job_message,
+)
 
-TRAIN_QUEUE = "train"
-CONSOLIDATE_QUEUE = "consolidate"
-# Light periodic work (the sweep). Kept apart so it never waits behind a long training job.
-MAINTENANCE_QUEUE = "maintenance"
-ALL_QUEUES = (TRAIN_QUEUE, CONSOLIDATE_QUEUE, MAINTENANCE_QUEUE)
-
-TRAIN_TASK = "diffbank.train"
-CONSOLIDATE_TASK = "diffbank.consolidate"
-SWEEP_TASK = "diffbank.sweep"
+__all__ = [
+    "CONSOLIDATE_QUEUE",
+    "CONSOLIDATE_TASK",
+    "DEFAULT_REDIS_URL",
+    "JOB_QUEUES",
+    "JOB_TASKS",
+    "MAINTENANCE_QUEUE",
+    "POLICY_TASK",
+    "SWEEP_TASK",
+    "TRAIN_QUEUE",
+    "TRAIN_TASK",
+    "JobMessage",
+    "broker_url",
+    "celery_app",
+    "enqueue",
+    "job_message",
+    "make_celery_app",
+]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -30,35 +56,19 @@ def broker_url(settings: Settings) -> str:
     return settings.redis_url or DEFAULT_REDIS_URL
 
 
-def beat_schedule(settings: Settings) -> dict:
-    """Periodic tasks: the lost-job sweep, plus the consolidation policy when configured."""
-    schedule: dict = {
-        "sweep-lost-jobs": {
-            "task": SWEEP_TASK,
-            "schedule": float(settings.sweep_interval_s),
-            "options": {"queue": MAINTENANCE_QUEUE, "expires": float(settings.sweep_interval_s)},
-        }
-    }
-    schedule.update(consolidation_beat_schedule(settings))
-    return schedule
-
-
 def make_celery_app(settings: Settings) -> Celery:
     """A Celery app configured from settings (one job per worker process, late acks)."""
     app = Celery("diffbank", broker=broker_url(settings), include=["worker.tasks"])
     app.conf.update(
-        task_routes={
-            TRAIN_TASK: {"queue": TRAIN_QUEUE},
-            CONSOLIDATE_TASK: {"queue": CONSOLIDATE_QUEUE},
-            SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
-            POLICY_TASK: {"queue": MAINTENANCE_QUEUE},
-        },
+        task_routes={task: {"queue": queue} for task, queue in TASK_QUEUES.items()},
         task_default_queue=TRAIN_QUEUE,
         task_create_missing_queues=True,
         worker_concurrency=1,
         worker_prefetch_multiplier=1,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # Periodic maintenance is acked on receipt: a lost tick is simply the next one.
+        task_annotations={task: {"acks_late": False} for task in MAINTENANCE_TASKS},
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         task_soft_time_limit=settings.job_soft_time_limit_s,

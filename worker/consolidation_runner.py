@@ -1,4 +1,6 @@
-"""Run one consolidation end to end: claim its job, load every task, fit, judge, publish, report.
+"""The work of one consolidation run: load every task, fit, judge, publish, report.
+
+Claiming, heartbeat, checkpoint, cancellation and failures are `worker.lifecycle.run_job`'s.
 
 For each task the runner loads its active version's diff and the datasets of the training job
 that produced the task (following `parent_version_id` through earlier consolidations), scores
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,20 +27,14 @@ from registry import catalog
 from registry.db import get_session_factory
 from registry.models import ConsolidationRun, Job, TaskVersion
 from registry.settings import Settings
-from registry.stores import ObjectStore, checkpoint_key, open_store
+from registry.stores import ObjectStore
 from worker.lifecycle import (
-    CANCELLED,
-    LOST,
     NOT_CLAIMED,
-    SUCCEEDED,
+    ClaimedJob,
     JobFailure,
-    JobMonitor,
-    StoreCheckpointIO,
-    fail_job,
-    finish_job,
     load_job_base,
     load_job_data,
-    worker_identity,
+    run_job,
 )
 from worker.schedule import stored_entries_of, total_stored_entries
 
@@ -109,7 +106,7 @@ def _config_for(
     run: ConsolidationRun, job: Job, tasks: list[LoadedTask], settings: Settings
 ) -> Any:
     """The run's ConsolidationConfig: job params over defaults, budget in stored entries."""
-    from worker.consolidation import ConsolidationConfig
+    from worker.consolidation.config import ConsolidationConfig
     from worker.device import select_device
 
     values = dict(job.params or {})
@@ -117,7 +114,7 @@ def _config_for(
         strategy=run.strategy,
         tolerance=run.tolerance,
         budget=_budget_entries(run, tasks),
-        checkpoint_every_steps=settings.checkpoint_every_steps,
+        checkpoint_every=settings.checkpoint_every_steps,
         device=select_device(settings),
     )
     return ConsolidationConfig.from_dict(values)
@@ -201,7 +198,7 @@ def _report(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run report and its per-task rows (accepted by the tolerance rule)."""
     from registry.artifact import dumps_artifact
-    from worker.consolidation import accept
+    from worker.consolidation.config import accept
 
     outcomes = {o.name: o for o in result.tasks}
     rows = []
@@ -254,105 +251,77 @@ def _total_after(rows: list[dict[str, Any]], shared_nnz: int, tasks: list[Loaded
     return (shared_nnz if any_accepted else 0) + new + total_stored_entries(kept)
 
 
-def run_consolidation(run_id: int, *, settings: Settings) -> str:
-    """Claim and run consolidation run `run_id`; returns the outcome (worker.runner constants)."""
-    from worker.consolidation import (
-        ConsolidationError,
-        ConsolidationTask,
-        consolidate,
-        evaluate_diff,
-    )
-    from worker.trainer import Progress, TrainingCancelled
+def _consolidate(run: ConsolidationRun, claimed: ClaimedJob) -> dict[str, Any]:
+    """Fit the run's tasks together, publish the accepted ones, record the report; its summary."""
+    from worker.consolidation.config import ConsolidationError
 
-    sessions = get_session_factory(settings)
-    store = open_store(settings.store_url, settings)
-    worker_id = worker_identity()
-    with sessions() as session:
-        run = catalog.load_consolidation_run(session, run_id=run_id)
-        if run is None:
-            log.warning("consolidation run %s does not exist", run_id)
-            return NOT_CLAIMED
-        job = catalog.claim_job(
-            session,
-            job_id=run.job_id,
-            worker_id=worker_id,
-            stale_after_s=settings.sweep_requeue_after_s,
-        )
-    if job is None:
-        return NOT_CLAIMED
-    checkpoint = StoreCheckpointIO(store, checkpoint_key(job.id))
-    monitor = JobMonitor(
-        sessions, job.id, worker_id, settings, attempt=job.attempts, checkpoint=checkpoint
-    )
     try:
-        with monitor.heartbeating():
-            if job.kind != "consolidate":
-                raise JobFailure("wrong_job_kind", f"job {job.id} is a {job.kind} job")
-            base = load_job_base(_base_source(sessions, run.base_model))
-            with sessions() as session:
-                tasks = _load_tasks(session, store, run, base, settings)
-            config = _config_for(run, job, tasks, settings)
-            before = [evaluate_diff(t.diff, t.data, base=base, config=config) for t in tasks]
-            result = consolidate(
-                [ConsolidationTask(t.name, t.data, t.diff) for t in tasks],
-                config,
-                base=base,
-                run_id=run.id,
-                progress=monitor.progress,
-                checkpoint=checkpoint,
-                should_stop=monitor.should_stop,
-            )
-            after = [
-                evaluate_diff(o.composed, t.data, base=base, config=config)
-                for o, t in zip(result.tasks, tasks, strict=True)
-            ]
-            monitor.progress(
-                Progress(result.steps, result.steps, 0.0, result.total_nnz, "evaluate")
-            )
-            if monitor.should_stop():
-                raise TrainingCancelled()
-            report, rows = _report(run, config, tasks, result, before, after)
-            shared_id = _publish(sessions, store, run, tasks, result, rows)
-            report["shared_artifact_id"] = shared_id
-            total_before = total_stored_entries([t.version for t in tasks])
-            total_after = _total_after(rows, result.shared_nnz, tasks)
-            report["total_nnz_before"], report["total_nnz_after"] = total_before, total_after
-            with sessions() as session:
-                catalog.record_report(
-                    session,
-                    run_id=run.id,
-                    report=report,
-                    total_nnz_before=total_before,
-                    total_nnz_after=total_after,
-                )
-            summary = {
-                "accepted": sum(r["accepted"] for r in rows),
-                "tasks": len(rows),
-                "total_nnz_before": total_before,
-                "total_nnz_after": total_after,
-            }
-            if not finish_job(sessions, job.id, worker_id, SUCCEEDED, metrics=summary):
-                return LOST
-    except TrainingCancelled:
-        if monitor.lost or not finish_job(sessions, job.id, worker_id, CANCELLED):
-            return LOST
-        checkpoint.remove()
-        return CANCELLED
-    except (JobFailure, ConsolidationError, catalog.CatalogError) as exc:
-        code = getattr(exc, "code", "invalid_request")
-        return fail_job(sessions, checkpoint, job.id, worker_id, code, str(exc))
-    except Exception as exc:
-        log.exception("consolidation run %s failed", run_id)
-        return fail_job(
-            sessions,
-            checkpoint,
-            job.id,
-            worker_id,
-            "internal_error",
-            f"{type(exc).__name__}: {exc}",
+        return _fit_and_publish(run, claimed)
+    except ConsolidationError as exc:
+        raise JobFailure(getattr(exc, "code", "invalid_request"), str(exc)) from exc
+
+
+def _fit_and_publish(run: ConsolidationRun, claimed: ClaimedJob) -> dict[str, Any]:
+    """The body of `_consolidate`: load, score before, re-fit, score after, publish, report."""
+    from worker.consolidation.artifacts import evaluate_diff
+    from worker.consolidation.config import ConsolidationTask
+    from worker.consolidation.fit import consolidate
+    from worker.kit.progress import Progress
+
+    sessions, store, settings = claimed.sessions, claimed.store, claimed.settings
+    monitor = claimed.monitor
+    base = load_job_base(_base_source(sessions, run.base_model))
+    with sessions() as session:
+        tasks = _load_tasks(session, store, run, base, settings)
+    config = _config_for(run, claimed.job, tasks, settings)
+    before = [evaluate_diff(t.diff, t.data, base=base, config=config) for t in tasks]
+    result = consolidate(
+        [ConsolidationTask(t.name, t.data, t.diff) for t in tasks],
+        config,
+        base=base,
+        run_id=run.id,
+        progress=monitor.progress,
+        checkpoint=claimed.checkpoint,
+        should_stop=monitor.should_stop,
+    )
+    after = [
+        evaluate_diff(o.composed, t.data, base=base, config=config)
+        for o, t in zip(result.tasks, tasks, strict=True)
+    ]
+    monitor.progress(Progress(result.steps, result.steps, 0.0, result.total_nnz, "evaluate"))
+    claimed.stop_if_asked()
+    report, rows = _report(run, config, tasks, result, before, after)
+    shared_id = _publish(sessions, store, run, tasks, result, rows)
+    report["shared_artifact_id"] = shared_id
+    total_before = total_stored_entries([t.version for t in tasks])
+    total_after = _total_after(rows, result.shared_nnz, tasks)
+    report["total_nnz_before"], report["total_nnz_after"] = total_before, total_after
+    with sessions() as session:
+        catalog.record_report(
+            session,
+            run_id=run.id,
+            report=report,
+            total_nnz_before=total_before,
+            total_nnz_after=total_after,
         )
-    checkpoint.remove()
-    return SUCCEEDED
+    return {
+        "accepted": sum(r["accepted"] for r in rows),
+        "tasks": len(rows),
+        "total_nnz_before": total_before,
+        "total_nnz_after": total_after,
+    }
+
+
+def run_consolidation(run_id: int, *, settings: Settings) -> str:
+    """Claim and run consolidation run `run_id`; the outcome (`worker.lifecycle` constants)."""
+    with get_session_factory(settings)() as session:
+        run = catalog.load_consolidation_run(session, run_id=run_id)
+    if run is None:
+        log.warning("consolidation run %s does not exist", run_id)
+        return NOT_CLAIMED
+    return run_job(
+        run.job_id, kind="consolidate", settings=settings, work=partial(_consolidate, run)
+    )
 
 
 def _base_source(sessions: sessionmaker[Session], name: str) -> str:

@@ -1,6 +1,10 @@
-"""The life of one job on a worker, shared by training and consolidation runs: outcomes,
-coded failures, the checkpoint in the store, the registry monitor (progress, cancel polling,
-heartbeat), loading the job's data and base, and recording how it ended.
+"""The life of one job on a worker, the same for training and consolidation runs.
+
+`run_job` is the one skeleton: claim the job (compare-and-set), checkpoint it in the store's
+mutable area, beat and poll for cancellation while the kind-specific work runs, map whatever
+ended the work to one outcome, and record it. The runners (`worker.runner`,
+`worker.consolidation_runner`) supply only the work. Also here: the outcomes, coded failures
+and loading a job's data and base.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import catalog
+from registry.db import get_session_factory
 from registry.models import Dataset, Job
 from registry.settings import Settings
-from registry.stores import ObjectStore
+from registry.stores import ObjectStore, checkpoint_key, open_store
+from worker.kit.progress import TrainingCancelled
 
 log = logging.getLogger(__name__)
 
@@ -240,30 +247,93 @@ def load_job_base(name_or_path: str) -> Any:
         raise JobFailure("base_model_unavailable", f"base model {name_or_path!r}: {exc}") from exc
 
 
-def finish_job(
-    sessions: sessionmaker[Session], job_id: int, worker_id: str, state: str, **fields: Any
-) -> bool:
-    """Move our running job to a final state; False when it was not ours any more."""
+@dataclass
+class ClaimedJob:
+    """A job this worker claimed, with what its work needs: registry, store, checkpoint, monitor."""
+
+    job: Job
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+    worker_id: str
+    checkpoint: StoreCheckpointIO
+    monitor: JobMonitor
+
+    def stop_if_asked(self) -> None:
+        """Raise `TrainingCancelled` once a cancel was requested or the job is no longer ours."""
+        if self.monitor.should_stop():
+            raise TrainingCancelled()
+
+    def end(self, state: str, **fields: Any) -> bool:
+        """Move the job, if still running for us, to a final state; False when it was not ours."""
+        with self.sessions() as session:
+            finished = catalog.finish_job(
+                session, job_id=self.job.id, state=state, worker_id=self.worker_id, **fields
+            )
+        return finished is not None
+
+
+# The kind-specific part of a job: the metrics to record as it succeeds, or None when the work
+# already marked it succeeded itself (a training job, in the transaction publishing its version).
+JobWork = Callable[[ClaimedJob], dict[str, Any] | None]
+
+
+def failure_of(exc: BaseException, settings: Settings) -> tuple[str, str]:
+    """(error code, message) recorded for a job that `exc` ended, for every kind of job."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "time_limit", f"the job ran past its time limit ({settings.job_soft_time_limit_s}s)"
+    if isinstance(exc, JobFailure):
+        return exc.code, exc.message
+    if isinstance(exc, catalog.CatalogError):
+        return exc.code, str(exc)
+    return "internal_error", f"{type(exc).__name__}: {exc}"
+
+
+def run_job(job_id: int, *, kind: str, settings: Settings, work: JobWork) -> str:
+    """Claim job `job_id`, run `work` on it under heartbeat and cancel polling; the outcome."""
+    sessions = get_session_factory(settings)
+    store = open_store(settings.store_url, settings)
+    worker_id = worker_identity()
     with sessions() as session:
-        return (
-            catalog.finish_job(session, job_id=job_id, state=state, worker_id=worker_id, **fields)
-            is not None
+        job = catalog.claim_job(
+            session,
+            job_id=job_id,
+            worker_id=worker_id,
+            stale_after_s=settings.sweep_requeue_after_s,
         )
-
-
-def fail_job(
-    sessions: sessionmaker[Session],
-    checkpoint: StoreCheckpointIO,
-    job_id: int,
-    worker_id: str,
-    code: str,
-    message: str,
-) -> str:
-    """Record a failure (if the job is still ours) and drop its checkpoint."""
-    log.warning("job %s failed: %s: %s", job_id, code, message)
-    if not finish_job(
-        sessions, job_id, worker_id, FAILED, error_code=code, error_message=message[:4000]
-    ):
-        return LOST
+    if job is None:
+        log.info("job %s not claimed (duplicate delivery, finished or out of attempts)", job_id)
+        return NOT_CLAIMED
+    checkpoint = StoreCheckpointIO(store, checkpoint_key(job_id))
+    monitor = JobMonitor(
+        sessions, job_id, worker_id, settings, attempt=job.attempts, checkpoint=checkpoint
+    )
+    claimed = ClaimedJob(job, settings, sessions, store, worker_id, checkpoint, monitor)
+    log.info(
+        "job %s claimed by %s (attempt %d/%d)", job_id, worker_id, job.attempts, job.max_attempts
+    )
+    try:
+        with monitor.heartbeating():
+            if job.kind != kind:
+                raise JobFailure("wrong_job_kind", f"job {job_id} is a {job.kind} job, not {kind}")
+            metrics = work(claimed)
+            if metrics is not None and not claimed.end(SUCCEEDED, metrics=metrics):
+                return LOST
+    except (TrainingCancelled, JobLost):
+        if monitor.lost or not claimed.end(CANCELLED):
+            log.warning("job %s is no longer ours; leaving it to its new worker", job_id)
+            return LOST
+        checkpoint.remove()
+        return CANCELLED
+    except Exception as exc:
+        code, message = failure_of(exc, settings)
+        if code == "internal_error":
+            log.exception("%s job %s failed", kind, job_id)
+        log.warning("job %s failed: %s: %s", job_id, code, message)
+        if not claimed.end(FAILED, error_code=code, error_message=message[:4000]):
+            return LOST
+        checkpoint.remove()
+        return FAILED
     checkpoint.remove()
-    return FAILED
+    log.info("job %s succeeded", job_id)
+    return SUCCEEDED

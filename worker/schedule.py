@@ -1,77 +1,23 @@
-"""When consolidation runs by itself: the beat entry from Settings and the budget policy.
+"""The consolidation budget policy: which task sets to consolidate, and starting their runs.
 
-`consolidation_schedule` is "" (off), "every <seconds>", or a 5-field cron line
-("minute hour day-of-month month day-of-week", UTC). At each tick the policy looks at every
-tenant's tasks grouped by base: when their total stored nonzeros (active versions; a shared
-consolidation diff counted once) exceed `consolidation_budget_nnz`, it creates a consolidation
-run of those tasks with that budget (trigger 'schedule') and enqueues it, unless a run for
-the same tenant and base is still queued or running.
+At each tick (`worker.beat` schedules it from `consolidation_schedule`) the policy looks at
+every tenant's tasks grouped by base: when their total stored nonzeros (active versions; a
+shared consolidation diff counted once) exceed `consolidation_budget_nnz`, it creates a
+consolidation run of those tasks with that budget (trigger 'schedule') and enqueues it,
+unless a run for the same tenant and base is still queued or running.
 
 Imports no torch: the beat process loads this module.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from celery.schedules import crontab
+from kombu import Connection
 
 from registry.settings import Settings
-
-POLICY_TASK = "diffbank.consolidation_policy"
-POLICY_ENTRY = "consolidation-policy"
-_EVERY = re.compile(r"^every\s+(\d+(?:\.\d+)?)\s*s?$")
-
-
-class ScheduleError(ValueError):
-    """A `consolidation_schedule` value that is neither "every <seconds>" nor a 5-field cron line."""
-
-
-def parse_schedule(text: str) -> float | crontab | None:
-    """Seconds between runs, a crontab, or None when the schedule is off."""
-    text = text.strip()
-    if not text:
-        return None
-    every = _EVERY.match(text)
-    if every:
-        seconds = float(every.group(1))
-        if seconds <= 0:
-            raise ScheduleError(
-                "consolidation_schedule: 'every' needs a positive number of seconds"
-            )
-        return seconds
-    fields = text.split()
-    if len(fields) != 5:
-        raise ScheduleError(
-            f"consolidation_schedule {text!r}: expected 'every <seconds>' or a 5-field cron line"
-        )
-    minute, hour, day_of_month, month_of_year, day_of_week = fields
-    try:
-        return crontab(
-            minute=minute,
-            hour=hour,
-            day_of_month=day_of_month,
-            month_of_year=month_of_year,
-            day_of_week=day_of_week,
-        )
-    except (ValueError, TypeError) as exc:
-        raise ScheduleError(f"consolidation_schedule {text!r}: {exc}") from exc
-
-
-def consolidation_beat_schedule(settings: Settings) -> dict:
-    """The beat entry running the consolidation policy, or {} when scheduling is off."""
-    schedule = parse_schedule(settings.consolidation_schedule)
-    if schedule is None or settings.consolidation_budget_nnz <= 0:
-        return {}
-    return {
-        POLICY_ENTRY: {
-            "task": POLICY_TASK,
-            "schedule": schedule,
-            "options": {"queue": "maintenance"},
-        }
-    }
+from worker.app import broker_url, celery_app, enqueue
 
 
 @dataclass(frozen=True)
@@ -183,22 +129,17 @@ def _run_in_flight(session: Any, tenant_id: int, base_model: str) -> bool:
     return found is not None
 
 
-def apply_consolidation_policy(settings: Settings, *, send: Any = None) -> list[int]:
-    """Create and enqueue a scheduled run for every group over the threshold; the new run ids.
-
-    `send(run_id)` enqueues a run (default: `diffbank.consolidate` on the consolidate queue).
-    """
+def apply_consolidation_policy(settings: Settings) -> list[int]:
+    """Create and enqueue a scheduled run for every group over the threshold; the new run ids."""
     from registry import catalog
     from registry.db import get_session_factory
 
     threshold = settings.consolidation_budget_nnz
     if threshold <= 0:
         return []
-    if send is None:
-        send = _sender(settings)
     sessions = get_session_factory(settings)
     created = []
-    with sessions() as session:
+    with sessions() as session, Connection(broker_url(settings)) as connection:
         for group in over_budget_groups(stored_rows(session), threshold):
             if _run_in_flight(session, group.tenant_id, group.base_model):
                 continue
@@ -212,19 +153,9 @@ def apply_consolidation_policy(settings: Settings, *, send: Any = None) -> list[
                 trigger="schedule",
                 max_attempts=settings.job_max_attempts,
             )
-            send(run.id)
+            enqueue(
+                celery_app, "consolidate", job_id=run.job_id, run_id=run.id, connection=connection
+            )
             catalog.mark_enqueued(session, job_id=run.job_id)
             created.append(run.id)
     return created
-
-
-def _sender(settings: Settings) -> Any:
-    """A function enqueueing `diffbank.consolidate(run_id)` on the configured broker."""
-    from worker.app import CONSOLIDATE_QUEUE, CONSOLIDATE_TASK, make_celery_app
-
-    app = make_celery_app(settings)
-
-    def send(run_id: int) -> None:
-        app.send_task(CONSOLIDATE_TASK, args=[run_id], queue=CONSOLIDATE_QUEUE)
-
-    return send

@@ -22,14 +22,7 @@ from registry import catalog
 from registry.db import get_session_factory
 from registry.models import Job
 from registry.settings import Settings
-from worker.app import (
-    CONSOLIDATE_QUEUE,
-    CONSOLIDATE_TASK,
-    TRAIN_QUEUE,
-    TRAIN_TASK,
-    broker_url,
-    celery_app,
-)
+from worker.app import JOB_QUEUES, JOB_TASKS, broker_url, celery_app, enqueue, job_message
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +31,6 @@ log = logging.getLogger(__name__)
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (0, 3, 6, 9)
 _UNACKED_HASH = "unacked"
-
-# Task name → (queue, job kind) of the messages the sweep knows how to re-send.
-_RESENDABLE = {
-    TRAIN_TASK: (TRAIN_QUEUE, "train"),
-    CONSOLIDATE_TASK: (CONSOLIDATE_QUEUE, "consolidate"),
-}
 
 MessageRef = tuple[str, int]  # (task name, first argument: job id or consolidation run id)
 
@@ -80,14 +67,12 @@ def broker_messages(
     return waiting, unacked
 
 
-def _message_for(session, job: Job) -> tuple[str, str, int] | None:
-    """(task name, queue, argument) of the message that runs `job`, or None if it has none."""
-    if job.kind == "train":
-        return TRAIN_TASK, TRAIN_QUEUE, job.id
-    if job.kind == "consolidate":
-        run = catalog.get_consolidation_run_for_job(session, job_id=job.id)
-        return None if run is None else (CONSOLIDATE_TASK, CONSOLIDATE_QUEUE, run.id)
-    return None
+def _run_id_of(session, job: Job) -> int | None:
+    """The consolidation run of a consolidate job (its message's argument); None otherwise."""
+    if job.kind != "consolidate":
+        return None
+    run = catalog.get_consolidation_run_for_job(session, job_id=job.id)
+    return None if run is None else run.id
 
 
 def sweep_lost_jobs(*, settings: Settings, client: redis.Redis | None = None) -> list[int]:
@@ -103,16 +88,15 @@ def sweep_lost_jobs(*, settings: Settings, client: redis.Redis | None = None) ->
             )
             if not candidates:
                 return resent
-            waiting, unacked = broker_messages(client, (TRAIN_QUEUE, CONSOLIDATE_QUEUE))
+            waiting, unacked = broker_messages(client, JOB_QUEUES)
             for job in candidates:
-                message = _message_for(session, job)
-                if message is None:
-                    continue
-                task, queue, argument = message
-                ref = (task, argument)
+                run_id = _run_id_of(session, job)
+                if job.kind not in JOB_TASKS or (job.kind == "consolidate" and run_id is None):
+                    continue  # no message runs it
+                ref = job_message(job.kind, job_id=job.id, run_id=run_id).ref
                 if ref in waiting or (job.state == "queued" and ref in unacked):
                     continue  # a worker will get (or has) it
-                celery_app.send_task(task, args=[argument], queue=queue, connection=connection)
+                enqueue(celery_app, job.kind, job_id=job.id, run_id=run_id, connection=connection)
                 catalog.mark_enqueued(session, job_id=job.id)
                 resent.append(job.id)
                 log.warning("sweep re-sent %s job %s (%s)", job.kind, job.id, job.state)

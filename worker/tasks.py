@@ -1,7 +1,9 @@
 """Thin Celery tasks: parse arguments, call the plain functions that do the work.
 
-Heavy modules (torch, the trainer) are imported inside the task bodies so that importing the
-Celery app, for enqueueing or for `celery worker` start-up, stays light.
+Delivery options (late acks, requeue when a worker is lost, time limits) are the app's
+configuration (`worker.app`). Heavy modules (torch, the trainer) are imported inside the task
+bodies so that importing the Celery app, for enqueueing or for `celery worker` start-up,
+stays light.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from celery.utils.log import get_task_logger
 
 from registry.settings import get_settings
-from worker.app import SWEEP_TASK, TRAIN_TASK, celery_app
+from worker.app import CONSOLIDATE_TASK, POLICY_TASK, SWEEP_TASK, TRAIN_TASK, celery_app
 
 log = get_task_logger(__name__)
 
@@ -24,7 +26,7 @@ def _parse_id(value: object, name: str) -> int:
     return parsed
 
 
-@celery_app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+@celery_app.task(name=TRAIN_TASK)
 def train(job_id: object) -> str:
     """Run training job `job_id` (a duplicate delivery of a claimed job is a no-op)."""
     from worker.runner import run_training_job
@@ -34,7 +36,17 @@ def train(job_id: object) -> str:
     return outcome
 
 
-@celery_app.task(name=SWEEP_TASK, acks_late=False)
+@celery_app.task(name=CONSOLIDATE_TASK)
+def consolidate(run_id: object) -> str:
+    """Run consolidation run `run_id` (a duplicate delivery of a claimed run is a no-op)."""
+    from worker.consolidation_runner import run_consolidation
+
+    outcome = run_consolidation(_parse_id(run_id, "run_id"), settings=get_settings())
+    log.info("consolidation run %s: %s", run_id, outcome)
+    return outcome
+
+
+@celery_app.task(name=SWEEP_TASK)
 def sweep() -> int:
     """Re-send jobs whose queue message was lost; returns how many were re-sent."""
     from worker.sweep import sweep_lost_jobs
@@ -45,20 +57,7 @@ def sweep() -> int:
     return len(resent)
 
 
-# --- consolidation (owned by the consolidation work) -------------------------------------------
-
-
-@celery_app.task(name="diffbank.consolidate", acks_late=True, reject_on_worker_lost=True)
-def consolidate(run_id: object) -> str:
-    """Run consolidation run `run_id` (a duplicate delivery of a claimed run is a no-op)."""
-    from worker.consolidation_runner import run_consolidation
-
-    outcome = run_consolidation(_parse_id(run_id, "run_id"), settings=get_settings())
-    log.info("consolidation run %s: %s", run_id, outcome)
-    return outcome
-
-
-@celery_app.task(name="diffbank.consolidation_policy", acks_late=False)
+@celery_app.task(name=POLICY_TASK)
 def consolidation_policy() -> int:
     """Start a consolidation for every tenant and base over the stored-nonzeros threshold."""
     from worker.schedule import apply_consolidation_policy

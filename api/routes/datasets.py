@@ -52,26 +52,8 @@ UPLOAD_BODY = {
 }
 
 
-def dataset_public(row: Dataset) -> DatasetPublic:
-    """The API view of a dataset row."""
-    mapping = row.column_mapping or {}
-    return DatasetPublic(
-        id=row.id,
-        filename=row.filename,
-        format=row.format,
-        sha256=row.sha256,
-        size_bytes=row.size_bytes,
-        rows=row.rows,
-        labels=list(row.label_names or []),
-        task_type=row.task_type,
-        text_field=mapping.get("text_field", "text"),
-        text_pair_field=mapping.get("text_pair_field"),
-        label_field=mapping.get("label_field", "label"),
-        created_at=row.created_at,
-    )
-
-
 def _mapping(fields: dict[str, str]) -> tuple[tabular.ColumnMapping, str | None]:
+    """The column mapping and task type of an upload's form fields; 422 naming a bad field."""
     unknown = sorted(set(fields) - set(MAPPING_FIELDS))
     if unknown:
         raise ApiError(422, "unknown_field", f"unknown form field {unknown[0]!r}", field=unknown[0])
@@ -135,7 +117,7 @@ async def upload_dataset(
         )
     finally:
         upload.discard()
-    return dataset_public(row)
+    return DatasetPublic.model_validate(row)
 
 
 def _publish_dataset(
@@ -171,7 +153,9 @@ def list_datasets(
     rows, next_cursor = catalog.list_datasets(
         session, tenant_id=principal.tenant_id, cursor=cursor, limit=limit
     )
-    return DatasetsPublic(items=[dataset_public(r) for r in rows], next_cursor=next_cursor)
+    return DatasetsPublic(
+        items=[DatasetPublic.model_validate(r) for r in rows], next_cursor=next_cursor
+    )
 
 
 @router.get(
@@ -179,7 +163,7 @@ def list_datasets(
 )
 def get_dataset(dataset_id: int, principal: ReadPrincipal, session: SessionDep) -> DatasetPublic:
     """One of the caller's datasets (another tenant's id answers 404)."""
-    return dataset_public(
+    return DatasetPublic.model_validate(
         catalog.get_dataset(session, tenant_id=principal.tenant_id, dataset_id=dataset_id)
     )
 

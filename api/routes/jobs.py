@@ -20,11 +20,9 @@ from api.errors import ApiError
 from api.schemas import (
     ROUTE_ERRORS,
     JobCreate,
-    JobErrorPublic,
     JobEventPublic,
     JobEventsPublic,
     JobKind,
-    JobProgressPublic,
     JobPublic,
     JobsPublic,
     JobState,
@@ -41,32 +39,8 @@ ERRORS = ROUTE_ERRORS
 
 
 def job_public(job: Job, *, version: int | None = None) -> JobPublic:
-    """The API view of a job row."""
-    error = None
-    if job.error_code or job.error_message:
-        error = JobErrorPublic(code=job.error_code, message=job.error_message)
-    progress = {
-        k: v for k, v in (job.progress or {}).items() if k in JobProgressPublic.model_fields
-    }
-    return JobPublic(
-        id=job.id,
-        kind=job.kind,
-        state=job.state,
-        task=job.task_name,
-        dataset_id=job.dataset_id,
-        validation_dataset_id=job.validation_dataset_id,
-        base_model=job.base_model,
-        params=job.params or {},
-        attempts=job.attempts,
-        cancel_requested=bool(job.cancel_requested),
-        progress=JobProgressPublic(**progress),
-        metrics=job.metrics or {},
-        error=error,
-        version=version,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-    )
+    """The API view of a job row; `version` is the number of the version it published."""
+    return JobPublic.model_validate(job).model_copy(update={"version": version})
 
 
 def _version_numbers(session, jobs: list[Job]) -> dict[int, int]:
@@ -190,10 +164,10 @@ def create_job(
 
 def _enqueue(request: Request, session, job: Job) -> None:
     """Send the job's message after its row committed; a broker failure leaves it to the sweep."""
-    from worker.app import TRAIN_QUEUE, TRAIN_TASK
+    from worker.app import enqueue
 
     try:
-        request.app.state.celery.send_task(TRAIN_TASK, args=[job.id], queue=TRAIN_QUEUE)
+        enqueue(request.app.state.celery, "train", job_id=job.id)
     except Exception:  # the job stays queued; the periodic sweep re-sends it
         log.exception("could not enqueue job %s; the sweep will re-send it", job.id)
         return
@@ -251,9 +225,4 @@ def job_events(
     events = catalog.list_job_events(
         session, tenant_id=principal.tenant_id, job_id=job_id, after_seq=after, limit=limit
     )
-    return JobEventsPublic(
-        items=[
-            JobEventPublic(seq=e.seq, kind=e.kind, payload=e.payload or {}, created_at=e.created_at)
-            for e in events
-        ]
-    )
+    return JobEventsPublic(items=[JobEventPublic.model_validate(e) for e in events])

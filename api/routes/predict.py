@@ -1,4 +1,4 @@
-"""Predictions: a task's diff applied to the one base in memory, then reverted."""
+"""Predictions (`POST /tasks/{name}/predict`): a task's diff applied to the base, then reverted."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from api.schemas import ROUTE_ERRORS, PredictionPublic, PredictionsPublic, Predi
 from api.serving import PredictionInputError
 from registry import catalog
 
-router = APIRouter(prefix="/tasks", tags=["predictions"])
+# Mounted under /tasks by the tasks router (api/routes/tasks.py).
+router = APIRouter(tags=["predictions"])
 
 ERRORS = ROUTE_ERRORS
 

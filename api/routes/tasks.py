@@ -1,10 +1,15 @@
-"""Tasks and versions: list, get, versions with lineage, diff download (Range, ETag, presign), stats."""
+"""Everything under /tasks: list, get, versions with lineage, delete and activate (rollback) a
+version, diff download (Range, ETag, presign), stats, a consolidated version's parts, and
+(mounted from api/routes/predict.py) predictions.
+
+A consolidated task version's `artifact` is the composed diff (what `GET /v1/tasks/{name}/diff`
+returns by default). Its parts — the run's shared diff and the task's residual — are listed by
+`GET /v1/tasks/{name}/versions/{n}/parts` (also what `GET /v1/tasks/{name}/diff?layout=factored`
+answers): JSON with a download URL per part, to be applied in the listed order.
+"""
 
 from __future__ import annotations
 
-import itertools
-import re
-from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response
@@ -19,6 +24,7 @@ from api.deps import (
     SubmitPrincipal,
 )
 from api.errors import ApiError
+from api.routes import predict
 from api.schemas import (
     ROUTE_ERRORS,
     ErrorPublic,
@@ -28,54 +34,39 @@ from api.schemas import (
     TaskStatsPublic,
     TaskVersionPublic,
     TaskVersionsPublic,
+    VersionPartPublic,
+    VersionPartsPublic,
 )
+from api.streaming import parse_range, started, wants_range
 from registry import catalog
-from registry.models import Task, TaskVersion
+from registry.models import Artifact, TaskVersion
 
-router = APIRouter(prefix="/tasks", tags=["tasks"])
+router = APIRouter(prefix="/tasks")
 
+# Tags per route: rollback and the parts of consolidated versions are documented with
+# consolidations, where they come from.
+TASKS = ["tasks"]
+CONSOLIDATIONS = ["consolidations"]
 ERRORS = ROUTE_ERRORS
 TaskNamePath = Annotated[str, Path(max_length=128)]
+VersionNumberPath = Annotated[int, Path(ge=1)]
 VersionQuery = Annotated[int | None, Query(ge=1, description="version number (default: active)")]
 PRESIGN_EXPIRES_S = 900
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-def task_public(task: Task) -> TaskPublic:
-    """The API view of a task row."""
-    return TaskPublic(
-        name=task.name,
-        base_model=task.base_model.name,
-        task_type=task.task_type,
-        label_names=list(task.label_names or []),
-        active_version=task.active_version,
-        created_at=task.created_at,
-    )
 
 
 def version_public(
     version: TaskVersion, *, active: int | None, parents: dict[int, int]
 ) -> TaskVersionPublic:
     """The API view of a task version row; `parents` maps version ids to numbers."""
-    return TaskVersionPublic(
-        number=version.number,
-        active=version.number == active,
-        nnz=version.nnz,
-        density=version.density,
-        metrics=version.metrics or {},
-        config=version.config or {},
-        sha256=version.artifact.sha256,
-        size_bytes=version.artifact.size_bytes,
-        lineage=LineagePublic(
-            source_job_id=version.source_job_id,
-            consolidation_run_id=version.consolidation_run_id,
-            parent_version=parents.get(version.parent_version_id),
-        ),
-        created_at=version.created_at,
+    lineage = LineagePublic.model_validate(version).model_copy(
+        update={"parent_version": parents.get(version.parent_version_id)}
+    )
+    return TaskVersionPublic.model_validate(version).model_copy(
+        update={"active": version.number == active, "lineage": lineage}
     )
 
 
-@router.get("", response_model=TasksPublic, responses=ERRORS, summary="List tasks")
+@router.get("", response_model=TasksPublic, responses=ERRORS, tags=TASKS, summary="List tasks")
 def list_tasks(
     principal: ReadPrincipal,
     session: SessionDep,
@@ -86,19 +77,24 @@ def list_tasks(
     rows, next_cursor = catalog.list_tasks(
         session, tenant_id=principal.tenant_id, cursor=cursor, limit=limit
     )
-    return TasksPublic(items=[task_public(t) for t in rows], next_cursor=next_cursor)
+    return TasksPublic(items=[TaskPublic.model_validate(t) for t in rows], next_cursor=next_cursor)
 
 
-@router.get("/{name}", response_model=TaskPublic, responses=ERRORS, summary="Get a task")
+@router.get(
+    "/{name}", response_model=TaskPublic, responses=ERRORS, tags=TASKS, summary="Get a task"
+)
 def get_task(name: TaskNamePath, principal: ReadPrincipal, session: SessionDep) -> TaskPublic:
     """One of the caller's tasks (another tenant's name answers 404)."""
-    return task_public(catalog.get_task(session, tenant_id=principal.tenant_id, name=name))
+    return TaskPublic.model_validate(
+        catalog.get_task(session, tenant_id=principal.tenant_id, name=name)
+    )
 
 
 @router.get(
     "/{name}/versions",
     response_model=TaskVersionsPublic,
     responses=ERRORS,
+    tags=TASKS,
     summary="A task's versions",
 )
 def list_versions(
@@ -114,11 +110,15 @@ def list_versions(
 
 
 @router.delete(
-    "/{name}/versions/{number}", status_code=204, responses=ERRORS, summary="Delete a task version"
+    "/{name}/versions/{number}",
+    status_code=204,
+    responses=ERRORS,
+    tags=TASKS,
+    summary="Delete a task version",
 )
 def delete_version(
     name: TaskNamePath,
-    number: Annotated[int, Path(ge=1)],
+    number: VersionNumberPath,
     principal: SubmitPrincipal,
     session: SessionDep,
     store: StoreDep,
@@ -128,35 +128,6 @@ def delete_version(
         session, store, tenant_id=principal.tenant_id, name=name, number=number
     )
     return Response(status_code=204)
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """`bytes=a-b` / `bytes=a-` / `bytes=-n` -> [start, end); None when not satisfiable.
-
-    Only single byte ranges are served; callers ignore other Range forms (see `_wants_range`).
-    """
-    match = _RANGE_RE.match(header.strip())
-    if not match or match.group(1) == match.group(2) == "":
-        return None
-    first, last = match.group(1), match.group(2)
-    if first == "":
-        length = int(last)
-        if length == 0:
-            return None
-        return max(0, size - length), size
-    start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
-    if start >= size or end <= start:
-        return None
-    return start, end
-
-
-def _wants_range(header: str | None) -> bool:
-    """A single `bytes=` range; other units and multi-range requests get the whole file (RFC 9110)."""
-    if not header:
-        return False
-    value = header.strip()
-    return value.lower().startswith("bytes=") and "," not in value
 
 
 @router.get(
@@ -172,6 +143,7 @@ def _wants_range(header: str | None) -> bool:
         416: {"model": ErrorPublic, "description": "Range not satisfiable"},
     },
     response_class=Response,
+    tags=TASKS,
     summary="Download a task's diff",
 )
 def download_diff(
@@ -200,8 +172,6 @@ def download_diff(
         session, tenant_id=principal.tenant_id, name=name, number=version
     )
     if layout == "factored":
-        from api.routes.consolidations import version_parts
-
         return JSONResponse(version_parts(row, name=name, session=session).model_dump())
     artifact = row.artifact
     etag = f'"{artifact.sha256}"'
@@ -219,8 +189,8 @@ def download_diff(
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
     size = artifact.size_bytes
-    if _wants_range(range_header):
-        span = _parse_range(range_header, size)
+    if wants_range(range_header):
+        span = parse_range(range_header, size)
         if span is None:
             raise ApiError(
                 416,
@@ -230,7 +200,7 @@ def download_diff(
                 headers={"Content-Range": f"bytes */{size}"},
             )
         start, end = span
-        body = _started(
+        body = started(
             store.open(artifact.object_key, sha256=artifact.sha256, start=start, end=end)
         )
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
@@ -239,19 +209,17 @@ def download_diff(
             body, status_code=206, headers=headers, media_type="application/octet-stream"
         )
     # A full read is verified against the sha256 before the first byte goes out.
-    body = _started(store.open(artifact.object_key, sha256=artifact.sha256))
+    body = started(store.open(artifact.object_key, sha256=artifact.sha256))
     headers["Content-Length"] = str(size)
     return StreamingResponse(body, headers=headers, media_type="application/octet-stream")
 
 
-def _started(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Pull the first chunk now, so a missing or corrupt blob fails before the status goes out."""
-    first = next(chunks, b"")
-    return itertools.chain([first], chunks)
-
-
 @router.get(
-    "/{name}/stats", response_model=TaskStatsPublic, responses=ERRORS, summary="Nonzeros per layer"
+    "/{name}/stats",
+    response_model=TaskStatsPublic,
+    responses=ERRORS,
+    tags=TASKS,
+    summary="Nonzeros per layer",
 )
 def task_stats(
     name: TaskNamePath,
@@ -261,7 +229,8 @@ def task_stats(
     version: VersionQuery = None,
 ) -> TaskStatsPublic:
     """Where a version's nonzeros sit (per layer), read from the stored artifact."""
-    from registry.artifact import loads_artifact, nonzeros_per_layer
+    from registry.artifact import loads_artifact
+    from registry.diffstats import nonzeros_per_layer
 
     row = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=version
@@ -276,3 +245,112 @@ def task_stats(
         density=diff.meta.density,
         nonzeros_per_layer=nonzeros_per_layer(diff),
     )
+
+
+@router.post(
+    "/{name}/versions/{number}/activate",
+    response_model=TaskPublic,
+    responses=ERRORS,
+    tags=CONSOLIDATIONS,
+    summary="Serve a given version (rollback)",
+)
+def activate_version(
+    name: TaskNamePath,
+    number: VersionNumberPath,
+    principal: SubmitPrincipal,
+    session: SessionDep,
+) -> TaskPublic:
+    """Make version `number` the active one, e.g. to undo a consolidation."""
+    catalog.activate_version(session, tenant_id=principal.tenant_id, name=name, number=number)
+    return TaskPublic.model_validate(
+        catalog.get_task(session, tenant_id=principal.tenant_id, name=name)
+    )
+
+
+def version_parts(version: TaskVersion, *, name: str, session) -> VersionPartsPublic:
+    """The factored layout of a consolidated version; 409 for a version that has no parts."""
+    if version.shared_artifact_id is None or version.residual_artifact_id is None:
+        raise ApiError(
+            409,
+            "not_factored",
+            f"version {version.number} of task {name!r} is not a consolidated version "
+            "and has no factored layout",
+            field="layout",
+        )
+    with catalog.transaction(session):
+        shared = session.get(Artifact, version.shared_artifact_id)
+        residual = session.get(Artifact, version.residual_artifact_id)
+    base_url = f"/v1/tasks/{name}/versions/{version.number}/parts"
+    return VersionPartsPublic(
+        task=name,
+        version=version.number,
+        consolidation_run_id=version.consolidation_run_id,
+        composed_sha256=version.artifact.sha256,
+        parts=[
+            VersionPartPublic(
+                role=role, sha256=part.sha256, size_bytes=part.size_bytes, url=f"{base_url}/{role}"
+            )
+            for role, part in (("shared", shared), ("residual", residual))
+        ],
+    )
+
+
+@router.get(
+    "/{name}/versions/{number}/parts",
+    response_model=VersionPartsPublic,
+    responses=ERRORS,
+    tags=CONSOLIDATIONS,
+    summary="List a consolidated version's shared and residual diffs",
+)
+def list_version_parts(
+    name: TaskNamePath,
+    number: VersionNumberPath,
+    principal: ReadPrincipal,
+    session: SessionDep,
+) -> VersionPartsPublic:
+    """The factored layout: the shared diff and the task's residual, each an artifact."""
+    version = catalog.get_task_version(
+        session, tenant_id=principal.tenant_id, name=name, number=number
+    )
+    return version_parts(version, name=name, session=session)
+
+
+@router.get(
+    "/{name}/versions/{number}/parts/{role}",
+    response_class=StreamingResponse,
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    tags=CONSOLIDATIONS,
+    summary="Download one part of a consolidated version",
+)
+def download_version_part(
+    name: TaskNamePath,
+    number: VersionNumberPath,
+    role: Literal["shared", "residual"],
+    principal: ReadPrincipal,
+    session: SessionDep,
+    store: StoreDep,
+) -> StreamingResponse:
+    """The shared or residual artifact (the usual format), sha256-verified while streaming."""
+    version = catalog.get_task_version(
+        session, tenant_id=principal.tenant_id, name=name, number=number
+    )
+    parts = version_parts(version, name=name, session=session)
+    part = next(p for p in parts.parts if p.role == role)
+    artifact_id = version.shared_artifact_id if role == "shared" else version.residual_artifact_id
+    with catalog.transaction(session):
+        artifact = session.get(Artifact, artifact_id)
+    headers = {
+        "ETag": f'"{part.sha256}"',
+        "X-Diffbank-Sha256": part.sha256,
+        "Content-Length": str(part.size_bytes),
+        "Content-Disposition": f'attachment; filename="{name}-v{number}-{role}.safetensors"',
+    }
+    return StreamingResponse(
+        started(store.open(artifact.object_key, sha256=artifact.sha256)),
+        headers=headers,
+        media_type="application/octet-stream",
+    )
+
+
+# Predictions are a resource of their own (api/routes/predict.py), served under /tasks too.
+router.include_router(predict.router)

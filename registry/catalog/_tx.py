@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
 
 T = TypeVar("T")
-P = ParamSpec("P")
 
 
 def get_or_create(
@@ -56,18 +54,3 @@ def lock_object_key(session: Session, key: str) -> None:
     if session.get_bind().dialect.name == "postgresql":
         lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
         session.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": lock_id})
-
-
-def in_own_transaction(
-    body: Callable[Concatenate[Session, P], T], *, name: str, doc: str
-) -> Callable[Concatenate[Session, P], T]:
-    """`body`, which runs inside the caller's transaction, as function `name` owning its own."""
-
-    @functools.wraps(body)
-    def run(session: Session, *args: P.args, **kwargs: P.kwargs) -> T:
-        with transaction(session):
-            return body(session, *args, **kwargs)
-
-    run.__name__ = run.__qualname__ = name
-    run.__doc__ = doc
-    return run

@@ -9,7 +9,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from registry.catalog._ids import MAX_ID, get_row, in_id_range
-from registry.catalog._tx import in_own_transaction, transaction
+from registry.catalog._tx import transaction
 from registry.catalog.errors import InvalidInputError, NotFoundError
 from registry.catalog.pagination import check_limit, paginate
 from registry.models import (
@@ -90,11 +90,31 @@ def insert_job(
     return job
 
 
-create_job = in_own_transaction(
-    insert_job,
-    name="create_job",
-    doc="A new queued job with its first 'state' event; datasets must be the tenant's.",
-)
+def create_job(
+    session: Session,
+    *,
+    tenant_id: int,
+    kind: str,
+    base_model: str,
+    params: dict[str, Any],
+    task_name: str | None = None,
+    dataset_id: int | None = None,
+    validation_dataset_id: int | None = None,
+    max_attempts: int = 3,
+) -> Job:
+    """A new queued job with its first 'state' event; datasets must be the tenant's."""
+    with transaction(session):
+        return insert_job(
+            session,
+            tenant_id=tenant_id,
+            kind=kind,
+            base_model=base_model,
+            params=params,
+            task_name=task_name,
+            dataset_id=dataset_id,
+            validation_dataset_id=validation_dataset_id,
+            max_attempts=max_attempts,
+        )
 
 
 def get_job(session: Session, *, tenant_id: int, job_id: int) -> Job:
@@ -238,7 +258,7 @@ def heartbeat(session: Session, *, job_id: int, worker_id: str) -> Job | None:
         return _reload(session, job_id)
 
 
-def finish_job_in_transaction(
+def record_job_end(
     session: Session,
     *,
     job_id: int,
@@ -249,7 +269,7 @@ def finish_job_in_transaction(
     error_code: str | None = None,
     error_message: str | None = None,
 ) -> Job | None:
-    """`finish_job` inside the caller's transaction."""
+    """`finish_job` inside the caller's transaction (e.g. with the version it published)."""
     if state not in FINISHED_JOB_STATES:
         raise InvalidInputError(f"a job cannot finish as {state!r}", field="state")
     if not in_id_range(job_id):
@@ -285,11 +305,29 @@ def finish_job_in_transaction(
     return _reload(session, job_id)
 
 
-finish_job = in_own_transaction(
-    finish_job_in_transaction,
-    name="finish_job",
-    doc="Compare-and-set a running job (of `worker_id`, if given) to a final state; else None.",
-)
+def finish_job(
+    session: Session,
+    *,
+    job_id: int,
+    state: str,
+    worker_id: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    result_version_id: int | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> Job | None:
+    """Compare-and-set a running job (of `worker_id`, if given) to a final state; else None."""
+    with transaction(session):
+        return record_job_end(
+            session,
+            job_id=job_id,
+            state=state,
+            worker_id=worker_id,
+            metrics=metrics,
+            result_version_id=result_version_id,
+            error_code=error_code,
+            error_message=error_message,
+        )
 
 
 def request_cancel(session: Session, *, tenant_id: int, job_id: int) -> Job:

@@ -12,7 +12,7 @@ from registry.catalog._ids import get_row, in_id_range
 from registry.catalog._tx import get_or_create, transaction
 from registry.catalog.artifacts import add_artifact, delete_blobs_if_unused, release_artifacts
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
-from registry.catalog.jobs import finish_job_in_transaction
+from registry.catalog.jobs import record_job_end
 from registry.catalog.pagination import paginate
 from registry.models import Artifact, BaseModel, Job, Task, TaskVersion
 from registry.stores.base import ObjectStore, StoredObject
@@ -219,7 +219,7 @@ def publish_task_version(
         if label_names is not None:
             task.label_names = list(label_names)
         if finish_job_id is not None:
-            finished = finish_job_in_transaction(
+            finished = record_job_end(
                 session,
                 job_id=finish_job_id,
                 state="succeeded",

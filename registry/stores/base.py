@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,11 +119,6 @@ def is_content_key(key: str) -> bool:
     sha = match.group(1)
     parts = key.split("/")
     return parts[1] == sha[:2] and parts[2] == sha[2:4]
-
-
-def sha256_hex(data: bytes) -> str:
-    """The sha256 hex digest of `data`."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def check_digest(key: str, expected: str, actual: str) -> None:

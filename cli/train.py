@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
-from api.cli.client import print_json
-from worker.config import (
-    FIX_DENSITY_REFERENCE,
-    FIX_LR_REFERENCE,
-    FIX_STEPS_REFERENCE,
-    DiffPruneConfig,
-)
+from cli.client import print_json
+from worker.diffprune.config import DiffPruneConfig
+from worker.kit.config import cli_fields
 
 TASK_TYPES = ("classification", "pair-classification", "regression")
 
@@ -29,31 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, required=True, help="where to write the .safetensors artifact"
     )
     p.add_argument("--base", help="base model path or name (default: DIFFBANK_BASE_MODEL)")
-    d = DiffPruneConfig()
-    p.add_argument(
-        "--density", type=float, help=f"kept fraction of base parameters (default {d.density})"
-    )
-    p.add_argument("--epochs", type=int, help=f"epochs of gated diff training (default {d.epochs})")
-    p.add_argument(
-        "--fix-epochs",
-        type=int,
-        help=f"epochs fine-tuning the kept values (default {d.fix_epochs})",
-    )
-    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument(
-        "--max-length", type=int, help=f"tokens per example, truncated (default {d.max_length})"
-    )
-    p.add_argument("--lr", type=float, help=f"learning rate of the gated diff (default {d.lr:g})")
-    p.add_argument(
-        "--fix-lr",
-        type=float,
-        help=f"learning rate of the kept values, mask fixed (default: {FIX_LR_REFERENCE:g} at "
-        f"density {FIX_DENSITY_REFERENCE:g} and {FIX_STEPS_REFERENCE} fixed-mask steps, "
-        "scaled by 1/sqrt of density and steps)",
-    )
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_config_flags(p, DiffPruneConfig)
     p.add_argument("--no-compile", action="store_true", help="run the gate kernels eagerly")
     p.add_argument("--text-field", default="text")
     p.add_argument("--text-pair-field")
@@ -64,18 +37,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
-CONFIG_FLAGS = {
-    "density": "density",
-    "epochs": "epochs",
-    "fix_epochs": "fix_epochs",
-    "batch_size": "batch_size",
-    "grad_accum": "grad_accum",
-    "max_length": "max_length",
-    "lr": "lr",
-    "fix_lr": "fix_lr",
-    "seed": "seed",
-    "device": "device",
-}
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per config field marked `cli` in its metadata; help and default from the config."""
+    hints = typing.get_type_hints(config_class)
+    for spec in cli_fields(config_class):
+        hint = hints[spec.name]  # `float | None` takes a float
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        text = spec.metadata["help"]
+        if isinstance(spec.default, float):
+            text += f" (default {spec.default:g})"
+        elif spec.default not in (None, ""):
+            text += f" (default {spec.default})"
+        flag = "--" + spec.name.replace("_", "-")
+        parser.add_argument(flag, type=kind, help=text.replace("%", "%%"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -85,9 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from worker.data import load_task_data
 
     overrides = {
-        key: getattr(args, flag)
-        for flag, key in CONFIG_FLAGS.items()
-        if getattr(args, flag) is not None
+        spec.name: getattr(args, spec.name)
+        for spec in cli_fields(DiffPruneConfig)
+        if getattr(args, spec.name) is not None
     }
     if args.no_compile:
         overrides["compile_gates"] = False
@@ -117,12 +91,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from registry.artifact import save_artifact
     from registry.basemodel import load_base
-    from worker.trainer import Progress, train_diff
+    from worker.diffprune.trainer import train_diff
+    from worker.kit.progress import Progress
 
     base = load_base(args.base or get_settings().base_model)
     with tqdm(total=None, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
 
         def report(p: Progress) -> None:
+            """Move the progress bar to the run's step."""
             bar.total = p.total_steps
             bar.set_postfix(phase=p.phase, loss=f"{p.loss:.4f}", nnz=f"{p.expected_nnz:.3g}")
             bar.update(p.step - bar.n)

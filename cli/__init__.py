@@ -1,4 +1,4 @@
-"""The `diffbank` console script: one argparse tree, one module per command group."""
+"""The `diffbank` console script (also `python -m cli`): one argparse tree, a module per group."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import sys
 # `func=callable(args) -> int` with `set_defaults`. Modules import heavy code lazily,
 # inside their command functions, so `diffbank --help` stays fast.
 COMMAND_MODULES = [
-    "api.cli.train",  # train
-    "api.cli.inspect",  # inspect, export
-    "api.cli.predict",  # predict FILE TEXT... | predict --task NAME TEXT...
-    "api.cli.ops",  # up, demo, api, worker, beat
-    "api.cli.admin",  # db upgrade, gc, keys create
-    "api.cli.client",  # submit, jobs, job, tasks, pull
-    "api.cli.consolidate",  # consolidate
+    "cli.train",  # train
+    "cli.inspect",  # inspect, export
+    "cli.predict",  # predict FILE TEXT... | predict --task NAME TEXT...
+    "cli.ops",  # up, demo, api, worker, beat
+    "cli.admin",  # db upgrade, gc, keys create
+    "cli.client",  # submit, jobs, job, tasks, pull
+    "cli.consolidate",  # consolidate
 ]
 
 
@@ -29,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # command group not built yet
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -28,7 +28,7 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
 
 def client_from_args(args: argparse.Namespace):
     """A `DiffbankClient` for the server and key given on the command line or in the env."""
-    from api.client import DiffbankClient
+    from cli.http_client import DiffbankClient
     from registry.settings import Settings
 
     settings = Settings()
@@ -120,7 +120,7 @@ def _dataset_files(data: Path) -> tuple[Path, Path | None]:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Upload the data, create the job, optionally wait for it."""
-    from api.client import DiffbankError
+    from cli.http_client import DiffbankError
 
     try:
         train_path, validation_path = _dataset_files(Path(args.data))
@@ -229,7 +229,7 @@ def _print_job(job: dict[str, Any]) -> None:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List jobs, newest first."""
-    from api.client import DiffbankError
+    from cli.http_client import DiffbankError
 
     with client_from_args(args) as client:
         try:
@@ -253,7 +253,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_job(args: argparse.Namespace) -> int:
     """Show one job."""
-    from api.client import DiffbankError
+    from cli.http_client import DiffbankError
 
     with client_from_args(args) as client:
         try:
@@ -269,7 +269,7 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """List tasks."""
-    from api.client import DiffbankError
+    from cli.http_client import DiffbankError
 
     with client_from_args(args) as client:
         try:
@@ -296,7 +296,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """Download a task version's diff, verified against the server's sha256."""
     import hashlib
 
-    from api.client import DiffbankError
+    from cli.http_client import DiffbankError
 
     with client_from_args(args) as client:
         try:

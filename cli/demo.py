@@ -34,7 +34,7 @@ def _port_is_free(port: int) -> bool:
 
 def _demo_settings() -> Settings:
     """The configured settings, moved to a free API port when the configured one is taken."""
-    from api.embedded import free_port
+    from cli.embedded import free_port
 
     settings = get_settings()
     if _port_is_free(settings.api_port):
@@ -59,10 +59,10 @@ def balanced_slice(source: Path, dest: Path, *, rows: int, label_field: str) -> 
 
 def run_demo(*, task: str | None, plot_path: str) -> int:
     """Start the stack, upload a sample task, train it as a job, show results, stop."""
-    from api.bootstrap import bootstrap_embedded
-    from api.cli.client import wait_with_progress
-    from api.client import DiffbankClient
-    from api.embedded import EmbeddedStack
+    from cli.bootstrap import bootstrap_embedded
+    from cli.client import wait_with_progress
+    from cli.embedded import EmbeddedStack
+    from cli.http_client import DiffbankClient
 
     manifest = json.loads((SAMPLES_DIR / "manifest.json").read_text())
     task = task or DEFAULT_DEMO_TASK
@@ -155,7 +155,7 @@ def _report(
             score = prediction.get("score")
             print(f"  {shown!s:>9} {'' if score is None else f'({score:.2f})'}  {text}")
     subprocess.run(
-        [sys.executable, "-m", "api", "inspect", str(artifact), "--plot", plot_path],
+        [sys.executable, "-m", "cli", "inspect", str(artifact), "--plot", plot_path],
         check=True,
         stdout=subprocess.DEVNULL,
     )

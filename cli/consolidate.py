@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from api.cli.client import (
+from cli.client import (
     add_connection_args,
     advance_bar,
     client_from_args,
@@ -170,7 +170,7 @@ def wait_for_run(client: Any, run_id: int, *, poll_s: float, show_progress: bool
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
     """Create the run, optionally wait for it, print the table or the JSON summary."""
-    from api.client import DiffbankError
+    from cli.http_client import DiffbankError
 
     with client_from_args(args) as client:
         try:

@@ -108,8 +108,8 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the embedded stack in the foreground until Ctrl-C."""
-    from api.bootstrap import bootstrap_embedded
-    from api.embedded import EmbeddedStack
+    from cli.bootstrap import bootstrap_embedded
+    from cli.embedded import EmbeddedStack
     from registry.settings import get_settings
 
     settings = get_settings()
@@ -140,6 +140,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a shipped sample task on the embedded stack and show what came out."""
-    from api.demo import run_demo
+    from cli.demo import run_demo
 
     return run_demo(task=args.task, plot_path=args.plot)

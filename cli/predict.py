@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from api.cli.client import add_connection_args, client_from_args, fail, print_json
+from cli.client import add_connection_args, client_from_args, fail, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +59,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 Path(args.args[0]), _inputs(args.args[1:], args.pair_sep), base=args.base
             )
     except Exception as exc:  # every failure ends as one readable line and a non-zero exit
-        from api.client import DiffbankError
+        from cli.http_client import DiffbankError
 
         if isinstance(exc, DiffbankError | ValueError | OSError):
             return fail(exc)

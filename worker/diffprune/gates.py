@@ -250,6 +250,7 @@ class GatedDelta(torch.autograd.Function):
         lower: float,
         upper: float,
     ) -> tuple[Tensor, Tensor]:
+        """(θ₀ + z ⊙ g ⊙ w, Σ P(z ≠ 0)), keeping only w, α, g and the noise handle."""
         shift = l0_shift(lower, upper)
         theta, expected = kernels.run_forward(
             theta0.reshape(-1),
@@ -268,6 +269,7 @@ class GatedDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor, grad_expected: Tensor):  # type: ignore[override]
+        """Gradients of w, α and g from the replayed noise (none for θ₀ and the constants)."""
         w, alpha, gate_scale = ctx.saved_tensors
         lower, upper, shift = ctx.bounds
         grad_w, grad_alpha, grad_scale = kernels.backward(

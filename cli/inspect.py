@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from api.cli.client import fail, print_json
+from cli.client import fail, print_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,7 +50,7 @@ def summary(diff: SparseDiff, file_bytes: int) -> dict[str, Any]:
     """Everything `inspect` reports, as one JSON-ready object."""
     from dataclasses import asdict
 
-    from registry.artifact import nonzeros_per_layer
+    from registry.diffstats import nonzeros_per_layer
 
     head_bytes = sum(t.numel() * t.element_size() for t in diff.head.values())
     return {
@@ -77,7 +77,7 @@ def density_grid(diff: SparseDiff) -> tuple[list[str], list[str], np.ndarray]:
     """Density of nonzeros per (layer, module), weights and biases together; NaN where absent."""
     import numpy as np
 
-    from registry.artifact import layer_module_of
+    from registry.diffstats import layer_module_of
 
     nnz: dict[tuple[str, str], int] = {}
     numel: dict[tuple[str, str], int] = {}
@@ -157,7 +157,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Merge base + diff + head into a model directory `from_pretrained` can load."""
-    from registry.artifact import ArtifactError, build_task_model, load_artifact
+    from registry.apply import build_task_model
+    from registry.artifact import ArtifactError, load_artifact
     from registry.basemodel import load_base
 
     try:

@@ -1,4 +1,4 @@
-"""The embedded stack: a local Redis server, a Celery worker, beat and the API as child processes."""
+"""The embedded stack: a local Redis server, a Celery worker, beat and the API as children."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class EmbeddedStack:
         self.env["DIFFBANK_REDIS_URL"] = redis_url
         logs = data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        cli = [sys.executable, "-m", "api"]
+        cli = [sys.executable, "-m", "cli"]
         if worker:
             self._spawn("worker", [*cli, "worker"], logs)
         if beat:
