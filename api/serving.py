@@ -204,14 +204,12 @@ class Predictor:
             with torch.inference_mode():
                 for start in range(0, len(texts), self.batch_size):
                     end = start + self.batch_size
-                    encoded = held.loaded.tokenizer(
+                    encoded = held.loaded.encode(
                         texts[start:end],
                         pairs[start:end] if pairs is not None else None,
-                        truncation=True,
                         max_length=meta.max_length,
-                        padding=True,
-                        return_tensors="pt",
-                    ).to(self.device)
+                    )
+                    encoded = {k: v.to(self.device) for k, v in encoded.items()}
                     logits.append(held.model(**encoded).logits.float().cpu())
         finally:
             applied.revert()

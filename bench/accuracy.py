@@ -148,7 +148,7 @@ def fitted_metrics(data: Any, base: Any, diff: Any) -> dict[str, Any]:
     return evaluate(
         model,
         data.train,
-        tokenizer=base.tokenizer,
+        base=base,
         task_type=data.task_type,
         num_labels=data.num_labels,
         max_length=diff.meta.max_length,

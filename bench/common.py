@@ -196,7 +196,7 @@ def train_dense(
             opt.param_groups[0]["lr"] = lr * linear_warmup_decay(step, total, config.warmup)
         batches = micro_batches(data.train.rows, step, config)
         for rows in batches:
-            batch = encode_rows(base.tokenizer, data.train, rows, config.max_length, device)
+            batch = encode_rows(base, data.train, rows, config.max_length, device)
             batch["labels"] = labels[rows.to(device)]
             (model(**batch).loss / len(batches)).backward()
         for opt, _ in optimizers:
@@ -210,7 +210,7 @@ def train_dense(
         return evaluate(
             model,
             table,
-            tokenizer=base.tokenizer,
+            base=base,
             task_type=data.task_type,
             num_labels=data.num_labels,
             max_length=config.max_length,

@@ -295,9 +295,7 @@ def bench_serving(args: argparse.Namespace) -> None:
 
     # Throughput, three modes interleaved block by block so that load drift on a shared
     # machine hits all of them alike; each block is `tasks` requests.
-    encoded = base.tokenizer(
-        batch, truncation=True, max_length=64, padding=True, return_tensors="pt"
-    )
+    encoded = base.encode(batch, None, max_length=64)
     head0 = predictor._cached(held, keys[0], lambda: blobs[0]).head
 
     def round_robin() -> None:

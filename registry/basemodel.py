@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,12 @@ BUNDLED_MINILM_NAMES = {
 }
 
 TASK_TYPES = ("classification", "pair-classification", "regression")
+# Families whose position ids start after the padding index, so the table holds fewer tokens.
+OFFSET_POSITION_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "longformer"})
+
+
+class UnsupportedBaseError(ValueError):
+    """The base's architecture has no sequence-classification model in transformers."""
 
 
 def resolve_base_path(name_or_path: str) -> str:
@@ -48,6 +55,30 @@ class LoadedBase:
     fingerprint: str
     n_params: int
     encoder: nn.Module  # the frozen base encoder (e.g. a BertModel); treat as read-only
+    input_names: frozenset[str] = frozenset()  # what the task model's forward accepts
+
+    def encode(
+        self, texts: list[str], pairs: list[str] | None, *, max_length: int
+    ) -> dict[str, Any]:
+        """Tokenise a batch (pairs when given), padded to the longest, as the model takes it.
+
+        A tokenizer may emit inputs its model has no argument for (a BERT vocabulary under
+        DistilBERT gives `token_type_ids`), so only the forward's own inputs are kept.
+        """
+        encoded = self.tokenizer(
+            texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
+        return {k: v for k, v in encoded.items() if not self.input_names or k in self.input_names}
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest input, in tokens, the encoder's position table holds (None: no table)."""
+        positions = getattr(self.config, "max_position_embeddings", None)
+        if positions is None:
+            return None
+        if self.config.model_type in OFFSET_POSITION_TYPES:
+            positions -= (self.config.pad_token_id or 0) + 1
+        return int(positions)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -89,12 +120,15 @@ def load_base(name_or_path: str) -> LoadedBase:
     with _cache_lock:
         if path in _cache:
             return _cache[path]
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         with quiet_transformers():
             config = AutoConfig.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            encoder = AutoModel.from_pretrained(path, config=config)
+            classifier_class = classification_model_class(config)
+            # The encoder is the classification model's own base model: the tensors a task
+            # model actually runs (RoBERTa's, for one, leaves the pretrained pooler out).
+            encoder = classifier_class.from_pretrained(path, config=config).base_model
         encoder.eval()
         encoder.requires_grad_(False)
         base = LoadedBase(
@@ -105,9 +139,24 @@ def load_base(name_or_path: str) -> LoadedBase:
             fingerprint=base_fingerprint(encoder),
             n_params=sum(p.numel() for p in encoder.parameters()),
             encoder=encoder,
+            input_names=frozenset(inspect.signature(classifier_class.forward).parameters),
         )
         _cache[path] = base
         return base
+
+
+def classification_model_class(config: Any) -> type:
+    """The transformers sequence-classification class for `config`'s model type."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification._model_mapping[type(config)]
+    except KeyError:
+        raise UnsupportedBaseError(
+            f"base model type {config.model_type!r} has no sequence-classification model "
+            "in transformers; diffbank needs one (BERT, RoBERTa, XLM-R, DistilBERT, DeBERTa, "
+            "ELECTRA, ModernBERT, ALBERT and others have)"
+        ) from None
 
 
 def build_model(
@@ -119,8 +168,6 @@ def build_model(
 ) -> PreTrainedModel:
     """A fresh `AutoModelForSequenceClassification` holding a copy of the base weights."""
     import copy
-
-    from transformers import AutoModelForSequenceClassification
 
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
@@ -139,7 +186,7 @@ def build_model(
         config.id2label = dict(enumerate(label_names))
         config.label2id = {label: i for i, label in enumerate(label_names)}
     with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = classification_model_class(config)._from_config(config)
     model.base_model.load_state_dict(base.encoder.state_dict(), strict=True)
     return model
 

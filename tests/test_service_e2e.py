@@ -68,7 +68,7 @@ def test_uploaded_dataset_trains_to_a_diff_that_predicts_as_the_worker_measured(
     metrics = evaluate(
         model,
         data.validation,
-        tokenizer=base.tokenizer,
+        base=base,
         task_type=data.task_type,
         num_labels=len(data.label_names),
         max_length=16,

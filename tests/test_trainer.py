@@ -140,7 +140,7 @@ def test_training_learns_a_separable_task_with_exactly_k_entries(sentiment, tiny
     again = evaluate(
         model,
         sentiment.validation,
-        tokenizer=base.tokenizer,
+        base=base,
         task_type="classification",
         num_labels=2,
         max_length=16,

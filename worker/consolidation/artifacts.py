@@ -172,7 +172,7 @@ def evaluate_diff(
     return evaluate(
         model,
         data.validation,
-        tokenizer=base.tokenizer,
+        base=base,
         task_type=data.task_type,
         num_labels=data.num_labels,
         max_length=config.max_length,

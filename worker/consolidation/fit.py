@@ -334,7 +334,7 @@ def fit_step(
     index = int(plan.choices[state.step])
     rows = rows_for_draw(sizes[index], state.draws[index], config.batch_size, config.seed, index)
     state.draws[index] += 1
-    batch = encode_rows(base.tokenizer, tasks[index].data.train, rows, config.max_length, device)
+    batch = encode_rows(base, tasks[index].data.train, rows, config.max_length, device)
     batch["labels"] = labels[index][rows].to(device)
     shared, residual = state.sets[SHARED], state.sets[tasks[index].name]
     mode = "sample" if state.phase == "prune" else "masked"

@@ -205,7 +205,7 @@ def train_diff(
         loss_sum, expected_nnz = 0.0, float(k)
         for i, batch_rows in enumerate(batches):
             in_backward.armed = i == len(batches) - 1
-            batch = encode_rows(base.tokenizer, data.train, batch_rows, config.max_length, device)
+            batch = encode_rows(base, data.train, batch_rows, config.max_length, device)
             batch["labels"] = labels[batch_rows.to(device)]
             task_loss, expected = accumulate_micro_batch(
                 state, model, batch, noise, len(batches), autocast
@@ -247,7 +247,7 @@ def export_diff(
     metrics = evaluate(
         model,
         data.validation,
-        tokenizer=base.tokenizer,
+        base=base,
         task_type=data.task_type,
         num_labels=data.num_labels,
         max_length=config.max_length,

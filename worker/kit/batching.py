@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from registry.basemodel import LoadedBase
 from registry.tabular import Table
 
 
@@ -17,15 +16,17 @@ def epoch_batches(rows: int, batch_size: int, seed: int) -> list[Tensor]:
 
 
 def encode_rows(
-    tokenizer: Any, table: Table, rows: Tensor | list[int], max_length: int, device: torch.device
+    base: LoadedBase,
+    table: Table,
+    rows: Tensor | list[int],
+    max_length: int,
+    device: torch.device,
 ) -> dict[str, Tensor]:
     """Tokenise some rows of a table (pairs when the table has them), padded to the longest."""
     rows = [int(i) for i in rows]
     texts = [table.texts[i] for i in rows]
     pairs = None if table.text_pairs is None else [table.text_pairs[i] for i in rows]
-    encoded = tokenizer(
-        texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-    )
+    encoded = base.encode(texts, pairs, max_length=max_length)
     return {key: value.to(device) for key, value in encoded.items()}
 
 

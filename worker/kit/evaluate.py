@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from registry.basemodel import LoadedBase
 from registry.tabular import Table
 from worker.kit.batching import encode_rows, label_tensor
 from worker.kit.metrics import task_metrics
@@ -19,7 +20,7 @@ def evaluate(
     model: nn.Module,
     table: Table,
     *,
-    tokenizer: Any,
+    base: LoadedBase,
     task_type: str,
     num_labels: int,
     max_length: int,
@@ -34,7 +35,7 @@ def evaluate(
     try:
         for start in range(0, table.rows, batch_size):
             rows = list(range(start, min(start + batch_size, table.rows)))
-            batch = encode_rows(tokenizer, table, rows, max_length, device)
+            batch = encode_rows(base, table, rows, max_length, device)
             with autocast_for(device):
                 if params is None:
                     logits = model(**batch).logits
