@@ -4,10 +4,17 @@ training on shipped sample tasks, same base, same shuffles, same number of epoch
     python -m bench.accuracy [--quick] [--tasks movie-sentiment,snippet-domain] [--jobs 2]
 
 Every (task, method, lr, seed) runs in its own process; peak memory is that process's RSS
-high-water mark (CPU) or torch.cuda.max_memory_allocated (CUDA). Diff pruning spends the
-`--epochs` as the trainer's split (default: the trainer's own 1 gated epoch + 5 fixed-mask
-epochs), so every method sees the data `--epochs` times. Diff pruning runs with the trainer's
-defaults.
+high-water mark (CPU) or torch.cuda.max_memory_allocated (CUDA). `--epochs auto` (the
+default): every method runs the steps the trainer's "auto" run length picks for the task with
+the default config (gated + fixed-mask); `--epochs N` splits N epochs into gated and
+fixed-mask epochs for diff pruning, N epochs for the others. Diff pruning runs with the
+trainer's defaults.
+
+Ablations of the gates, same k and the same run length as the default:
+`diff-0.5%` (L0 gates, sign step on α: the default), `diff-0.5%-sgd` (plain SGD on α, the
+trainer before it had working gates), `diff-0.5%-adamw` (AdamW on α, the reference code's),
+`diff-0.5%-dense` (no gates: a dense diff, then the same projection), `diff-0.5%-grad` (top-k
+accumulated |gradient|, as in SIFT), `diff-0.5%-random` (random positions, as in SHiRA).
 
 The baselines get a learning-rate sweep (`--full-lrs`, `--lora-lrs`) and each task reports
 the best lr by mean validation metric over the seeds: the trainer's defaults were chosen
@@ -36,31 +43,45 @@ METHODS = ["full", "lora", "head", "diff-0.5%", "diff-0.1%"]
 DENSE_METHODS = ("full", "lora", "head")
 
 
-def diff_density(method: str) -> float | None:
-    """The density of a `diff-<percent>%` method (e.g. diff-0.5% -> 0.005); None otherwise."""
-    if not (method.startswith("diff-") and method.endswith("%")):
+# What each `diff-<percent>%-<variant>` changes in the trainer's default config.
+DIFF_VARIANTS: dict[str, dict[str, str]] = {
+    "": {},
+    "l0": {},
+    "sgd": {"alpha_optimizer": "sgd"},
+    "sign": {"alpha_optimizer": "sign"},
+    "adamw": {"alpha_optimizer": "adamw"},
+    "dense": {"mask_method": "dense"},
+    "grad": {"mask_method": "grad"},
+    "random": {"mask_method": "random"},
+}
+AUTO_FIX_EPOCHS_SPLIT = 5  # fixed-mask share of an explicit --epochs N (the auto epochs target)
+
+
+def diff_method(method: str) -> tuple[float, dict[str, str]] | None:
+    """(density, config changes) of `diff-<percent>%[-<variant>]`; None for other methods."""
+    if not method.startswith("diff-") or "%" not in method:
+        return None
+    number, _, variant = method[len("diff-") :].partition("%")
+    variant = variant.removeprefix("-")
+    if variant not in DIFF_VARIANTS:
         return None
     try:
-        density = float(method[len("diff-") : -1]) / 100
+        density = float(number) / 100
     except ValueError:
         return None
-    return density if 0 < density <= 1 else None
+    return (density, DIFF_VARIANTS[variant]) if 0 < density <= 1 else None
+
+
+def diff_density(method: str) -> float | None:
+    """The density of a `diff-<percent>%[-<variant>]` method (diff-0.5% -> 0.005); else None."""
+    parsed = diff_method(method)
+    return None if parsed is None else parsed[0]
 
 
 def diff_epochs(total: int) -> tuple[int, int]:
-    """(gated, fixed-mask) epochs adding up to `total`, as close to the defaults' split as fits."""
-    from worker.diffprune.config import DiffPruneConfig
-
-    fix = min(DiffPruneConfig().fix_epochs, total - 1)
+    """(gated, fixed-mask) epochs adding up to an explicit `total` (at least one gated)."""
+    fix = min(AUTO_FIX_EPOCHS_SPLIT, total - 1)
     return total - fix, fix
-
-
-def default_epochs() -> int:
-    """The trainer's default run length in epochs (gated + fixed-mask)."""
-    from worker.diffprune.config import DiffPruneConfig
-
-    defaults = DiffPruneConfig()
-    return defaults.epochs + defaults.fix_epochs
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -72,29 +93,34 @@ def worker(args: argparse.Namespace) -> None:
     from bench.common import artifact_size, train_dense
     from registry.basemodel import load_base
     from worker.data import load_sample_task
-    from worker.diffprune.config import DiffPruneConfig
+    from worker.diffprune.config import DiffPruneConfig, run_steps
     from worker.diffprune.trainer import train_diff
 
     data = load_sample_task(args.task)
     if args.max_train_rows and data.train.rows > args.max_train_rows:
         data.train = data.train.select(range(args.max_train_rows))  # files are shuffled already
     base = load_base(args.base)
-    gated, fix = diff_epochs(args.epochs)
     config = DiffPruneConfig(
-        epochs=gated,
-        fix_epochs=fix,
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
         compile_gates=not args.no_compile,
         device=args.device,
     )
+    if args.epochs == "auto":  # the default config's auto length, the same for every method
+        config.prune_steps, config.fix_steps = run_steps(data.train.rows, config)
+    else:
+        config.epochs, config.fix_epochs = diff_epochs(int(args.epochs))
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    density = diff_density(args.method)
-    if density is not None:
-        config.density = density
+    parsed = diff_method(args.method)
+    gates: dict[str, Any] = {}
+    if parsed is not None:
+        config.density = parsed[0]
+        for name, value in parsed[1].items():
+            setattr(config, name, value)
         if args.lr:
             config.fix_lr = args.lr
+        config.validate()
         result = train_diff(data, config, base=base)
         metrics, stored = (
             result.metrics,
@@ -102,8 +128,16 @@ def worker(args: argparse.Namespace) -> None:
         )
         size, seconds = artifact_size(result.diff), result.train_seconds
         train_metrics = fitted_metrics(data, base, result.diff) if args.train_metric else None
+        gates = {
+            "gate_open_fraction": result.gate_open_fraction,
+            "expected_nnz_at_projection": result.expected_nnz_at_projection,
+            "n_params": result.diff.meta.n_params,
+            "steps": [result.prune_steps, result.fix_steps],
+        }
     else:
-        config.epochs, config.fix_epochs = args.epochs, 0
+        if args.epochs != "auto":
+            config.prune_steps = config.fix_steps = None
+            config.epochs, config.fix_epochs = int(args.epochs), 0
         swept = {}  # lr 0: the method's own default (config.lr for full, train_dense's for LoRA)
         if args.method == "full" and args.lr:
             config.lr = args.lr
@@ -135,6 +169,7 @@ def worker(args: argparse.Namespace) -> None:
             "train_rows": data.train.rows,
             "validation_rows": data.validation.rows,
             **({"train_metric": train_metrics["metric"]} if train_metrics else {}),
+            **gates,
         }
     )
 
@@ -198,7 +233,18 @@ def best_per_method(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "artifact_bytes": statistics.mean(r["artifact_bytes"] for r in runs),
             "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
             "peak_bytes": max(r["peak_bytes"] for r in runs),
+            "spread": statistics.stdev(r["metric"] for r in runs) if len(runs) > 1 else 0.0,
         }
+        opened = [r["gate_open_fraction"] for r in runs if r.get("gate_open_fraction") is not None]
+        if opened:
+            row["gate_open_fraction"] = statistics.mean(opened)
+        before = [
+            r["expected_nnz_at_projection"] / r["n_params"]
+            for r in runs
+            if r.get("expected_nnz_at_projection") is not None
+        ]
+        if before:  # E[L0] of the gates, or the nonzeros of an ungated diff, over N
+            row["l0_fraction"] = statistics.mean(before)
         if all("train_metric" in r for r in runs):
             row["train_metric"] = statistics.mean(r["train_metric"] for r in runs)
         if (task, method) not in best or row["metric"] > best[(task, method)]["metric"]:
@@ -221,7 +267,10 @@ def print_results(
             "metric",
             "mean",
             "per seed",
+            "seed sd",
             *(["on train rows"] if fit else []),
+            "E[L0]/N",
+            "kept open",
             "stored params",
             "artifact bytes",
             "train s",
@@ -235,7 +284,10 @@ def print_results(
                 r["metric_name"],
                 r["metric"],
                 " ".join(f"{v:.4f}" for v in r["per_seed"]),
+                r["spread"],
                 *([r.get("train_metric", "-")] if fit else []),
+                r.get("l0_fraction", "-"),
+                r.get("gate_open_fraction", "-"),
                 r["stored_params"],
                 int(r["artifact_bytes"]),
                 r["train_seconds"],
@@ -291,13 +343,14 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help="full, lora, head, diff-<percent>%% (any density, e.g. diff-2%%)",
+        help="full, lora, head, diff-<percent>%%[-variant] (any density, e.g. diff-2%%; "
+        f"variants: {', '.join(v for v in DIFF_VARIANTS if v)})",
     )
     parser.add_argument(
         "--epochs",
-        type=int,
-        default=default_epochs(),
-        help="epochs for every method (default: the trainer's gated + fixed-mask)",
+        default="auto",
+        help="auto (the trainer's auto run length of the default config, for every method) "
+        "or N epochs for every method (diff: split into gated + fixed-mask)",
     )
     parser.add_argument(
         "--max-train-rows",
@@ -345,7 +398,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.max_train_rows, args.epochs, args.seeds = 256, 2, "0"
+        args.max_train_rows, args.epochs, args.seeds = 256, "2", "0"
         args.full_lrs, args.lora_lrs, args.heldout_tasks = "1e-4", "1e-3", ""
     unknown = [
         m for m in args.methods.split(",") if m not in DENSE_METHODS and diff_density(m) is None
@@ -354,8 +407,8 @@ def main() -> None:
         parser.error(
             f"--methods: unknown {', '.join(unknown)} (full, lora, head or diff-<percent>%)"
         )
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2 (diff pruning needs a gated and a fixed epoch)")
+    if args.epochs != "auto" and (not args.epochs.isdigit() or int(args.epochs) < 2):
+        parser.error("--epochs: auto, or at least 2 (diff pruning needs a gated and a fixed epoch)")
     if args.worker:
         worker(args)
         return
@@ -400,10 +453,14 @@ def main() -> None:
     seeds = sorted({r["seed"] for r in results})
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
-    gated, fix = diff_epochs(args.epochs)
+    if args.epochs == "auto":
+        length = "auto run length (the default config's, every method)"
+    else:
+        gated, fix = diff_epochs(int(args.epochs))
+        length = f"{args.epochs} epochs (diff: {gated} gated + {fix} fixed)"
     train_rows = f"<= {args.max_train_rows}" if args.max_train_rows else "all"
     setting = (
-        f"{args.base}, {args.epochs} epochs (diff: {gated} gated + {fix} fixed), "
+        f"{args.base}, {length}, "
         f"{train_rows} training rows, {args.max_length} tokens, "
         f"batch {args.batch_size}, seeds {','.join(map(str, seeds))}, "
         f"{args.threads} thread(s) x {args.jobs} job(s)"

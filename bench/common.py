@@ -142,14 +142,17 @@ def train_dense(
 
     method: "full" (every parameter; encoder lr = config.lr, head lr = config.head_lr),
     "head" (frozen encoder, head only), "lora" (PEFT LoRA r=8 on query/value/dense, lr
-    `lora_lr`, head trained). Epochs = config.epochs + config.fix_epochs. With `train_metric`
+    `lora_lr`, head trained). Steps: the diff trainer's two phases together on the same rows
+    (`run_steps`: explicit steps or epochs, else "auto"), so a baseline sees the data as often
+    as diff pruning with the same config. With `train_metric`
     the model is also evaluated on its training rows (how well it fits them).
     Stored sizes: each method's own artifact in its training dtype (fp32): the whole model
     (full), the head (head), PEFT's adapter state dict with the classifier (lora).
     """
     import torch
 
-    from worker.diffprune.trainer import micro_batches, steps_per_epoch
+    from worker.diffprune.config import run_steps
+    from worker.diffprune.trainer import micro_batches
     from worker.kit.batching import encode_rows, label_tensor
     from worker.kit.evaluate import evaluate
     from worker.kit.model import head_parameters, prepare_model, resolve_device
@@ -188,7 +191,7 @@ def train_dense(
     optimizers = [(make_adamw(params, lr=lr), lr) for params, lr in groups]
     model.train()
     labels = label_tensor(data.train, data.task_type).to(device)
-    total = steps_per_epoch(data.train.rows, config) * (config.epochs + config.fix_epochs)
+    total = sum(run_steps(data.train.rows, config))
     if max_steps is not None:
         total = min(total, max_steps)
     for step in range(total):

@@ -29,12 +29,15 @@ from bench.common import (
     train_dense,
 )
 
-METHODS = ["full", "prune", "fix"]
+METHODS = ["full", "prune", "prune-adamw", "fix"]
 LABELS = {
     "full": "full finetuning",
-    "prune": "diff pruning, phase 1 (gated)",
+    "prune": "diff pruning, phase 1 (gated, sign step on α)",
+    "prune-adamw": "diff pruning, phase 1 (gated, AdamW on α)",
+    "prune-sgd": "diff pruning, phase 1 (gated, SGD on α)",
     "fix": "diff pruning, phase 2 (mask fixed)",
 }
+ALPHA_OPTIMIZERS = {"prune": "sign", "prune-adamw": "adamw", "prune-sgd": "sgd"}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -64,6 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     )
     if args.method == "fix":
         config.epochs, config.fix_epochs = 0, steps
+    config.alpha_optimizer = ALPHA_OPTIMIZERS.get(args.method, "sign")
     cuda = torch.cuda.is_available() and args.device != "cpu"
     idle = rss_bytes()
     marks: list[float] = []
@@ -110,8 +114,8 @@ def main() -> None:
     parser.add_argument("--device", default="")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--method", choices=list(LABELS), help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default=",".join(METHODS), help=", ".join(LABELS))
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -153,7 +157,8 @@ def main() -> None:
     print_table(
         f"speed: {args.base}, batch {args.batch_size} x {args.max_length} tokens, {args.steps} timed "
         f"steps after {args.warmup} warmup, {args.threads} thread(s), device {device}",
-        ["method", "step s", "peak MiB", "above idle MiB", "step x", "peak x", "above-idle x"],
+        ["method", "step s", "peak MiB", "above idle MiB"]
+        + (["step x", "peak x", "above-idle x"] if ref else []),
         rows,
     )
 

@@ -49,7 +49,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
         elif spec.default not in (None, ""):
             text += f" (default {spec.default})"
         flag = "--" + spec.name.replace("_", "-")
-        parser.add_argument(flag, type=kind, help=text.replace("%", "%%"))
+        choices = spec.metadata.get("choices")
+        parser.add_argument(flag, type=kind, choices=choices, help=text.replace("%", "%%"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -117,6 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         "n_params": meta.n_params,
         "density": meta.density,
         "fix_lr": meta.config["fix_lr"],
+        "prune_steps": result.prune_steps,
+        "fix_steps": result.fix_steps,
+        "gate_open_fraction": result.gate_open_fraction,
+        "expected_nnz_at_projection": result.expected_nnz_at_projection,
         "bytes": size,
         "train_seconds": result.train_seconds,
         "peak_memory_bytes": result.peak_memory_bytes,
@@ -129,6 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"{args.out}: {meta.nnz} of {meta.n_params} parameters ({meta.density:.3%}), "
             f"{size} bytes; {summary['metric_name']} {summary['metric']:.4f}; "
+            f"{result.prune_steps} gated + {result.fix_steps} fixed-mask steps; "
             f"{result.train_seconds:.1f} s"
         )
     return 0

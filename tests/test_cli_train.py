@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,6 +14,14 @@ from registry.artifact import load_artifact
 from tests.test_trainer import write_sentiment_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def training_rows(path) -> int:
+    """Rows the trainer trains on (the seeded validation split taken out)."""
+    from registry.tabular import ColumnMapping
+    from worker.data import load_task_data
+
+    return load_task_data(path, mapping=ColumnMapping(), seed=0).train.rows
 
 
 def test_train_json_reports_the_saved_artifact(tmp_path, tiny_base_dir, capsys):
@@ -53,6 +62,12 @@ def test_train_json_reports_the_saved_artifact(tmp_path, tiny_base_dir, capsys):
     assert summary["density"] == pytest.approx(0.01, rel=1e-3)
     assert summary["train_seconds"] > 0 and summary["peak_memory_bytes"] > 0
     assert diff.meta.config["fix_lr"] == 0.004 and diff.meta.config["epochs"] == 1
+    # the explicit epochs are honoured exactly: one pass each, batch 16
+    per_epoch = math.ceil(training_rows(data) / 16)
+    assert summary["prune_steps"] == summary["fix_steps"] == per_epoch
+    assert diff.meta.config["prune_steps"] == diff.meta.config["fix_steps"] == per_epoch
+    assert 0.0 <= summary["gate_open_fraction"] <= 1.0
+    assert summary["expected_nnz_at_projection"] <= summary["n_params"]
     assert "train" in captured.err  # the progress bar
 
 
@@ -85,3 +100,28 @@ def test_train_rejects_an_impossible_density(tmp_path, capsys):
     code = main(["train", str(data), "--out", str(tmp_path / "x.safetensors"), "--density", "2"])
     assert code == 2
     assert "density" in capsys.readouterr().err
+
+
+def test_train_with_only_epochs_runs_them_exactly_and_the_fixed_phase_auto(
+    tmp_path, tiny_base_dir, capsys
+):
+    from worker.diffprune.config import AUTO_MIN_FIX_STEPS
+
+    data = write_sentiment_task(tmp_path / "data.jsonl", 60, seed=0)
+    out = tmp_path / "task.safetensors"
+    args = ["train", str(data), "--out", str(out), "--base", str(tiny_base_dir)]
+    args += ["--density", "0.01", "--epochs", "2", "--batch-size", "16", "--max-length", "16"]
+    code = main([*args, "--no-compile", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["prune_steps"] == 2 * math.ceil(training_rows(data) / 16)
+    assert summary["fix_steps"] == AUTO_MIN_FIX_STEPS  # auto: 5 epochs, at least the minimum
+    assert load_artifact(out).meta.config["epochs"] == 2
+
+
+def test_train_rejects_an_unknown_mask_method(tmp_path, capsys):
+    data = write_sentiment_task(tmp_path / "data.jsonl", 10, seed=0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(data), "--out", str(tmp_path / "x"), "--mask-method", "bogus"])
+    assert exit_info.value.code == 2
+    assert "mask-method" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.diffprune.projection import densify, global_topk, k_for_density, project_topk
+from registry.basemodel import k_for_density
+from worker.diffprune.projection import densify, global_topk, project_topk
 
 
 @st.composite

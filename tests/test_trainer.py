@@ -11,11 +11,22 @@ import torch
 
 from registry.apply import build_task_model
 from registry.artifact import dumps_artifact, loads_artifact
-from registry.basemodel import load_base
+from registry.basemodel import k_for_density, load_base
 from registry.tabular import ColumnMapping
 from worker.data import load_task_data
-from worker.diffprune.config import FIX_LR_BOUNDS, FIX_LR_REFERENCE, DiffPruneConfig, fix_lr_for
-from worker.diffprune.projection import k_for_density
+from worker.diffprune.config import (
+    AUTO_MAX_FIX_STEPS,
+    AUTO_MAX_PRUNE_STEPS,
+    AUTO_MIN_FIX_STEPS,
+    FIX_LR_BOUNDS,
+    FIX_LR_REFERENCE,
+    DiffPruneConfig,
+    fix_lr_for,
+    gate_closing_steps,
+    min_prune_steps,
+    run_steps,
+    sign_step_size,
+)
 from worker.diffprune.trainer import steps_per_epoch, train_diff
 from worker.kit.evaluate import evaluate
 from worker.kit.progress import Progress, TrainingCancelled
@@ -123,7 +134,7 @@ def test_training_learns_a_separable_task_with_exactly_k_entries(sentiment, tiny
     diff = result.diff
     assert diff.nnz == k_for_density(0.05, base.n_params) == diff.meta.nnz
     assert diff.meta.n_params == base.n_params
-    assert diff.meta.config == fast_config().to_dict()
+    assert diff.meta.config == {**fast_config().to_dict(), "prune_steps": 60, "fix_steps": 40}
     assert set(diff.head) == {"classifier.weight", "classifier.bias"}
     # the shared base is untouched, bit for bit
     for name, param in base.encoder.named_parameters():
@@ -255,7 +266,12 @@ def test_artifact_records_the_fixed_mask_step_the_run_used(small_sentiment, tiny
     result = train_diff(small_sentiment, config, base=base)
     fix_steps = steps_per_epoch(small_sentiment.train.rows, config) * config.fix_epochs
     assert result.diff.meta.config["fix_lr"] == pytest.approx(fix_lr_for(config, fix_steps))
-    assert result.diff.meta.config == {**config.to_dict(), "fix_lr": fix_lr_for(config, fix_steps)}
+    assert result.diff.meta.config == {
+        **config.to_dict(),
+        "fix_lr": fix_lr_for(config, fix_steps),
+        "prune_steps": fix_steps,
+        "fix_steps": fix_steps,
+    }
 
 
 def test_with_nothing_pruned_and_no_gated_epoch_the_trainer_is_plain_full_finetuning(
@@ -277,3 +293,173 @@ def test_with_nothing_pruned_and_no_gated_epoch_the_trainer_is_plain_full_finetu
     # 3e-9 apart, while a 20% larger step moves it by 1e-2)
     assert diff_metrics["mse"] == pytest.approx(full_metrics["mse"], abs=2e-5)
     assert diff_metrics["pearson"] == pytest.approx(full_metrics["pearson"], abs=1e-4)
+
+
+# ---------------------------------------------------------------- gates that close, ablations
+
+
+def gate_config(**changes) -> DiffPruneConfig:
+    """`fast_config` with a gated phase long enough for sign steps on α to close gates."""
+    values = dict(prune_steps=30, fix_steps=4, batch_size=16, checkpoint_every=100)
+    values.update(changes)
+    return fast_config(**values)
+
+
+def test_sign_steps_close_gates_before_projection_and_progress_reports_it(
+    small_sentiment, tiny_base_dir
+):
+    base = load_base(str(tiny_base_dir))
+    seen: list[Progress] = []
+    result = train_diff(small_sentiment, gate_config(), base=base, progress=seen.append)
+    n = base.n_params
+    pruning = [p.expected_nnz for p in seen if p.phase == "prune"]
+    assert len(pruning) == 30 and pruning[0] > 0.95 * n
+    # each step moves α by alpha_lr: 30 steps take the gates from σ(5)² ≈ 0.99 to ≈ σ(2)² ≈ 0.78
+    assert pruning[-1] < 0.85 * n
+    assert all(b <= a + 1e-3 * n for a, b in zip(pruning, pruning[1:], strict=False))
+    assert result.expected_nnz_at_projection < 0.85 * n
+    assert (
+        result.expected_nnz_at_projection == result.diff.meta.metrics["expected_nnz_at_projection"]
+    )
+    assert 0.0 <= result.gate_open_fraction <= 1.0
+    assert result.gate_open_fraction == result.diff.meta.metrics["gate_open_fraction"]
+    assert result.diff.nnz == k_for_density(0.05, n)
+    assert (result.prune_steps, result.fix_steps) == (30, 4)
+
+
+def test_gates_with_plain_sgd_barely_move_and_adamw_moves_them(small_sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    n = base.n_params
+    sgd = train_diff(small_sentiment, gate_config(alpha_optimizer="sgd"), base=base)
+    adamw = train_diff(small_sentiment, gate_config(alpha_optimizer="adamw"), base=base)
+    at_init = n * torch.sigmoid(torch.tensor(5.0)).item() ** 2
+    assert sgd.expected_nnz_at_projection == pytest.approx(at_init, rel=1e-4)
+    assert adamw.expected_nnz_at_projection < at_init * (1 - 1e-3)
+    for result in (sgd, adamw):
+        assert result.diff.nnz == k_for_density(0.05, n)
+
+
+def test_a_closed_gate_ranks_below_every_open_entry_at_projection(small_sentiment, tiny_base_dir):
+    # alpha_init 0.5: the gates the task leaves alone end at the closed logit 0 (P(z ≠ 0) =
+    # 1/2), so fewer than k = N/2 entries stay open and closed ones fill the rest
+    base = load_base(str(tiny_base_dir))
+    config = gate_config(alpha_init=0.5, structured=False, density=0.5)
+    result = train_diff(small_sentiment, config, base=base)
+    k = k_for_density(0.5, base.n_params)
+    assert result.diff.nnz == k
+    assert result.gate_open_fraction < 0.5
+    assert result.expected_nnz_at_projection < 0.55 * base.n_params
+
+
+@pytest.mark.parametrize("method", ["l0", "dense", "grad", "random"])
+def test_every_mask_method_trains_and_projects_to_exactly_k(method, sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    seen: list[Progress] = []
+    config = fast_config(mask_method=method, epochs=2, fix_epochs=2)
+    result = train_diff(sentiment, config, base=base, progress=seen.append)
+    k = k_for_density(0.05, base.n_params)
+    assert result.diff.nnz == k == result.diff.meta.nnz
+    assert [p.phase for p in seen] == ["prune"] * 40 + ["fix"] * 40
+    assert seen[-1].expected_nnz == k
+    assert result.diff.meta.config["mask_method"] == method
+    if method == "l0":
+        assert 0.0 <= result.gate_open_fraction <= 1.0
+    else:
+        assert result.gate_open_fraction is None
+        expected = base.n_params if method == "dense" else 0
+        assert seen[0].expected_nnz == expected
+    if method != "random":  # k random positions of a tiny random BERT may not carry the task
+        assert result.metrics["accuracy"] >= 0.6  # chance is 0.5
+
+
+def test_random_and_gradient_masks_depend_on_their_seed_and_scores(small_sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    runs = {
+        (method, seed): train_diff(
+            small_sentiment,
+            fast_config(mask_method=method, epochs=1, fix_epochs=1, seed=seed),
+            base=base,
+        ).diff
+        for method in ("grad", "random")
+        for seed in (0, 1)
+    }
+
+    def positions(diff):
+        return {(n, int(i)) for n, idx in diff.indices.items() for i in idx}
+
+    assert positions(runs["random", 0]) != positions(runs["random", 1])
+    assert positions(runs["grad", 0]) != positions(runs["random", 0])
+
+
+# ---------------------------------------------------------------- run length
+
+
+def test_auto_run_length_follows_the_data_size_within_bounds():
+    config = DiffPruneConfig()  # batch 32
+    assert gate_closing_steps(config) == 50  # from α = 5 to the closed logit 0 at 0.1 per step
+    assert min_prune_steps(config) == 50
+    assert run_steps(500, config) == (50, 80)  # 16 steps/epoch: the gated minimum, 5 epochs
+    assert run_steps(40, config) == (50, AUTO_MIN_FIX_STEPS)
+    assert run_steps(32 * 1_000, config) == (1_000, 4_000)
+    assert run_steps(32 * 10_000, config) == (AUTO_MAX_PRUNE_STEPS, AUTO_MAX_FIX_STEPS)
+    assert run_steps(500, DiffPruneConfig(alpha_init=2.0, alpha_lr=0.4)) == (16, 80)  # 1 epoch
+    assert run_steps(500, DiffPruneConfig(alpha_init=2.0, alpha_lr=0.1)) == (20, 80)
+    # AdamW's step on the tiny steady penalty is below alpha_lr: its gates need longer
+    assert min_prune_steps(DiffPruneConfig(alpha_optimizer="adamw")) > min_prune_steps(config)
+
+
+def test_explicit_epochs_and_steps_win_over_auto_exactly():
+    assert run_steps(500, DiffPruneConfig(epochs=1, fix_epochs=5)) == (16, 80)
+    assert run_steps(500, DiffPruneConfig(epochs=2)) == (32, 80)  # the other phase stays auto
+    assert run_steps(500, DiffPruneConfig(epochs=0, fix_epochs=1)) == (0, 16)
+    assert run_steps(500, DiffPruneConfig(epochs=1, prune_steps=7, fix_steps=3)) == (7, 3)
+    with pytest.raises(ValueError, match="epochs"):
+        DiffPruneConfig(epochs=0, fix_epochs=0)
+
+
+def test_auto_run_length_is_used_and_recorded(small_sentiment, tiny_base_dir):
+    base = load_base(str(tiny_base_dir))
+    config = fast_config(epochs=None, fix_epochs=None, alpha_init=1.0)  # gated minimum 10
+    seen: list[Progress] = []
+    result = train_diff(small_sentiment, config, base=base, progress=seen.append)
+    assert (result.prune_steps, result.fix_steps) == (10, AUTO_MIN_FIX_STEPS)
+    assert [p.phase for p in seen] == ["prune"] * 10 + ["fix"] * AUTO_MIN_FIX_STEPS
+    assert result.diff.meta.config["prune_steps"] == 10
+    assert result.diff.meta.config["fix_steps"] == AUTO_MIN_FIX_STEPS
+    assert result.diff.meta.config["epochs"] is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"alpha_optimizer": "adamw"}, {"mask_method": "grad"}, {"mask_method": "dense"}],
+    ids=["adamw", "grad", "dense"],
+)
+def test_resume_reproduces_every_alpha_optimizer_and_mask_method(
+    changes, small_sentiment, tiny_base_dir
+):
+    base = load_base(str(tiny_base_dir))
+    config = fast_config(epochs=2, fix_epochs=2, batch_size=8, grad_accum=2, checkpoint_every=2)
+    config = DiffPruneConfig.from_dict({**config.to_dict(), **changes})
+    reference = train_diff(small_sentiment, config, base=base)
+    store = MemoryCheckpoint()
+    steps: list[int] = []
+    with pytest.raises(TrainingCancelled):
+        train_diff(
+            small_sentiment,
+            config,
+            base=base,
+            checkpoint=store,
+            progress=lambda p: steps.append(p.step),
+            should_stop=lambda: bool(steps) and steps[-1] >= 5,
+        )
+    resumed = train_diff(small_sentiment, config, base=base, checkpoint=store)
+    assert_same_diff(resumed.diff, reference.diff)
+    assert resumed.metrics == reference.metrics
+
+
+def test_the_sign_step_spreads_the_closing_distance_over_a_long_gated_phase():
+    config = DiffPruneConfig()  # α from 5 to the closed logit 0
+    assert sign_step_size(config, 50) == pytest.approx(0.1)  # alpha_lr: closes exactly at 50
+    assert sign_step_size(config, 20) == pytest.approx(0.1)  # never above alpha_lr
+    assert sign_step_size(config, 500) == pytest.approx(0.01)
+    assert sign_step_size(config, 0) == pytest.approx(0.1)

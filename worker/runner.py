@@ -32,6 +32,7 @@ def _config_for(job: Job, settings: Settings) -> Any:
     from worker.diffprune.config import DiffPruneConfig
 
     values = dict(job.params or {})
+    values.pop("resolved", None)  # written at publish: what "auto" chose
     values["checkpoint_every"] = settings.checkpoint_every_steps
     values["device"] = select_device(settings)
     try:
@@ -71,6 +72,7 @@ def _publish(
         label_names=list(data.label_names),
     )
     metrics = dict(result.metrics)
+    run_config = dict(result.diff.meta.config)  # the config as run: "auto" lengths resolved
     metrics["train_seconds"] = round(float(result.train_seconds), 3)
     metrics["peak_memory_bytes"] = int(result.peak_memory_bytes)
     try:
@@ -82,7 +84,7 @@ def _publish(
             nnz=result.diff.nnz,
             density=float(result.diff.meta.density),
             metrics=metrics,
-            config=config.to_dict(),
+            config=run_config,
             source_job_id=job.id,
             label_names=list(data.label_names),
             finish_job_id=job.id,
@@ -92,6 +94,11 @@ def _publish(
         if exc.code == "job_not_running":
             raise JobLost(str(exc)) from exc
         raise
+    row = session.get(Job, job.id)
+    if row is not None:  # what "auto" chose, beside what was asked
+        chosen = {k: run_config.get(k) for k in ("prune_steps", "fix_steps", "fix_lr")}
+        row.params = {**(row.params or {}), "resolved": chosen}
+        session.commit()
     return version.id
 
 

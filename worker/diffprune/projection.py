@@ -6,13 +6,6 @@ import torch
 from torch import Tensor
 
 
-def k_for_density(density: float, n_params: int) -> int:
-    """k = round(density · N), the number of entries a projection keeps."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    return int(round(density * n_params))
-
-
 def global_topk(magnitudes: dict[str, Tensor], k: int) -> dict[str, Tensor]:
     """Sorted flat indices, per tensor, of the k largest magnitudes across all tensors.
 

@@ -4,22 +4,22 @@ Phase 1 ("prune") learns δ = z ⊙ z_g ⊙ w on top of the frozen base θ₀ wi
 hard-concrete gates (worker/diffprune/gates.py) and the penalty λ·Σ_g P(z_g≠0)·Σ P(z≠0).
 Projection keeps exactly k = round(density·N) entries of the deterministic δ
 (worker/diffprune/projection.py). Phase 2 ("fix") fine-tunes the kept values with the mask
-fixed. The dense head is trained throughout.
+fixed. The dense head is trained throughout. `mask_method` swaps the gates for an ablation
+(a dense diff, a gradient-magnitude mask, a random mask) with the same run length and phase 2.
 
 Where the memory goes (N = base parameters, fp32):
 - θ₀ is the loaded base's own storage, shared with the process-wide cache, never written;
 - per step each base tensor is materialised once as θ = θ₀ + δ (`GatedDelta`, which saves
   only z for backward), so the model runs on `functional_call` with no second base copy;
-- w (AdamW) and α (plain SGD, no state) are updated inside backward by
-  post-accumulate-grad hooks (`InBackwardSteps`), so their gradients never exist for all
-  tensors at once;
+- w (AdamW) and α (`alpha_optimizer`: by default step·sign(g), no state) are updated inside
+  backward by post-accumulate-grad hooks (`InBackwardSteps`), so their gradients never exist
+  for all tensors at once;
 - phase 2 trains only the k kept values (`index_add` into θ₀, out of place).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,12 +30,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from registry.artifact import VALUE_DTYPES, ArtifactMeta, SparseDiff, make_meta_consistent
-from registry.basemodel import LoadedBase
+from registry.basemodel import LoadedBase, k_for_density
 from worker.data import TaskData
-from worker.diffprune.config import DiffPruneConfig, fix_lr_for
+from worker.diffprune.config import (
+    DiffPruneConfig,
+    fix_lr_for,
+    run_steps,
+    sign_step_size,
+    steps_per_epoch,
+)
 from worker.diffprune.gates import GateNoise, kernels
-from worker.diffprune.projection import k_for_density
-from worker.diffprune.state import DiffPruneState, InBackwardSteps
+from worker.diffprune.state import DiffPruneState, InBackwardSteps, step_logits
 from worker.kit.batching import encode_rows, epoch_batches, label_tensor
 from worker.kit.checkpoint import CheckpointIO, load_checkpoint, save_checkpoint
 from worker.kit.evaluate import evaluate
@@ -52,6 +57,12 @@ class TrainResult:
     metrics: dict[str, Any]
     train_seconds: float
     peak_memory_bytes: int
+    prune_steps: int = 0
+    fix_steps: int = 0
+    # Of the k kept positions, the fraction whose deterministic gate was open at projection
+    # (None without gates), and the expected nonzeros of phase 1's diff just before it.
+    gate_open_fraction: float | None = None
+    expected_nnz_at_projection: float | None = None
 
 
 # ---------------------------------------------------------------- run length and batches
@@ -67,10 +78,9 @@ class RunLength:
 
     @classmethod
     def of(cls, rows: int, config: DiffPruneConfig) -> RunLength:
-        """The run length of `config` on a training table of `rows` rows."""
-        per_epoch = steps_per_epoch(rows, config)
-        fix_steps = per_epoch * config.fix_epochs
-        return cls(per_epoch * config.epochs, fix_steps, fix_lr_for(config, fix_steps))
+        """The run length of `config` on a training table of `rows` rows (see `run_steps`)."""
+        prune_steps, fix_steps = run_steps(rows, config)
+        return cls(prune_steps, fix_steps, fix_lr_for(config, fix_steps))
 
     @property
     def total_steps(self) -> int:
@@ -84,16 +94,21 @@ class RunLength:
         return step, self.prune_steps
 
 
-def steps_per_epoch(rows: int, config: DiffPruneConfig) -> int:
-    """Optimizer steps in one epoch (the last step of an epoch may have fewer micro-batches)."""
-    return math.ceil(math.ceil(rows / config.batch_size) / config.grad_accum)
-
-
 def micro_batches(rows: int, step_in_phase: int, config: DiffPruneConfig) -> list[Tensor]:
     """Row indices of the micro-batches of one optimizer step; the order is seeded per epoch."""
     epoch, position = divmod(step_in_phase, steps_per_epoch(rows, config))
     batches = epoch_batches(rows, config.batch_size, config.seed * 100_003 + epoch)
     return batches[position * config.grad_accum : (position + 1) * config.grad_accum]
+
+
+def resolved_config(config: DiffPruneConfig, length: RunLength) -> dict[str, Any]:
+    """The config as run: the chosen phase lengths (in steps) and fixed-mask step filled in."""
+    return {
+        **config.to_dict(),
+        "prune_steps": length.prune_steps,
+        "fix_steps": length.fix_steps,
+        "fix_lr": length.fix_lr,
+    }
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -113,15 +128,15 @@ def accumulate_micro_batch(
     state: DiffPruneState,
     model: nn.Module,
     batch: dict[str, Tensor],
-    noise: GateNoise,
+    noise: GateNoise | None,
     micro_batches_in_step: int,
     autocast: contextlib.AbstractContextManager,
 ) -> tuple[float, float | None]:
-    """Forward and backward of one micro-batch; (its task loss, expected L0 in phase 1)."""
+    """Forward and backward of one micro-batch; (its task loss, expected L0 with gates)."""
     if state.projected:
         params, l0 = state.fixed_params(state.kept_val), None
     else:
-        params, l0 = state.gated_params(noise)
+        params, l0 = state.phase1_params(noise)
     with autocast:
         task_loss = functional_call(model, params, args=(), kwargs=batch).loss
     params.clear()  # autograd keeps the θ tensors it needs (not the embeddings')
@@ -142,12 +157,15 @@ def finish_step(state: DiffPruneState) -> None:
     if state.projected:
         state.opt_kept.step()
         state.opt_kept.zero_grad(set_to_none=True)
-    elif state.config.structured:
-        with torch.no_grad():
-            for a in state.alpha_g.values():
-                if a.grad is not None:
-                    a.add_(a.grad, alpha=-state.config.alpha_lr)
-                    a.grad = None
+    elif state.gated and state.config.structured:
+        logits = [a for a in state.alpha_g.values() if a.grad is not None]
+        if state.opt_alpha_g is not None:
+            if logits:
+                state.opt_alpha_g.step()
+                state.opt_alpha_g.zero_grad(set_to_none=True)
+        else:
+            for a in logits:
+                step_logits(state, a, None)
 
 
 # ---------------------------------------------------------------- the trainer
@@ -176,6 +194,7 @@ def train_diff(
     labels = label_tensor(data.train, data.task_type).to(device)
     length = RunLength.of(rows, config)
     state = DiffPruneState(model, config, fix_lr=length.fix_lr, device=device)
+    state.sign_step = sign_step_size(config, length.prune_steps)
     k = k_for_density(config.density, state.n_params)
 
     saved = load_checkpoint(checkpoint, config, map_location=device)
@@ -186,8 +205,12 @@ def train_diff(
             progress(state.progress(length.total_steps))
 
     in_backward = InBackwardSteps(state)
-    noise = GateNoise(
-        max(p.numel() for p in state.theta0.values()), device=device, generator=state.gate_rng
+    noise = (
+        GateNoise(
+            max(p.numel() for p in state.theta0.values()), device=device, generator=state.gate_rng
+        )
+        if state.gated
+        else None
     )
     autocast = autocast_for(device)
     while state.step < length.total_steps:
@@ -202,7 +225,8 @@ def train_diff(
         # phase replays the gated epochs' order (it measured better than shuffles running on
         # across the phases; see README, Accuracy; bench/accuracy.py).
         batches = micro_batches(rows, phase_step, config)
-        loss_sum, expected_nnz = 0.0, float(k)
+        loss_sum = 0.0
+        expected_nnz = float(k) if state.projected else float(state.phase1_nnz)
         for i, batch_rows in enumerate(batches):
             in_backward.armed = i == len(batches) - 1
             batch = encode_rows(base, data.train, batch_rows, config.max_length, device)
@@ -226,19 +250,27 @@ def train_diff(
     if not state.projected:
         in_backward.remove()
         state.project(k)
-    diff, metrics = export_diff(state, model, data, base)
+    diff, metrics = export_diff(state, model, data, base, length)
     return TrainResult(
         diff=diff,
         metrics=metrics,
         train_seconds=time.perf_counter() - started,
         peak_memory_bytes=peak_memory_bytes(device),
+        prune_steps=length.prune_steps,
+        fix_steps=length.fix_steps,
+        gate_open_fraction=state.gate_open_fraction,
+        expected_nnz_at_projection=state.expected_nnz_at_projection,
     )
 
 
 def export_diff(
-    state: DiffPruneState, model: nn.Module, data: TaskData, base: LoadedBase
+    state: DiffPruneState, model: nn.Module, data: TaskData, base: LoadedBase, length: RunLength
 ) -> tuple[SparseDiff, dict[str, Any]]:
-    """The artifact of a projected run: values rounded to the stored dtype, evaluated as stored."""
+    """The artifact of a projected run: values rounded to the stored dtype, evaluated as stored.
+
+    Its config records the run length and fixed-mask step actually used; its metrics add what
+    the projection saw (open fraction of the kept gates, expected nonzeros before it).
+    """
     config = state.config
     value_dtype = VALUE_DTYPES[config.value_dtype]
     stored = {n: v.detach().to(value_dtype) for n, v in state.kept_val.items()}
@@ -255,6 +287,11 @@ def export_diff(
         params=final_params,
     )
     del final_params
+    metrics = {
+        **metrics,
+        "gate_open_fraction": state.gate_open_fraction,
+        "expected_nnz_at_projection": state.expected_nnz_at_projection,
+    }
     mapping = data.train.mapping
     meta = ArtifactMeta(
         base_name=base.name,
@@ -266,7 +303,7 @@ def export_diff(
         text_field=mapping.text_field,
         text_pair_field=mapping.text_pair_field,
         value_dtype=config.value_dtype,
-        config={**config.to_dict(), "fix_lr": state.fix_lr},  # the step actually used
+        config=resolved_config(config, length),
         metrics=dict(metrics),
     )
     diff = SparseDiff(

@@ -25,9 +25,14 @@ class ConfigError(ValueError):
         self.field = field
 
 
-def option(default: Any, help: str, *, cli: bool = False) -> Any:
-    """A dataclass field with its help text (and whether the `train` CLI exposes it)."""
-    return field(default=default, metadata={"help": help, "cli": cli})
+def option(
+    default: Any, help: str, *, cli: bool = False, choices: tuple[str, ...] | None = None
+) -> Any:
+    """A dataclass field with its help text, whether the `train` CLI exposes it, its choices."""
+    metadata: dict[str, Any] = {"help": help, "cli": cli}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(kw_only=True)
@@ -75,6 +80,14 @@ class MethodConfig:
         for name in ("eval_batch_size", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 self.fail(name, f"{name} must be at least 1, got {getattr(self, name)}")
+        for spec in dataclasses.fields(self):
+            choices = spec.metadata.get("choices")
+            if choices is not None and getattr(self, spec.name) not in choices:
+                self.fail(
+                    spec.name,
+                    f"{spec.name} must be one of {', '.join(choices)}, "
+                    f"got {getattr(self, spec.name)!r}",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a plain dict (JSON types only)."""
