@@ -1,4 +1,4 @@
-"""Prometheus metrics of the API: request counts and latency by route, jobs by state."""
+"""Prometheus metrics of the API: request counts and latency by route, jobs by state, serving."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,14 +34,65 @@ class ApiMetrics:
         )
         self.predictions = Counter(
             "diffbank_predictions_total",
-            "Inputs predicted, by task.",
-            ["task"],
+            "Inputs predicted, by task type (never by task name: names are tenants' data).",
+            ["task_type"],
             registry=self.registry,
         )
 
     def watch_jobs(self, count_jobs_by_state: Callable[[], dict[str, int]]) -> None:
         """Expose `diffbank_jobs{state=...}`, read from the registry at scrape time."""
         self.registry.register(_JobsByStateCollector(count_jobs_by_state))
+
+    def watch_serving(self, predictor, batcher) -> None:
+        """Expose the decoded-diff cache and the batcher's queue, read at scrape time."""
+        self.registry.register(_ServingCollector(predictor, batcher))
+
+
+class _ServingCollector:
+    """Diff-cache hits, misses, evictions, resident bytes; batch and queue counts."""
+
+    def __init__(self, predictor, batcher) -> None:
+        self._predictor = predictor
+        self._batcher = batcher
+
+    def describe(self) -> list:
+        """No metrics up front: values are read at scrape time."""
+        return []
+
+    def collect(self):
+        """The serving counters and gauges."""
+        cache = self._predictor.cache_stats()
+        for key, help_text in (
+            ("hits", "Decoded-diff cache hits."),
+            ("misses", "Decoded-diff cache misses (artifact fetched, verified, decoded)."),
+            ("evictions", "Decoded diffs evicted to stay within the cache's bytes."),
+        ):
+            family = CounterMetricFamily(f"diffbank_serving_cache_{key}", help_text)
+            family.add_metric([], cache[key])
+            yield family
+        yield GaugeMetricFamily(
+            "diffbank_serving_cache_resident_bytes",
+            "Bytes of decoded diffs and heads resident.",
+            value=cache["bytes"],
+        )
+        yield GaugeMetricFamily(
+            "diffbank_serving_cache_resident_diffs",
+            "Decoded diffs resident.",
+            value=cache["entries"],
+        )
+        batcher = self._batcher
+        yield GaugeMetricFamily(
+            "diffbank_serving_queue_depth", "Requests waiting for a batch.", value=batcher.depth
+        )
+        for key, value, help_text in (
+            ("batches", batcher.batches, "Mixed batches run."),
+            ("batched_requests", batcher.batched_requests, "Requests run in mixed batches."),
+            ("batched_rows", batcher.batched_rows, "Inputs run in mixed batches."),
+            ("rejected", batcher.rejected, "Requests refused with 503 (queue full)."),
+        ):
+            family = CounterMetricFamily(f"diffbank_serving_{key}", help_text)
+            family.add_metric([], value)
+            yield family
 
 
 class _JobsByStateCollector:

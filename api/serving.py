@@ -1,4 +1,10 @@
-"""Prediction serving: one base model in memory, task diffs applied and reverted per request.
+"""Prediction serving: one pristine base per process, decoded task diffs resident, mixed batches.
+
+Requests for any mix of tasks run as one mixed-task forward (api/mixed.py, heads in
+api/heads.py); the decoded diffs
+live in a cache bounded by bytes, filled once per artifact however many requests wait on it.
+Library mode (`predict_artifact`, one artifact given as bytes) and diffs the mixed forward
+cannot correct per row keep the apply -> forward -> revert path.
 
 torch and transformers are imported lazily, on the first prediction, so importing the API
 app stays light.
@@ -9,124 +15,335 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-    from registry.artifact import SparseDiff
+    from api.heads import HeadRunner, TaskHead
+    from api.mixed import DecodedDiff, MixedEncoder
+    from registry.artifact import ArtifactMeta, SparseDiff
     from registry.basemodel import LoadedBase
 
 # A classification head is built once per base; each task's head tensors replace its parameters.
 _PLACEHOLDER_LABELS = 2
+_PROBE_TEXTS = ["a probe", "another probe text", "three"]
 
 
 class PredictionInputError(ValueError):
     """An input the predictor cannot use (wrong shape for the task type)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _ServingBase:
-    """A base model held for serving: a classification model whose head is swapped per task."""
+    """A base model held for serving: pristine weights, mixed-forward hooks, head templates."""
 
     loaded: LoadedBase
-    model: Any  # transformers PreTrainedModel
+    model: Any  # transformers PreTrainedModel with a placeholder head (library mode)
     base_shapes: dict[str, tuple[int, ...]]
     head_names: set[str]
-    # A consolidation group's shared diff left applied between requests: (cache key, applied).
-    resident: tuple[str, Any] | None = None
+    mixed: MixedEncoder
+    heads: HeadRunner
 
 
-@dataclass
-class _PreparedDiff:
-    """A decoded diff ready to apply, with its head tensors in the model's dtype."""
+@dataclass(eq=False)
+class ResidentDiff:
+    """One artifact as served: its decoded diff (None: apply/revert only), head and metadata."""
 
-    diff: SparseDiff
-    head: dict[str, torch.Tensor]
+    meta: ArtifactMeta
+    decoded: DecodedDiff | None
+    head: TaskHead | None
+    diff: SparseDiff | None  # kept only when `decoded` is None
+    nbytes: int
+
+
+@dataclass(eq=False)
+class PreparedRequest:
+    """A request ready for a batch: its diffs (shared first), head, and tokenised inputs."""
+
+    base: _ServingBase
+    diffs: list[ResidentDiff]
+    encoded: dict[str, torch.Tensor]
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = int(self.encoded["input_ids"].shape[0])
+
+    @property
+    def task(self) -> ResidentDiff:
+        """The diff carrying the task's head and metadata (the residual of a consolidated one)."""
+        return self.diffs[-1]
 
 
 class Predictor:
-    """Serves many tasks from one base: apply diff -> forward -> revert, under one lock.
+    """Serves many tasks from one pristine base through mixed-task forwards.
 
-    Decoded diffs are kept in an LRU of `cache_size` entries keyed by the artifact's sha256
-    (artifacts are content-addressed, so a key never goes stale).
+    Decoded diffs are kept in an LRU bounded by `cache_bytes` (and `cache_size` entries),
+    keyed by the artifact's sha256 (content-addressed, so a key never goes stale).
     """
 
-    def __init__(self, *, cache_size: int = 64, device: str = "cpu", batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        cache_size: int = 100_000,
+        cache_bytes: int = 2 * 1024**3,
+        device: str = "cpu",
+        batch_size: int = 32,
+    ) -> None:
         self.cache_size = max(1, cache_size)
+        self.cache_bytes = max(1, cache_bytes)
         self.device = device
         self.batch_size = batch_size
         self._bases: dict[str, _ServingBase] = {}
-        self._diffs: OrderedDict[str, _PreparedDiff] = OrderedDict()
-        self._lock = threading.Lock()
+        self._bases_lock = threading.Lock()
+        self._diffs: OrderedDict[str, ResidentDiff] = OrderedDict()
+        self._pending: dict[str, Future] = {}
+        self._cache_lock = threading.Lock()
+        # Whoever runs a forward holds the base: the batcher's runner thread, or library mode.
+        self.run_lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
+        self.cache_evictions = 0
+        self.resident_bytes = 0
 
     # -- loading ----------------------------------------------------------------------
 
     def base(self, name_or_path: str) -> _ServingBase:
         """The serving model of a base (loaded on first use)."""
-        with self._lock:
-            return self._base_locked(name_or_path)
-
-    def _base_locked(self, name_or_path: str) -> _ServingBase:
         from registry.basemodel import resolve_base_path
 
         path = resolve_base_path(name_or_path)
-        held = self._bases.get(path)
-        if held is None:
-            held = self._load_base(path)
-            self._bases[path] = held
-        return held
+        with self._bases_lock:
+            held = self._bases.get(path)
+            if held is None:
+                held = self._load_base(path)
+                self._bases[path] = held
+            return held
 
     def _load_base(self, path: str) -> _ServingBase:
+        from api.heads import HeadRunner
+        from api.mixed import MixedEncoder
         from registry.basemodel import build_model, load_base
 
         loaded = load_base(path)
         model = build_model(loaded, task_type="classification", num_labels=_PLACEHOLDER_LABELS)
         model.to(self.device).eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
+        model.requires_grad_(False)
         encoder = model.base_model
         base_shapes = {name: tuple(p.shape) for name, p in encoder.named_parameters()}
         encoder_ids = {id(p) for p in encoder.parameters()}
         head_names = {name for name, p in model.named_parameters() if id(p) not in encoder_ids}
-        return _ServingBase(loaded, model, base_shapes, head_names)
+        probe = {
+            k: v.to(self.device)
+            for k, v in loaded.encode(_PROBE_TEXTS, None, max_length=16).items()
+        }
+        mixed = MixedEncoder(encoder, probe_inputs=probe)
 
-    def _prepare(self, held: _ServingBase, data: bytes) -> _PreparedDiff:
+        def head_model(task_type: str, num_labels: int) -> Any:
+            built = build_model(loaded, task_type=task_type, num_labels=num_labels)
+            return built.to(self.device)
+
+        heads = HeadRunner(head_model, model.base_model_prefix)
+        return _ServingBase(loaded, model, base_shapes, head_names, mixed, heads)
+
+    def _decode(self, held: _ServingBase, data: bytes) -> ResidentDiff:
         import torch
 
-        from registry.artifact import ArtifactError, loads_artifact
+        from api.heads import TaskHead
+        from api.mixed import UnsupportedDiffError
+        from registry.artifact import loads_artifact
+        from registry.validation import check_artifact
 
         diff = loads_artifact(
             data, expected_fingerprint=held.loaded.fingerprint, base_shapes=held.base_shapes
         )
-        unknown = sorted(set(diff.head) - held.head_names)
-        if unknown:
-            raise ArtifactError(f"head tensor {unknown[0]!r} does not exist in the base's model")
-        dtype = next(held.model.parameters()).dtype
-        head = {
-            name: torch.nn.Parameter(t.to(device=self.device, dtype=dtype), requires_grad=False)
-            for name, t in diff.head.items()
-        }
-        return _PreparedDiff(diff, head)
+        check_artifact(diff, held.loaded)
+        meta = diff.meta
+        head = None
+        if diff.head:
+            dtype = held.mixed.dtype
+            tensors = {
+                name: torch.nn.Parameter(t.to(device=self.device, dtype=dtype), requires_grad=False)
+                for name, t in diff.head.items()
+            }
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            head = TaskHead(tensors, meta.task_type, meta.num_labels, size)
+        try:
+            decoded = held.mixed.decode(diff)
+        except UnsupportedDiffError:
+            kept = diff.nnz * 12 + (head.nbytes if head else 0)
+            return ResidentDiff(meta, None, head, diff, kept)
+        nbytes = decoded.nbytes + (head.nbytes if head else 0)
+        return ResidentDiff(meta, decoded, head, None, nbytes)
 
-    def _cached(self, held: _ServingBase, key: str, fetch: Callable[[], bytes]) -> _PreparedDiff:
+    def resolve(self, base: str, key: str, fetch: Callable[[], bytes]) -> ResidentDiff:
+        """The resident form of the artifact under `key`: fetched, verified and decoded once."""
+        held = self.base(base)
         cache_key = f"{held.loaded.fingerprint}:{key}"
-        prepared = self._diffs.get(cache_key)
-        if prepared is not None:
-            self._diffs.move_to_end(cache_key)
-            self.cache_hits += 1
-            return prepared
-        self.cache_misses += 1
-        prepared = self._prepare(held, fetch())
-        self._diffs[cache_key] = prepared
-        while len(self._diffs) > self.cache_size:
-            self._diffs.popitem(last=False)
-        return prepared
+        with self._cache_lock:
+            resident = self._diffs.get(cache_key)
+            if resident is not None:
+                self._diffs.move_to_end(cache_key)
+                self.cache_hits += 1
+                return resident
+            pending = self._pending.get(cache_key)
+            owner = pending is None
+            if owner:
+                pending = Future()
+                self._pending[cache_key] = pending
+                self.cache_misses += 1
+        if not owner:
+            return pending.result()
+        try:
+            resident = self._decode(held, fetch())
+        except BaseException as exc:
+            with self._cache_lock:
+                del self._pending[cache_key]
+            pending.set_exception(exc)
+            raise
+        with self._cache_lock:
+            self._diffs[cache_key] = resident
+            self.resident_bytes += resident.nbytes
+            while len(self._diffs) > 1 and (
+                len(self._diffs) > self.cache_size or self.resident_bytes > self.cache_bytes
+            ):
+                _, evicted = self._diffs.popitem(last=False)
+                self.resident_bytes -= evicted.nbytes
+                self.cache_evictions += 1
+            del self._pending[cache_key]
+        pending.set_result(resident)
+        return resident
 
-    # -- predicting -------------------------------------------------------------------
+    def cache_stats(self) -> dict[str, int]:
+        """Hits, misses, evictions, resident entries and resident bytes of the diff cache."""
+        with self._cache_lock:
+            return {
+                "hits": self.cache_hits,
+                "misses": self.cache_misses,
+                "evictions": self.cache_evictions,
+                "entries": len(self._diffs),
+                "bytes": self.resident_bytes,
+            }
+
+    # -- preparing requests (any thread) --------------------------------------------
+
+    def prepare(
+        self,
+        base: str,
+        diffs: Sequence[ResidentDiff],
+        inputs: Sequence[str] | Sequence[Sequence[str]],
+    ) -> PreparedRequest:
+        """Check `inputs` against the task type and tokenise them with the task's max length."""
+        held = self.base(base)
+        meta = diffs[-1].meta
+        texts, pairs = _split_inputs(inputs, meta.task_type)
+        encoded = held.loaded.encode(texts, pairs, max_length=meta.max_length)
+        return PreparedRequest(
+            held, list(diffs), {k: v.to(self.device) for k, v in encoded.items()}
+        )
+
+    # -- running batches (the base's owner) ------------------------------------------
+
+    def run_batch(self, requests: Sequence[PreparedRequest]) -> list[list[dict[str, Any]]]:
+        """Predictions for each request; requests on one base share one mixed forward."""
+        answers = []
+        for request, logits in zip(requests, self.batch_logits(requests), strict=True):
+            meta = request.task.meta
+            answers.append(_decode(logits, meta.task_type, meta.label_names))
+        return answers
+
+    def batch_logits(self, requests: Sequence[PreparedRequest]) -> list[torch.Tensor]:
+        """Each request's logits (fp32, CPU); requests on one base share one mixed forward."""
+        for request in requests:
+            if request.task.head is None:
+                raise PredictionInputError("this version has no task head to predict with")
+        with self.run_lock:
+            results: dict[int, torch.Tensor] = {}
+            by_base: dict[int, list[tuple[int, PreparedRequest]]] = {}
+            for i, request in enumerate(requests):
+                if any(d.decoded is None for d in request.diffs):
+                    results[i] = self._run_applied(request)
+                else:
+                    by_base.setdefault(id(request.base), []).append((i, request))
+            for group in by_base.values():
+                mixed = self._run_mixed([r for _, r in group])
+                for (i, _), logits in zip(group, mixed, strict=True):
+                    results[i] = logits
+            return [results[i] for i in range(len(requests))]
+
+    def _run_mixed(self, requests: list[PreparedRequest]) -> list[torch.Tensor]:
+        import torch
+
+        from api.mixed import Segment
+
+        held = requests[0].base
+        # Requests of one diff side by side, so each diff corrects contiguous rows (a slice).
+        order = sorted(
+            range(len(requests)), key=lambda n: [id(d.decoded) for d in requests[n].diffs]
+        )
+        ordered = [requests[n] for n in order]
+        encoded = _concat_padded(
+            [r.encoded for r in ordered], held.loaded.tokenizer.pad_token_id or 0
+        )
+        segments: list[Segment] = []
+        last: dict[int, Segment] = {}
+        head_rows: dict[int, tuple[TaskHead, list[int]]] = {}
+        start = 0
+        for k, request in enumerate(ordered):
+            stop = start + request.rows
+            for resident in request.diffs:
+                segment = last.get(id(resident.decoded))
+                if segment is not None and segment.stop == start:
+                    segment.stop = stop
+                else:
+                    segment = Segment(resident.decoded, start, stop)
+                    segments.append(segment)
+                    last[id(resident.decoded)] = segment
+            head_rows.setdefault(id(request.task.head), (request.task.head, []))[1].append(k)
+            start = stop
+        bounds = [0]
+        for request in ordered:
+            bounds.append(bounds[-1] + request.rows)
+        output = held.mixed.forward(encoded, segments)
+        answers: list[torch.Tensor] = [torch.empty(0)] * len(requests)
+        for head, members in head_rows.values():
+            rows = torch.cat(
+                [torch.arange(bounds[k], bounds[k + 1], device=self.device) for k in members]
+            )
+            logits = held.heads.logits(head, encoded, output, rows).float().cpu()
+            offset = 0
+            for k in members:
+                answers[order[k]] = logits[offset : offset + ordered[k].rows]
+                offset += ordered[k].rows
+        return answers
+
+    def _run_applied(self, request: PreparedRequest) -> torch.Tensor:
+        """Apply the request's diffs in place, run, revert (for diffs that are not row-safe)."""
+        import torch
+
+        from api.mixed import Segment
+        from registry.apply import apply_diff
+
+        held, task = request.base, request.task
+
+        rows = torch.arange(request.rows, device=self.device)
+        applied = []
+        try:
+            segments = []
+            for resident in request.diffs:
+                if resident.decoded is not None:
+                    segments.append(Segment(resident.decoded, 0, request.rows))
+                else:
+                    applied.append(apply_diff(held.model.base_model, resident.diff))
+            output = held.mixed.forward(request.encoded, segments)
+            return held.heads.logits(task.head, request.encoded, output, rows).float().cpu()
+        finally:
+            for item in reversed(applied):
+                item.revert()
+
+    # -- one-call conveniences -------------------------------------------------------
 
     def predict(
         self,
@@ -137,11 +354,8 @@ class Predictor:
         inputs: Sequence[str] | Sequence[Sequence[str]],
     ) -> list[dict[str, Any]]:
         """Predict `inputs` with the diff stored under `diff_key` (bytes from `fetch` on a miss)."""
-        with self._lock:
-            held = self._base_locked(base)
-            prepared = self._cached(held, diff_key, fetch)
-            self._hold_shared(held, None, None)
-            return self._predict_locked(held, prepared, inputs)
+        resident = self.resolve(base, diff_key, fetch)
+        return self._predict_chunked(base, [resident], inputs)
 
     def predict_factored(
         self,
@@ -153,79 +367,93 @@ class Predictor:
         fetch_residual: Callable[[], bytes],
         inputs: Sequence[str] | Sequence[Sequence[str]],
     ) -> list[dict[str, Any]]:
-        """Predict with a consolidated version: its group's shared diff stays applied across
-        requests of the group; only the task's residual (and head) is applied and reverted."""
-        with self._lock:
-            held = self._base_locked(base)
-            shared = self._cached(held, shared_key, fetch_shared)
-            residual = self._cached(held, residual_key, fetch_residual)
-            self._hold_shared(held, shared_key, shared)
-            return self._predict_locked(held, residual, inputs)
+        """Predict with a consolidated version: the group's shared diff and the task's residual
+        both enter as corrections on the pristine base (the shared one decoded once per group)."""
+        shared = self.resolve(base, shared_key, fetch_shared)
+        residual = self.resolve(base, residual_key, fetch_residual)
+        return self._predict_chunked(base, [shared, residual], inputs)
 
-    def _hold_shared(
-        self, held: _ServingBase, key: str | None, shared: _PreparedDiff | None
-    ) -> None:
-        """Leave exactly `shared` applied to the base (None: the pristine base); O(nnz) on change."""
-        from registry.apply import apply_diff
-
-        if held.resident is not None and held.resident[0] == key:
-            return
-        if held.resident is not None:
-            held.resident[1].revert()
-            held.resident = None
-        if shared is not None and key is not None:
-            held.resident = (key, apply_diff(held.model.base_model, shared.diff))
+    def _predict_chunked(self, base, diffs, inputs) -> list[dict[str, Any]]:
+        answers: list[dict[str, Any]] = []
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            answers += self.run_batch([self.prepare(base, diffs, chunk)])[0]
+        return answers
 
     def predict_artifact(
         self, data: bytes, inputs: Sequence[str] | Sequence[Sequence[str]], *, base: str
     ) -> list[dict[str, Any]]:
-        """Predict with an artifact given as bytes (library mode; nothing is cached)."""
-        with self._lock:
-            held = self._base_locked(base)
-            self._hold_shared(held, None, None)
-            return self._predict_locked(held, self._prepare(held, data), inputs)
-
-    def _predict_locked(
-        self,
-        held: _ServingBase,
-        prepared: _PreparedDiff,
-        inputs: Sequence[str] | Sequence[Sequence[str]],
-    ) -> list[dict[str, Any]]:
+        """Predict with an artifact given as bytes (library mode: applied, run, reverted)."""
         import torch
 
         from registry.apply import apply_diff
+        from registry.artifact import ArtifactError, loads_artifact
+        from registry.validation import check_artifact
 
-        meta = prepared.diff.meta
+        held = self.base(base)
+        diff = loads_artifact(
+            data, expected_fingerprint=held.loaded.fingerprint, base_shapes=held.base_shapes
+        )
+        check_artifact(diff, held.loaded)
+        unknown = sorted(set(diff.head) - held.head_names)
+        if unknown:
+            raise ArtifactError(f"head tensor {unknown[0]!r} does not exist in the base's model")
+        meta = diff.meta
         texts, pairs = _split_inputs(inputs, meta.task_type)
-        saved_head = self._swap_head(held.model, prepared.head)
-        applied = apply_diff(held.model.base_model, prepared.diff)
-        try:
-            logits = []
-            with torch.inference_mode():
-                for start in range(0, len(texts), self.batch_size):
-                    end = start + self.batch_size
-                    encoded = held.loaded.encode(
-                        texts[start:end],
-                        pairs[start:end] if pairs is not None else None,
-                        max_length=meta.max_length,
-                    )
-                    encoded = {k: v.to(self.device) for k, v in encoded.items()}
-                    logits.append(held.model(**encoded).logits.float().cpu())
-        finally:
-            applied.revert()
-            self._swap_head(held.model, saved_head)
+        dtype = next(held.model.parameters()).dtype
+        head = {
+            name: torch.nn.Parameter(t.to(device=self.device, dtype=dtype), requires_grad=False)
+            for name, t in diff.head.items()
+        }
+        with self.run_lock:
+            saved_head = _swap_head(held.model, head)
+            applied = apply_diff(held.model.base_model, diff)
+            try:
+                logits = []
+                with torch.inference_mode():
+                    for start in range(0, len(texts), self.batch_size):
+                        end = start + self.batch_size
+                        encoded = held.loaded.encode(
+                            texts[start:end],
+                            pairs[start:end] if pairs is not None else None,
+                            max_length=meta.max_length,
+                        )
+                        encoded = {k: v.to(self.device) for k, v in encoded.items()}
+                        logits.append(held.model(**encoded).logits.float().cpu())
+            finally:
+                applied.revert()
+                _swap_head(held.model, saved_head)
         return _decode(torch.cat(logits), meta.task_type, meta.label_names)
 
-    @staticmethod
-    def _swap_head(model: Any, head: dict[str, Any]) -> dict[str, Any]:
-        """Put `head` parameters into the model; return the ones they replaced."""
-        previous = {}
-        for name, param in head.items():
-            module_path, _, leaf = name.rpartition(".")
-            module = model.get_submodule(module_path) if module_path else model
-            previous[name] = module._parameters[leaf]
-            module._parameters[leaf] = param
-        return previous
+
+def _swap_head(model: Any, head: dict[str, Any]) -> dict[str, Any]:
+    """Put `head` parameters into the model; return the ones they replaced."""
+    previous = {}
+    for name, param in head.items():
+        module_path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        previous[name] = module._parameters[leaf]
+        module._parameters[leaf] = param
+    return previous
+
+
+def _concat_padded(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tokenised batches stacked on rows, right-padded to the longest (ids with `pad_id`)."""
+    import torch
+
+    if len(parts) == 1:
+        return parts[0]
+    width = max(int(p["input_ids"].shape[1]) for p in parts)
+    merged = {}
+    for key in parts[0]:
+        fill = pad_id if key == "input_ids" else 0
+        merged[key] = torch.cat(
+            [
+                torch.nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=fill)
+                for p in parts
+            ]
+        )
+    return merged
 
 
 def _split_inputs(

@@ -8,7 +8,7 @@ API part: a real uvicorn server (`api.app:create_app`) over SQLite + file store 
 broker (no worker: submitted jobs stay queued). `--clients` threads each keep one HTTP
 connection and send requests back to back; latency is per request, seen by the client.
 
-Serving part: the default base (all-MiniLM-L6-v2) held once by `api.serving.Predictor`, 50
+Serving part: the apply/revert path alone (one model on the default base, all-MiniLM-L6-v2; the API now serves mixed batches, see bench/serving.py), 50
 tasks given as RANDOM sparse diffs at 0.5% density (uniformly random positions, small random
 values) with a random head of the trained shape. Timing does not depend on the values, so
 trained diffs would cost the same. Requests (batches of short sentences) go round robin over
@@ -20,7 +20,6 @@ loading a fully finetuned checkpoint (`from_pretrained`) per task switch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
 import tempfile
 import threading
@@ -240,7 +239,6 @@ def bench_serving(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from api.serving import Predictor
     from registry.apply import apply_diff
     from registry.artifact import dumps_artifact, loads_artifact
     from registry.basemodel import build_model, load_base, resolve_base_path
@@ -251,37 +249,49 @@ def bench_serving(args: argparse.Namespace) -> None:
     )  # 1: robust on a shared machine (no thread oversubscription)
     base_path = resolve_base_path("all-MiniLM-L6-v2")
     base = load_base(base_path)
-    predictor = Predictor(cache_size=args.tasks + 1)
-    held = predictor.base(base_path)
+    # The apply/revert path on its own (api/serving.py now serves mixed batches instead):
+    # one classification model on the base, each request applies its diff in place.
+    model = build_model(base, task_type="classification", num_labels=2).eval()
+    prefix = model.base_model_prefix + "."
     head_shapes = {
-        name: tuple(p.shape) for name, p in held.model.named_parameters() if name in held.head_names
+        n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith(prefix)
     }
     blobs = []
     for i in range(args.tasks):
         diff = random_sparse_diff(base, head_shapes, density=args.density, seed=i)
         blobs.append(dumps_artifact(diff))
-    keys = [hashlib.sha256(b).hexdigest() for b in blobs]
     nnz = loads_artifact(blobs[0]).nnz
     batch = SENTENCES[: args.batch]
 
-    # Decoding an artifact (an LRU miss): bytes -> validated SparseDiff.
+    # Decoding an artifact (a cache miss): bytes -> validated SparseDiff.
     decode_s = []
     for blob in blobs[:10]:
         start = time.perf_counter()
-        loads_artifact(blob, expected_fingerprint=base.fingerprint, base_shapes=held.base_shapes)
+        loads_artifact(blob, expected_fingerprint=base.fingerprint, base_shapes=base.shapes)
         decode_s.append(time.perf_counter() - start)
+    diffs = [loads_artifact(b, expected_fingerprint=base.fingerprint) for b in blobs]
+    encoded = base.encode(batch, None, max_length=64)
+    params = dict(model.named_parameters())
+
+    def use_head(head: dict) -> None:
+        with torch.no_grad():
+            for name, tensor in head.items():
+                params[name].copy_(tensor)
 
     def request(task: int) -> None:
-        predictor.predict(
-            base=base_path, diff_key=keys[task], fetch=lambda t=task: blobs[t], inputs=batch
-        )
+        use_head(diffs[task].head)
+        applied = apply_diff(model.base_model, diffs[task])
+        try:
+            with torch.inference_mode():
+                model(**encoded).logits.float().argmax(-1).tolist()
+        finally:
+            applied.revert()
 
-    for task in range(args.tasks):  # fill the LRU, warm up
+    for task in range(args.tasks):  # warm up
         request(task)
 
     # Switch cost alone: revert the previous task's diff, apply the next (round robin).
-    encoder = held.model.base_model
-    diffs = [predictor._cached(held, keys[t], lambda t=t: blobs[t]).diff for t in range(args.tasks)]
+    encoder = model.base_model
     switch_s, switch_cpu_s = [], []
     applied = apply_diff(encoder, diffs[0])
     for r in range(args.rounds * args.tasks):
@@ -295,9 +305,6 @@ def bench_serving(args: argparse.Namespace) -> None:
 
     # Throughput, three modes interleaved block by block so that load drift on a shared
     # machine hits all of them alike; each block is `tasks` requests.
-    encoded = base.encode(batch, None, max_length=64)
-    head0 = predictor._cached(held, keys[0], lambda: blobs[0]).head
-
     def round_robin() -> None:
         for task in range(args.tasks):
             request(task)
@@ -307,15 +314,14 @@ def bench_serving(args: argparse.Namespace) -> None:
             request(0)
 
     def one_task_merged() -> None:
+        use_head(diffs[0].head)
         merged = apply_diff(encoder, diffs[0])
-        saved_head = predictor._swap_head(held.model, head0)
         try:
             with torch.inference_mode():
                 for _ in range(args.tasks):
-                    held.model(**encoded).logits.float().argmax(-1).tolist()
+                    model(**encoded).logits.float().argmax(-1).tolist()
         finally:
             merged.revert()
-            predictor._swap_head(held.model, saved_head)
 
     modes = {
         f"round robin over {args.tasks} tasks (apply/forward/revert)": round_robin,

@@ -1,15 +1,25 @@
-"""Predictions (`POST /tasks/{name}/predict`): a task's diff applied to the base, then reverted."""
+"""Predictions (`POST /tasks/{name}/predict`): requests of any tasks batched into mixed forwards."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import PredictorDep, ReadPrincipal, SessionDep, SettingsDep, StoreDep
+from api.batcher import QueueFullError
+from api.deps import (
+    PredictorDep,
+    Principal,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    require,
+)
 from api.errors import ApiError
 from api.schemas import ROUTE_ERRORS, PredictionPublic, PredictionsPublic, PredictRequest
-from api.serving import PredictionInputError
+from api.serving import PredictionInputError, Predictor, PreparedRequest
 from registry import catalog
 
 # Mounted under /tasks by the tasks router (api/routes/tasks.py).
@@ -53,11 +63,11 @@ def _check_limits(body: PredictRequest, *, max_batch: int, max_chars: int) -> No
     responses=ERRORS,
     summary="Predict with a task",
 )
-def predict(
+async def predict(
     name: Annotated[str, Path(max_length=128)],
     body: PredictRequest,
     request: Request,
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("tasks.predict"))],
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -70,29 +80,32 @@ def predict(
     _check_limits(
         body, max_batch=settings.serving_max_batch, max_chars=settings.serving_max_text_chars
     )
-    task = catalog.get_task(session, tenant_id=principal.tenant_id, name=name)
-    row = catalog.get_task_version(
-        session, tenant_id=principal.tenant_id, name=name, number=version
+    task = await run_in_threadpool(
+        catalog.get_task, session, tenant_id=principal.tenant_id, name=name
     )
-    artifact = row.artifact
-    shared, residual = row.shared_artifact, row.residual_artifact
+    row = await run_in_threadpool(
+        catalog.get_task_version,
+        session,
+        tenant_id=principal.tenant_id,
+        name=name,
+        number=version,
+    )
     try:
-        if shared is not None and residual is not None:  # consolidated: shared stays applied
-            predictions = predictor.predict_factored(
-                base=task.base_model.source,
-                shared_key=shared.sha256,
-                fetch_shared=lambda: store.get(shared.object_key, sha256=shared.sha256),
-                residual_key=residual.sha256,
-                fetch_residual=lambda: store.get(residual.object_key, sha256=residual.sha256),
-                inputs=body.inputs,
-            )
-        else:
-            predictions = predictor.predict(
-                base=task.base_model.source,
-                diff_key=artifact.sha256,
-                fetch=lambda: store.get(artifact.object_key, sha256=artifact.sha256),
-                inputs=body.inputs,
-            )
+        # Fetching, verifying and decoding a missing diff runs off the event loop and off the
+        # model runner, so requests for resident tasks keep flowing meanwhile.
+        prepared = await run_in_threadpool(
+            _prepare, predictor, store, task.base_model.source, row, body.inputs
+        )
+        try:
+            future = request.app.state.batcher.submit(prepared)
+        except QueueFullError as exc:
+            raise ApiError(
+                503,
+                "overloaded",
+                str(exc),
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
+        predictions = await asyncio.wrap_future(future)
     except PredictionInputError as exc:
         raise ApiError(422, "invalid_inputs", str(exc), field="inputs") from None
     except ArtifactError as exc:
@@ -102,7 +115,21 @@ def predict(
             f"task {name!r} version {row.number} cannot be served: {exc}",
             field="version",
         ) from None
-    request.app.state.metrics.predictions.labels(name).inc(len(predictions))
+    request.app.state.metrics.predictions.labels(task.task_type).inc(len(predictions))
     return PredictionsPublic(
         task=name, version=row.number, predictions=[PredictionPublic(**p) for p in predictions]
     )
+
+
+def _prepare(predictor: Predictor, store, base: str, row, inputs) -> PreparedRequest:
+    """The version's resident diffs (shared first for a consolidated one) and tokenised inputs."""
+    shared, residual = row.shared_artifact, row.residual_artifact
+    if shared is not None and residual is not None:
+        artifacts = [shared, residual]
+    else:
+        artifacts = [row.artifact]
+    diffs = [
+        predictor.resolve(base, a.sha256, lambda a=a: store.get(a.object_key, sha256=a.sha256))
+        for a in artifacts
+    ]
+    return predictor.prepare(base, diffs, inputs)

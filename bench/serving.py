@@ -1,0 +1,546 @@
+"""Serving many tasks at once: closed-loop clients against a real uvicorn server, four ways.
+
+    python -m bench.serving                              # T = 1, 8, 64, 1000 at 16 clients
+    python -m bench.serving --tasks 1,8 --seconds 5      # a smoke
+    python -m bench.serving --device cuda                # the server (and PEFT) on a GPU
+    python -m bench.serving --kernels                    # the sparse-kernel choice of api/mixed.py
+
+Each request is 1-4 sentences for a task drawn uniformly from T tasks on all-MiniLM-L6-v2;
+tasks are RANDOM 0.5% sparse diffs with random heads (timing does not depend on the values).
+Rows, side by side:
+  (a) apply/revert: every request applies its task's diff to the base, runs, reverts, one
+      request at a time (the serving path before mixed batches);
+  (b) mixed: requests gathered by the dynamic batcher into one mixed-task forward;
+  (c) merged: one task whose diff is merged (no corrections) behind the same batcher, the
+      physical target;
+  (d) PEFT: T LoRA r=8 adapters (all linear layers, per-adapter heads) in-process, batches of
+      the same shape (16 requests of 1-4 sentences, tasks drawn the same way) through
+      `adapter_names`; latency is the batch's time.
+Resident memory is the serving process's RSS after the run (GPU: also its allocated bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import emit_result, mib, print_table, run_isolated
+
+MACHINE_NOTE = "machine: 2-core CPU, no GPU (shared with other jobs; numbers are noisy)"
+SENTENCES = [
+    "the film was a delight from start to finish",
+    "service was slow and the food arrived cold",
+    "an honest, moving story with a weak ending",
+    "i would not recommend this hotel to anyone",
+    "great value for the price and friendly staff",
+    "the plot drags but the acting is superb",
+    "terrible battery life, returned it after a week",
+    "a pleasant surprise, better than the reviews said",
+]
+DENSITY = 0.005
+DISTINCT_DIFFS = (
+    8  # tasks reuse these diffs with their own heads: distinct artifacts, cheap to make
+)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of samples, nearest-rank."""
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def make_artifacts(base: Any, count: int, *, seed: int, empty: bool = False) -> list[bytes]:
+    """`count` distinct random task artifacts (0.5% diffs, or none when `empty`) on `base`."""
+    import torch
+
+    from registry.artifact import ArtifactMeta, SparseDiff, dumps_artifact, make_meta_consistent
+
+    generator = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(0 if empty else DISTINCT_DIFFS):
+        indices, values, shapes = {}, {}, {}
+        for name, param in base.encoder.named_parameters():
+            k = max(1, round(DENSITY * param.numel()))
+            idx = torch.unique(torch.randint(0, param.numel(), (k,), generator=generator))
+            indices[name], shapes[name] = idx, tuple(param.shape)
+            values[name] = (torch.randn(len(idx), generator=generator) * 0.01).half()
+        diffs.append((indices, values, shapes))
+    hidden = base.config.hidden_size
+    artifacts = []
+    for i in range(count):
+        indices, values, shapes = diffs[i % len(diffs)] if diffs else ({}, {}, {})
+        head = {
+            "classifier.weight": torch.randn(2, hidden, generator=generator) * 0.1,
+            "classifier.bias": torch.randn(2, generator=generator) * 0.1,
+        }
+        meta = ArtifactMeta(
+            base_name=base.name,
+            base_fingerprint=base.fingerprint,
+            n_params=base.n_params,
+            task_type="classification",
+            label_names=["neg", "pos"],
+            max_length=64,
+        )
+        diff = make_meta_consistent(SparseDiff(indices, values, shapes, head, meta))
+        artifacts.append(dumps_artifact(diff))
+    return artifacts
+
+
+def publish(settings: Any, tenant: str, artifacts: list[bytes], prefix: str) -> list[str]:
+    """Publish each artifact as version 1 of task `<prefix><i>`; the task names."""
+    from registry import catalog
+    from registry.artifact import loads_artifact
+    from registry.db import get_session_factory
+    from registry.publish import publish_version
+    from registry.stores import open_store
+
+    store = open_store(settings.store_url, settings)
+    factory = get_session_factory(settings)
+    first = loads_artifact(artifacts[0])
+    names = []
+    with factory() as session:
+        base_row = catalog.register_base_model(
+            session,
+            name=first.meta.base_name,
+            source=settings.base_model,
+            fingerprint=first.meta.base_fingerprint,
+            n_params=first.meta.n_params,
+        )
+        tenant_row = catalog.get_or_create_tenant(session, name=tenant)
+        for i, data in enumerate(artifacts):
+            diff = loads_artifact(data)
+            task = catalog.get_or_create_task(
+                session,
+                tenant_id=tenant_row.id,
+                name=f"{prefix}{i}",
+                base_model_id=base_row.id,
+                task_type="classification",
+                label_names=["neg", "pos"],
+            )
+            publish_version(
+                session,
+                store,
+                task_id=task.id,
+                diff_bytes=data,
+                nnz=diff.nnz,
+                density=diff.meta.density,
+                metrics={},
+                config={},
+            )
+            names.append(f"{prefix}{i}")
+    return names
+
+
+# ---------------------------------------------------------------- the server
+
+
+def apply_revert_app():
+    """The API app serving every request by apply -> forward -> revert, one at a time."""
+    from api.app import create_app
+    from api.batcher import DynamicBatcher
+    from api.serving import Predictor, ResidentDiff
+
+    class ApplyRevertPredictor(Predictor):
+        """Keeps each diff as a SparseDiff, so every request applies and reverts it."""
+
+        def _decode(self, held, data):
+            from registry.artifact import loads_artifact
+
+            resident = super()._decode(held, data)
+            diff = loads_artifact(data, expected_fingerprint=held.loaded.fingerprint)
+            return ResidentDiff(resident.meta, None, resident.head, diff, resident.nbytes)
+
+    app = create_app()
+    settings = app.state.settings
+    app.state.predictor = ApplyRevertPredictor(
+        cache_size=settings.serving_cache_size,
+        cache_bytes=settings.serving_cache_bytes,
+        device=settings.serving_device,
+    )
+    app.state.batcher = DynamicBatcher(
+        app.state.predictor, max_requests=1, max_queue=settings.serving_queue_size
+    )
+    return app
+
+
+def start_server(env: dict[str, str], log_dir: Path, factory: str, threads: int):
+    """uvicorn for `factory` on a free port (one worker); waits for `/healthz`."""
+    import httpx
+
+    from cli.embedded import free_port
+    from tests.fixtures.services import REPO_ROOT, ApiServerProcess, _child_env
+
+    port = free_port()
+    log_path = log_dir / f"uvicorn-{port}.log"
+    child = _child_env({**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1"]
+        + ["--port", str(port), "--log-level", "warning"],
+        cwd=REPO_ROOT,
+        env=child,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = ApiServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"uvicorn exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}/healthz", timeout=1.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise TimeoutError(f"API not healthy after 120s:\n{server.log()[-4000:]}")
+        time.sleep(0.2)
+
+
+def closed_loop(
+    url: str, key: str, names: list[str], *, clients: int, seconds: float, seed: int
+) -> dict[str, float]:
+    """`clients` threads post back to back for `seconds`; sentences/s and latency percentiles."""
+    import httpx
+
+    latencies: list[float] = []
+    sentences = [0]
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def loop(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        own, count = [], 0
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+        ) as http:
+            barrier.wait()
+            while time.perf_counter() < stop_at[0]:
+                task = rng.choice(names)
+                texts = [rng.choice(SENTENCES) for _ in range(rng.randint(1, 4))]
+                start = time.perf_counter()
+                response = http.post(f"/v1/tasks/{task}/predict", json={"inputs": texts})
+                own.append(time.perf_counter() - start)
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+                    continue
+                count += len(texts)
+        with lock:
+            latencies.extend(own)
+            sentences[0] += count
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.perf_counter() + seconds
+    started = time.perf_counter()
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    return {
+        "sentences_per_s": sentences[0] / wall,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
+
+
+def warm(url: str, key: str, names: list[str], clients: int) -> None:
+    """One request per task, spread over `clients` threads, so every task is resident."""
+    import httpx
+
+    def loop(part: list[str]) -> None:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300
+        ) as http:
+            for task in part:
+                response = http.post(f"/v1/tasks/{task}/predict", json={"inputs": SENTENCES[:2]})
+                response.raise_for_status()
+
+    threads = [threading.Thread(target=loop, args=(names[i::clients],)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def server_memory(server) -> float:
+    """Resident MiB of the server process."""
+    import psutil
+
+    return mib(psutil.Process(server.process.pid).memory_info().rss)
+
+
+def bench_server_rows(args: argparse.Namespace, counts: list[int]) -> list[list[Any]]:
+    """Rows (a), (b), (c) for every T, each against a fresh uvicorn server."""
+    from registry.basemodel import load_base, resolve_base_path
+    from tests.fixtures.services import (
+        RedisServer,
+        prepare_registry,
+        service_env_for,
+        settings_from_env,
+    )
+
+    base_path = Path(resolve_base_path("all-MiniLM-L6-v2"))
+    base = load_base(str(base_path))
+    work = Path(tempfile.mkdtemp(prefix="diffbank-bench-serving-"))
+    redis_server = RedisServer(work / "redis")
+    redis_server.start()
+    rows = []
+    try:
+        for count in counts:
+            env = service_env_for(work / f"data-{count}", redis_server.url, base_path)
+            env["DIFFBANK_SERVING_DEVICE"] = args.device
+            env["DIFFBANK_SERVING_QUEUE_SIZE"] = str(max(256, 4 * args.clients))
+            settings = settings_from_env(env)
+            key = prepare_registry(settings)
+            tasks = publish(settings, "acme", make_artifacts(base, count, seed=count), "t")
+            merged = publish(settings, "acme", make_artifacts(base, 1, seed=0, empty=True), "m")
+            plans = [
+                ("(a) apply/revert", "bench.serving:apply_revert_app", tasks),
+                ("(b) mixed", "api.app:create_app", tasks),
+                ("(c) merged, batched", "api.app:create_app", merged),
+            ]
+            for label, factory, names in plans:
+                server = start_server(env, work, factory, args.threads)
+                try:
+                    warm(server.url, key, names, args.clients)
+                    result = closed_loop(
+                        server.url,
+                        key,
+                        names,
+                        clients=args.clients,
+                        seconds=args.seconds,
+                        seed=count,
+                    )
+                    rows.append(
+                        [
+                            count,
+                            label,
+                            result["sentences_per_s"],
+                            result["p50_ms"],
+                            result["p99_ms"],
+                            server_memory(server),
+                        ]
+                    )
+                    print(rows[-1], flush=True)
+                finally:
+                    server.stop()
+    finally:
+        redis_server.stop()
+    return rows
+
+
+# ---------------------------------------------------------------- PEFT
+
+
+def peft_worker(args: argparse.Namespace) -> None:
+    """(d) in a fresh process: T LoRA r=8 adapters through `adapter_names` mixed batches."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bench.common import rss_bytes
+    from registry.basemodel import quiet_transformers, resolve_base_path
+
+    torch.set_num_threads(args.threads)
+    path = resolve_base_path("all-MiniLM-L6-v2")
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "key", "value", "dense"],
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
+    names = [f"t{i}" for i in range(args.peft_tasks)]
+    model = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config)
+    model.to(args.device).eval()
+    rng = random.Random(args.peft_tasks)
+    latencies, sentences = [], 0
+    started = time.perf_counter()
+    warmed = False
+    while time.perf_counter() - started < args.seconds or not warmed:
+        texts, adapters = [], []
+        for _ in range(args.clients):
+            task = rng.choice(names)
+            for _ in range(rng.randint(1, 4)):
+                texts.append(rng.choice(SENTENCES))
+                adapters.append(task)
+        begin = time.perf_counter()
+        encoded = tokenizer(
+            texts, truncation=True, max_length=64, padding=True, return_tensors="pt"
+        ).to(args.device)
+        with torch.inference_mode():
+            model(**encoded, adapter_names=adapters).logits.float().cpu()
+        if not warmed:  # the first batch pays one-off costs
+            warmed, started = True, time.perf_counter()
+            continue
+        latencies.append(time.perf_counter() - begin)
+        sentences += len(texts)
+    wall = time.perf_counter() - started
+    memory = mib(rss_bytes())
+    if args.device.startswith("cuda"):
+        memory += mib(torch.cuda.memory_allocated())
+    emit_result(
+        {
+            "sentences_per_s": sentences / wall,
+            "p50_ms": statistics.median(latencies) * 1000,
+            "p99_ms": percentile(latencies, 99) * 1000,
+            "memory_mib": memory,
+        }
+    )
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def bench_kernels(args: argparse.Namespace) -> None:
+    """x·Δᵀ for one task's rows on MiniLM's matrix shapes: CSR vs COO sparse.mm vs gathers."""
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    device = args.device
+
+    def timed(fn, reps=100) -> float:
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / reps * 1e6
+
+    rows = [
+        _kernel_row(out_f, in_f, tokens, device, timed)
+        for out_f, in_f in [(384, 384), (1536, 384), (384, 1536)]
+        for tokens in (32, 128)
+    ]
+    print_table(
+        f"x·Δᵀ at density {DENSITY}, µs per call, {args.threads} thread(s), {device}",
+        ["Δ shape", "rows", "dense base", "CSR int32", "CSR int64", "COO", "gather+index_add_"],
+        rows,
+    )
+
+
+def _kernel_row(out_f: int, in_f: int, tokens: int, device: str, timed) -> list[Any]:
+    """One shape's timings: dense base product, CSR (int32, int64), COO, gather + index_add_."""
+    import torch
+
+    nnz = int(DENSITY * out_f * in_f)
+    flat = torch.randperm(out_f * in_f)[:nnz].sort().values
+    r, c = flat // in_f, flat % in_f
+    v = torch.randn(nnz)
+    coo = torch.sparse_coo_tensor(torch.stack([r, c]), v, (out_f, in_f)).coalesce()
+    csr = coo.to_sparse_csr()
+    csr32 = torch.sparse_csr_tensor(
+        csr.crow_indices().int(), csr.col_indices().int(), csr.values(), (out_f, in_f)
+    )
+    coo, csr, csr32 = coo.to(device), csr.to(device), csr32.to(device)
+    r, c, v = r.to(device), c.to(device), v.to(device)
+    x = torch.randn(tokens, in_f, device=device)
+    weight = torch.randn(out_f, in_f, device=device)
+    return [
+        f"{out_f}x{in_f}",
+        tokens,
+        timed(lambda: torch.nn.functional.linear(x, weight)),
+        timed(lambda: torch.sparse.mm(csr32, x.t()).t()),
+        timed(lambda: torch.sparse.mm(csr, x.t()).t()),
+        timed(lambda: torch.sparse.mm(coo, x.t()).t()),
+        timed(lambda: torch.zeros(tokens, out_f, device=device).index_add_(1, r, x[:, c] * v)),
+    ]
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the serving table (or the kernel table with --kernels)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="1,8,64,1000", help="comma-separated T values")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--kernels", action="store_true")
+    parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peft-tasks", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+    if args.worker:
+        peft_worker(args)
+        return
+    if args.kernels:
+        bench_kernels(args)
+        return
+    counts = [int(t) for t in args.tasks.split(",") if t]
+    rows = bench_server_rows(args, counts)
+    if not args.skip_peft:
+        for count in counts:
+            result = run_isolated(
+                "serving",
+                [
+                    "--peft-tasks",
+                    str(count),
+                    "--seconds",
+                    str(args.seconds),
+                    "--clients",
+                    str(args.clients),
+                    "--device",
+                    args.device,
+                ],
+                threads=args.threads,
+            )
+            rows.append(
+                [
+                    count,
+                    "(d) PEFT LoRA r=8",
+                    result["sentences_per_s"],
+                    result["p50_ms"],
+                    result["p99_ms"],
+                    result["memory_mib"],
+                ]
+            )
+    rows.sort(key=lambda row: (row[0], row[1]))
+    note = MACHINE_NOTE if args.device == "cpu" else f"device {args.device}"
+    print_table(
+        f"Serving T tasks on all-MiniLM-L6-v2, {args.clients} closed-loop clients, 1-4 sentences "
+        f"per request, {args.seconds:g} s per row, {args.threads} torch thread(s) ({note})",
+        ["T", "path", "sentences/s", "p50 ms", "p99 ms", "resident MiB"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
