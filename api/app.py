@@ -11,9 +11,12 @@ import os
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
+from api.batcher import DynamicBatcher
+from api.deps import lookup_principal
 from api.errors import install_error_handlers
+from api.guard import RequestGuard
 from api.metrics import ApiMetrics, MetricsMiddleware
-from api.routes import consolidations, datasets, health, jobs, tasks
+from api.routes import consolidations, datasets, health, jobs, keys, tasks
 from api.serving import Predictor
 from registry.settings import Settings, get_settings
 
@@ -49,17 +52,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.read_session_factory = make_session_factory(engine, reads_only=True)
     app.state.store = open_store(settings.store_url, settings)
-    app.state.upload_dir = str(settings.data_dir / "uploads")  # temp files of uploads in flight
+    app.state.upload_dir = str(settings.upload_dir)  # temp files of uploads in flight
     os.makedirs(app.state.upload_dir, exist_ok=True)
     app.state.celery = make_celery_app(settings)
-    app.state.predictor = Predictor(cache_size=settings.serving_cache_size)
+    app.state.predictor = Predictor(
+        cache_size=settings.serving_cache_size,
+        cache_bytes=settings.serving_cache_bytes,
+        device=settings.serving_device,
+    )
+    app.state.batcher = DynamicBatcher(
+        app.state.predictor,
+        max_requests=settings.serving_batch_max_requests,
+        max_rows=settings.serving_batch_max_rows,
+        max_wait_s=settings.serving_batch_wait_ms / 1000,
+        max_queue=settings.serving_queue_size,
+        retry_after_s=settings.serving_retry_after_s,
+    )
     app.state.metrics = ApiMetrics()
     app.state.metrics.watch_jobs(lambda: _count_jobs_by_state(app))
+    app.state.metrics.watch_serving(app.state.predictor, app.state.batcher)
 
     install_error_handlers(app)
+    app.add_middleware(
+        RequestGuard,
+        lookup=lookup_principal(app.state.read_session_factory),
+        max_json_bytes=settings.max_json_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        guarded_prefixes=("/v1/", "/metrics"),
+        keyless_clients={"/metrics": frozenset(settings.metrics_hosts)},
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
-    for module in (datasets, jobs, tasks, consolidations):
+    for module in (datasets, jobs, tasks, consolidations, keys):
         app.include_router(module.router, prefix="/v1")
     return app
 

@@ -3,8 +3,7 @@ and the page parameters of list routes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -12,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
+from api.guard import Principal
 from api.serving import Predictor
 from registry.catalog.pagination import MAX_PAGE_SIZE
 from registry.settings import Settings
@@ -61,27 +61,35 @@ CursorQuery = Annotated[str | None, Query(max_length=200)]
 PageLimitQuery = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the key's tenant and its scopes."""
-
-    tenant_id: int
-    tenant_name: str
-    scopes: frozenset[str]
-
-    def has_scope(self, scope: str) -> bool:
-        """`admin` grants every scope; otherwise the scope must be on the key."""
-        return scope in self.scopes or "admin" in self.scopes
+# The scope each action needs: the one table every route that reaches an action asks.
+ACTION_SCOPES = {
+    "datasets.read": "read",
+    "datasets.upload": "submit",
+    "datasets.delete": "submit",
+    "jobs.read": "read",
+    "jobs.submit": "submit",
+    "jobs.cancel": "submit",
+    "tasks.read": "read",
+    "tasks.predict": "read",
+    "versions.delete": "submit",
+    "versions.activate": "submit",
+    "consolidations.read": "read",
+    "consolidations.create": "admin",
+    "consolidations.cancel": "admin",
+    "keys.manage": "admin",
+    "metrics.read": "admin",
+}
+# A job's cancel is its kind's cancel: a consolidation's job is cancelled as a consolidation.
+CANCEL_ACTION_OF_KIND = {"train": "jobs.cancel", "consolidate": "consolidations.cancel"}
 
 
 def authenticate(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """The caller of a request; 401 when the key is missing or unknown."""
-    from registry import catalog
-
-    if credentials is None or not credentials.credentials:
+    """The caller, as `api.guard.RequestGuard` authenticated it before the body was read."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:  # only a route outside the guarded prefixes can get here
         raise ApiError(
             401,
             "missing_key",
@@ -89,36 +97,50 @@ def authenticate(
             field="Authorization",
             headers=_CHALLENGE,
         )
-    found = catalog.authenticate_api_key(session, key=credentials.credentials)
-    if found is None:
+    return principal
+
+
+def authorize(principal: Principal, action: str) -> Principal:
+    """The principal, if its key may do `action`; 403 naming the missing scope otherwise."""
+    scope = ACTION_SCOPES[action]
+    if not principal.has_scope(scope):
         raise ApiError(
-            401,
-            "invalid_key",
-            "the API key is not valid (unknown or revoked)",
+            403,
+            "missing_scope",
+            f"this API key lacks the {scope!r} scope ({action})",
             field="Authorization",
-            headers=_CHALLENGE,
         )
-    tenant, scopes = found
-    return Principal(tenant_id=tenant.id, tenant_name=tenant.name, scopes=frozenset(scopes))
+    return principal
 
 
-def require_scope(scope: str):
-    """A dependency answering 403 unless the caller's key has `scope`."""
+def require(action: str):
+    """A dependency answering 403 unless the caller's key may do `action`."""
 
     def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
-        if not principal.has_scope(scope):
-            raise ApiError(
-                403,
-                "missing_scope",
-                f"this API key lacks the {scope!r} scope",
-                field="Authorization",
-            )
-        return principal
+        return authorize(principal, action)
 
-    check.__name__ = f"require_{scope}_scope"
+    check.__name__ = f"require_{action.replace('.', '_')}"
     return check
 
 
-ReadPrincipal = Annotated[Principal, Depends(require_scope("read"))]
-SubmitPrincipal = Annotated[Principal, Depends(require_scope("submit"))]
-AdminPrincipal = Annotated[Principal, Depends(require_scope("admin"))]
+def lookup_principal(session_factory) -> Callable[[str], Principal | None]:
+    """A key -> Principal lookup on `session_factory` (None for an unknown or revoked key)."""
+    from registry import catalog
+
+    def lookup(key: str) -> Principal | None:
+        with session_factory() as session:
+            found = catalog.authenticate_api_key(session, key=key)
+            if found is None:
+                return None
+            tenant, scopes = found
+            return Principal(tenant_id=tenant.id, tenant_name=tenant.name, scopes=frozenset(scopes))
+
+    return lookup
+
+
+AuthenticatedPrincipal = Annotated[Principal, Depends(authenticate)]
+
+
+def allowed(action: str) -> type[Principal]:
+    """The annotation of a route parameter holding a caller allowed to do `action`."""
+    return Annotated[Principal, Depends(require(action))]  # type: ignore[return-value]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 # Location prefixes FastAPI puts in front of a field path; the client only needs the field.
 _LOCATION_PREFIXES = {"body", "query", "path", "header", "cookie"}
@@ -125,16 +129,32 @@ async def _dataset_error_handler(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _store_error_handler(_: Request, exc: Exception) -> JSONResponse:
+async def _store_error_handler(request: Request, exc: Exception) -> JSONResponse:
     from registry.stores import ObjectIntegrityError, ObjectNotFound
 
+    # The detail names store locations and keys: it goes to the log, not to the caller.
+    log.error("object store error on %s %s: %s", request.method, request.url.path, exc)
+    if isinstance(exc, ObjectNotFound):  # most often deleted meanwhile by another request
+        message = "the stored file of this resource is gone (deleted meanwhile?); retry"
+        return JSONResponse(error_body("object_missing", message), status_code=409)
     if isinstance(exc, ObjectIntegrityError):
-        code = "integrity_error"
-    elif isinstance(exc, ObjectNotFound):
-        code = "object_missing"
-    else:
-        code = "store_error"
-    return JSONResponse(error_body(code, str(exc)), status_code=500)
+        message = "a stored file failed its checksum; the operator has the details"
+        return JSONResponse(error_body("integrity_error", message), status_code=500)
+    message = "the object store failed; the operator has the details"
+    return JSONResponse(error_body("store_error", message), status_code=500)
+
+
+async def _integrity_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    # A concurrent change won the race (e.g. a dataset deleted while a job on it was made).
+    log.warning("integrity error on %s %s: %s", request.method, request.url.path, exc)
+    message = "another request changed what this one refers to; look again and retry"
+    return JSONResponse(error_body("conflict", message), status_code=409)
+
+
+async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    message = "the server failed on this request; the operator has the details"
+    return JSONResponse(error_body("internal_error", message), status_code=500)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -149,3 +169,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ObjectStoreError, _store_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(IntegrityError, _integrity_error_handler)
+    app.add_exception_handler(Exception, _unexpected_error_handler)  # the JSON shape, no trace

@@ -22,6 +22,18 @@ from pydantic import (
     model_validator,
 )
 
+from registry.basemodel import public_base_name
+
+
+def plain_text(value: str | None) -> str | None:
+    """`value` if it has no control character and is valid Unicode (no lone surrogate)."""
+    if value is not None:
+        if any(ord(ch) < 32 for ch in value):
+            raise ValueError("must not contain control characters")
+        value.encode("utf-8")  # lone surrogates raise UnicodeEncodeError (a ValueError)
+    return value
+
+
 TaskName = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
@@ -145,11 +157,16 @@ class JobCreate(BaseModel):
     @field_validator("base_model")
     @classmethod
     def _base_model_is_text(cls, value: str | None) -> str | None:
-        if value is not None:
-            if any(ord(ch) < 32 for ch in value):
-                raise ValueError("must not contain control characters")
-            value.encode("utf-8")  # lone surrogates raise UnicodeEncodeError (a ValueError)
-        return value
+        return plain_text(value)
+
+    @model_validator(mode="after")
+    def _validation_is_another_dataset(self) -> JobCreate:
+        if self.validation_dataset_id is not None and self.validation_dataset_id == self.dataset_id:
+            raise ValueError(
+                "validation_dataset_id must name another dataset than dataset_id (or be left "
+                "out: a validation split is then carved from the training rows)"
+            )
+        return self
 
     def params(self) -> dict[str, Any]:
         """The hyperparameters the user set (others keep the trainer's defaults)."""
@@ -210,6 +227,12 @@ class JobPublic(BaseModel):
         if isinstance(data, dict) or not hasattr(data, "error_code"):
             return data
         return _RowView(data, error=_job_error(data))
+
+    @field_validator("base_model")
+    @classmethod
+    def _public_base(cls, value: str | None) -> str | None:
+        """The base's public name, never the server's filesystem path."""
+        return None if value is None else public_base_name(value)
 
     @field_validator("params", "metrics", "progress", mode="before")
     @classmethod
@@ -388,6 +411,11 @@ class ConsolidationCreate(BaseModel):
     rank: int | None = Field(default=None, ge=1, le=256)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_is_text(cls, value: str | None) -> str | None:
+        return plain_text(value)
+
     def params(self) -> dict[str, Any]:
         """The hyperparameters the caller set (others keep ConsolidationConfig's defaults)."""
         knobs = self.model_dump(
@@ -448,6 +476,13 @@ class ConsolidationPublic(BaseModel):
         default_factory=list, validation_alias=_from_report("tasks")
     )
     report: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("base_model")
+    @classmethod
+    def _public_base(cls, value: str) -> str:
+        """The base's public name, never the server's filesystem path."""
+        return public_base_name(value)
+
     created_at: datetime | None = None
     finished_at: datetime | None = Field(default=None, validation_alias=_from_job("finished_at"))
 
@@ -504,6 +539,34 @@ class PredictionsPublic(BaseModel):
     task: str
     version: int
     predictions: list[PredictionPublic]
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+class ApiKeyPublic(BaseModel):
+    """An API key as an admin sees it: never the key itself, only its public prefix."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    prefix: str
+    tenant: str
+    scopes: list[str]
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    @field_validator("tenant", mode="before")
+    @classmethod
+    def _name_of_tenant(cls, value: Any) -> Any:
+        """A key row's tenant is a row: its name."""
+        return value if isinstance(value, str) else value.name
+
+
+class ApiKeysPublic(BaseModel):
+    """The tenant's API keys, revoked ones included, in id order."""
+
+    items: list[ApiKeyPublic]
 
 
 # -- health -----------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import itertools
 import re
 from collections.abc import Iterator
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# Units are case-insensitive; 19 digits hold any file size (and bound the int parse).
+_RANGE_RE = re.compile(r"^bytes=\s*(\d{0,19})-(\d{0,19})$", re.IGNORECASE)
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -35,7 +36,8 @@ def wants_range(header: str | None) -> bool:
     if not header:
         return False
     value = header.strip()
-    return value.lower().startswith("bytes=") and "," not in value
+    # A malformed single range is ignored (the whole file), as RFC 9110 allows.
+    return "," not in value and _RANGE_RE.match(value) is not None
 
 
 def started(chunks: Iterator[bytes]) -> Iterator[bytes]:

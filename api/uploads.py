@@ -16,6 +16,7 @@ from api.errors import ApiError
 FILE_FIELD = "file"
 MAX_FORM_FIELD_BYTES = 4096
 MAX_FORM_FIELDS = 16
+MAX_FILENAME_CHARS = 200  # the catalog stores file names in 255 characters
 # Multipart framing around the file (boundaries, part headers, small form fields).
 FRAMING_ALLOWANCE_BYTES = 64 * 1024
 
@@ -52,6 +53,7 @@ class _PartCollector:
         self.upload = upload
         self.max_bytes = max_bytes
         self.tmp_dir = tmp_dir
+        self.complete = False
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
@@ -91,7 +93,18 @@ class _PartCollector:
                     ApiError(422, "malformed_form", "send exactly one file", field=FILE_FIELD)
                 )
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
-            self.upload.filename = os.path.basename(filename.replace("\\", "/"))
+            filename = os.path.basename(filename.replace("\\", "/"))
+            if len(filename) > MAX_FILENAME_CHARS or any(ord(c) < 32 for c in filename):
+                raise _Abort(
+                    ApiError(
+                        422,
+                        "invalid_filename",
+                        f"the file name must be at most {MAX_FILENAME_CHARS} characters with "
+                        "no control characters",
+                        field=FILE_FIELD,
+                    )
+                )
+            self.upload.filename = filename
             fd, path = tempfile.mkstemp(prefix="upload-", dir=self.tmp_dir)
             self.upload.path = Path(path)
             self._out = os.fdopen(fd, "wb")
@@ -117,6 +130,10 @@ class _PartCollector:
                     field=self._name,
                 )
             )
+
+    def on_end(self) -> None:
+        """The closing boundary arrived: the body is complete."""
+        self.complete = True
 
     def on_part_end(self) -> None:
         """A part complete: close the file, or decode the field as UTF-8."""
@@ -169,19 +186,20 @@ async def receive_upload(request: Request, *, max_bytes: int, tmp_dir: str | Non
 
     upload = Upload()
     collector = _PartCollector(upload, max_bytes, tmp_dir)
-    parser = MultipartParser(
-        params[b"boundary"],
-        {
-            "on_part_begin": collector.on_part_begin,
-            "on_part_data": collector.on_part_data,
-            "on_part_end": collector.on_part_end,
-            "on_header_field": collector.on_header_field,
-            "on_header_value": collector.on_header_value,
-            "on_header_end": collector.on_header_end,
-            "on_headers_finished": collector.on_headers_finished,
-        },
-    )
     try:
+        parser = MultipartParser(
+            params[b"boundary"],
+            {
+                "on_part_begin": collector.on_part_begin,
+                "on_part_data": collector.on_part_data,
+                "on_part_end": collector.on_part_end,
+                "on_header_field": collector.on_header_field,
+                "on_header_value": collector.on_header_value,
+                "on_header_end": collector.on_header_end,
+                "on_headers_finished": collector.on_headers_finished,
+                "on_end": collector.on_end,
+            },
+        )
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
@@ -200,6 +218,14 @@ async def receive_upload(request: Request, *, max_bytes: int, tmp_dir: str | Non
         upload.discard()
         raise
     collector.close()
+    if not collector.complete:  # cut short: what arrived may be a prefix of the file
+        upload.discard()
+        raise ApiError(
+            422,
+            "truncated_form",
+            "the multipart body ended before its closing boundary (an upload cut short?)",
+            field=FILE_FIELD,
+        )
     if upload.path is None:
         raise ApiError(
             422, "missing_file", "no file: send it in the multipart field 'file'", field=FILE_FIELD

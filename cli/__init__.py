@@ -40,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from registry.db import DatabaseDriverMissingError
+
     try:
         return int(args.func(args) or 0)
+    except DatabaseDriverMissingError as exc:  # a configuration error: one line, no traceback
+        print(f"error: DIFFBANK_DATABASE_URL: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader went away (`diffbank inspect FILE | head`): stop quietly, like cat does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

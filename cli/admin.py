@@ -1,4 +1,4 @@
-"""Administration commands: `db upgrade`, `gc [--dry-run] [--json]`, `keys create`."""
+"""Administration commands: `db upgrade`, `gc [--dry-run] [--json]`, `keys create|list|revoke`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     create.add_argument("--json", action="store_true", help="print one JSON object")
     create.set_defaults(func=cmd_keys_create)
+    listing = keys_sub.add_parser("list", help="list API keys (prefixes, never the keys)")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke an API key by id (it stops working)")
+    revoke.add_argument("key_id", type=int, help="the key's id, from `diffbank keys list`")
+    revoke.set_defaults(func=cmd_keys_revoke)
 
 
 def _schema_ready(settings: object) -> bool:
@@ -93,6 +100,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             open_store(settings=settings),
             dry_run=args.dry_run,
             grace_s=DEFAULT_GRACE_S if args.grace is None else args.grace,
+            upload_dir=settings.upload_dir,
         )
     finally:
         session.close()
@@ -100,11 +108,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), sort_keys=True))
         return 0
     verb = "would delete" if args.dry_run else "deleted"
-    for key in report.deleted_blobs + report.deleted_checkpoints:
+    for key in report.deleted_blobs + report.deleted_checkpoints + report.deleted_uploads:
         print(f"{verb} {key}")
     print(
         f"{verb} {len(report.deleted_blobs)} blob(s), {len(report.deleted_checkpoints)} "
-        f"checkpoint(s), {len(report.deleted_artifact_rows)} artifact row(s); kept "
+        f"checkpoint(s), {len(report.deleted_artifact_rows)} artifact row(s), "
+        f"{len(report.deleted_uploads)} stale upload(s); kept "
         f"{len(report.kept_young_blobs)} young unreferenced blob(s); scanned {report.scanned}"
     )
     return 0
@@ -139,4 +148,61 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             f"tenant {tenant.name}, scopes {','.join(row.scopes)} (shown once: store it now)",
             file=sys.stderr,
         )
+    return 0
+
+
+def _key_record(row) -> dict:
+    return {
+        "id": row.id,
+        "prefix": row.prefix,
+        "tenant": row.tenant.name,
+        "scopes": list(row.scopes),
+        "created_at": row.created_at.isoformat() if row.created_at else None,
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+    }
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """Print every API key (or one tenant's): id, prefix, tenant, scopes, revoked or not."""
+    from registry import catalog
+    from registry.db import get_session_factory
+    from registry.settings import get_settings
+
+    settings = get_settings()
+    if not _schema_ready(settings):
+        return 2
+    with get_session_factory(settings)() as session:
+        tenant_id = None
+        if args.tenant:
+            tenant = catalog.find_tenant(session, name=args.tenant)
+            if tenant is None:
+                print(f"error: tenant: no tenant {args.tenant!r}", file=sys.stderr)
+                return 2
+            tenant_id = tenant.id
+        records = [_key_record(row) for row in catalog.list_api_keys(session, tenant_id=tenant_id)]
+    if args.json:
+        print(json.dumps({"keys": records}))
+        return 0
+    for r in records:
+        state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "active"
+        print(f"{r['id']}\t{r['prefix']}\t{r['tenant']}\t{','.join(r['scopes'])}\t{state}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke one API key by id (idempotent)."""
+    from registry import catalog
+    from registry.db import get_session_factory
+    from registry.settings import get_settings
+
+    settings = get_settings()
+    if not _schema_ready(settings):
+        return 2
+    with get_session_factory(settings)() as session:
+        try:
+            row = catalog.revoke_api_key(session, tenant_id=None, key_id=args.key_id)
+        except catalog.CatalogError as exc:
+            print(f"error: {exc.field or 'input'}: {exc}", file=sys.stderr)
+            return 2
+        print(f"revoked key {row.id} ({row.prefix}) of tenant {row.tenant.name}")
     return 0

@@ -59,11 +59,11 @@ def wait_for_port(
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f}s")
 
 
-def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """Start a persistent (append-only) Redis under data_dir/redis; return it and its URL."""
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             redis_server_binary(),
@@ -107,13 +107,23 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+# Children the supervisor restarts when they die (the API is the stack: its death stops it),
+# at most RESTART_LIMIT times each within RESTART_WINDOW_S, so a crash loop still ends.
+RESTARTABLE = ("redis", "worker", "beat")
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
+
+
 @dataclass
 class EmbeddedStack:
-    """Child processes of `diffbank up`, stopped together."""
+    """Child processes of `diffbank up`, stopped together; dead Redis/worker/beat restarted."""
 
     settings: Settings
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    argv: dict[str, list[str]] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)
+    redis_port: int | None = None
 
     def start(self, *, api: bool = True, worker: bool = True, beat: bool = True) -> None:
         """Start Redis (unless DIFFBANK_REDIS_URL is set), then worker, beat and API."""
@@ -131,6 +141,7 @@ class EmbeddedStack:
         if not redis_url:
             proc, redis_url = start_redis(data_dir)
             self.processes["redis"] = proc
+            self.redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
         self.env["DIFFBANK_REDIS_URL"] = redis_url
         logs = data_dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -144,6 +155,7 @@ class EmbeddedStack:
             wait_for_port(self.settings.api_port, timeout_s=60, proc=self.processes["api"])
 
     def _spawn(self, name: str, argv: list[str], logs: Path) -> None:
+        self.argv[name] = argv
         log = open(logs / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
             argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -152,6 +164,25 @@ class EmbeddedStack:
     def failed(self) -> list[str]:
         """Names of child processes that have exited."""
         return [name for name, proc in self.processes.items() if proc.poll() is not None]
+
+    def supervise(self) -> list[str]:
+        """Restart dead Redis, worker and beat (Redis on its port, with its data); the names
+        of dead children that were not restarted (the API, or one that keeps dying)."""
+        lost = []
+        for name in self.failed():
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW_S]
+            if name not in RESTARTABLE or len(recent) >= RESTART_LIMIT:
+                lost.append(name)
+                continue
+            self.restarts[name] = [*recent, now]
+            code = self.processes[name].returncode
+            print(f"{name} exited with code {code}; restarting it", file=sys.stderr, flush=True)
+            if name == "redis":
+                self.processes[name], _ = start_redis(self.settings.data_dir, self.redis_port)
+            else:
+                self._spawn(name, self.argv[name], self.settings.data_dir / "logs")
+        return lost
 
     def stop(self, *, timeout_s: float = 20.0) -> None:
         """Stop every child: SIGTERM to all but Redis, at most `timeout_s` in all, then Redis.

@@ -120,9 +120,11 @@ def plot_density(diff: SparseDiff, out: Path) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print an artifact's metadata and nonzeros per tensor; optionally plot them."""
     from registry.artifact import ArtifactError, load_artifact
+    from registry.validation import check_artifact
 
     try:
         diff = load_artifact(args.file)
+        check_artifact(diff)
     except ArtifactError as exc:
         return fail(exc)
     info = summary(diff, args.file.stat().st_size)

@@ -126,7 +126,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"admin API key: in {boot.admin_key_path}")
         print("Ctrl-C stops every process.", flush=True)
         while True:
-            dead = stack.failed()
+            dead = stack.supervise()
             if dead:
                 print(f"stopping: {', '.join(dead)} exited (logs in {settings.data_dir / 'logs'})")
                 return 1

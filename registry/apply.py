@@ -136,12 +136,9 @@ def load_head(model: PreTrainedModel, diff: SparseDiff) -> None:
 def build_task_model(base: LoadedBase, diff: SparseDiff) -> PreTrainedModel:
     """A standalone classification model: base + diff merged, the diff's head, labels set."""
     from registry.basemodel import build_model
+    from registry.validation import check_artifact
 
-    if diff.meta.base_fingerprint != base.fingerprint:
-        raise ArtifactError(
-            f"wrong base: the diff was made for {diff.meta.base_name!r} "
-            f"({diff.meta.base_fingerprint[:12]}…), not {base.name!r} ({base.fingerprint[:12]}…)"
-        )
+    check_artifact(diff, base)
     meta = diff.meta
     model = build_model(
         base,

@@ -8,7 +8,7 @@ import inspect
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,23 @@ class LoadedBase:
     n_params: int
     encoder: nn.Module  # the frozen base encoder (e.g. a BertModel); treat as read-only
     input_names: frozenset[str] = frozenset()  # what the task model's forward accepts
+    _head_shapes: dict[tuple[str, int], dict[str, tuple[int, ...]]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def head_shapes(self, task_type: str, num_labels: int) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every head tensor of this base's task model (built on `meta`)."""
+        key = (task_type, num_labels)
+        if key not in self._head_shapes:
+            import torch
+
+            with torch.device("meta"):
+                model = build_model(self, task_type=task_type, num_labels=num_labels, weights=False)
+            prefix = model.base_model_prefix + "."
+            self._head_shapes[key] = {
+                n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith(prefix)
+            }
+        return self._head_shapes[key]
 
     def encode(
         self, texts: list[str], pairs: list[str] | None, *, max_length: int
@@ -95,6 +112,20 @@ def canonical_base_name(name_or_path: str) -> str:
     if os.path.isdir(name_or_path):
         return Path(name_or_path).resolve().name
     return name_or_path
+
+
+def k_for_density(density: float, n_params: int) -> int:
+    """k = round(density · N), the number of entries a projection keeps."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return int(round(density * n_params))
+
+
+def public_base_name(source: str) -> str:
+    """How a base is shown to users: a hub name as is, a server path by its directory name."""
+    if source.startswith(("/", ".", "~")) or os.path.isabs(source):
+        return Path(source).name
+    return source
 
 
 @contextlib.contextmanager
@@ -165,8 +196,9 @@ def build_model(
     task_type: str,
     num_labels: int,
     label_names: list[str] | None = None,
+    weights: bool = True,
 ) -> PreTrainedModel:
-    """A fresh `AutoModelForSequenceClassification` holding a copy of the base weights."""
+    """A fresh sequence-classification model holding a copy of the base weights (`weights`)."""
     import copy
 
     if task_type not in TASK_TYPES:
@@ -187,7 +219,8 @@ def build_model(
         config.label2id = {label: i for i, label in enumerate(label_names)}
     with quiet_transformers():
         model = classification_model_class(config)._from_config(config)
-    model.base_model.load_state_dict(base.encoder.state_dict(), strict=True)
+    if weights:
+        model.base_model.load_state_dict(base.encoder.state_dict(), strict=True)
     return model
 
 

@@ -41,10 +41,13 @@ class Settings(BaseSettings):
     max_rows: int = 500_000
     max_labels: int = 1_000
     max_text_chars: int = 20_000
+    max_columns: int = 1_000  # columns of an uploaded table (bounds the parse work)
 
     secret_key: SecretStr = SecretStr(PLACEHOLDER_SECRET)
 
-    # Jobs.
+    # Jobs. Per-tenant limits on what is queued or running (over them: 429).
+    tenant_max_active_jobs: int = 10
+    tenant_max_active_work: int = 5_000_000  # rows trained on (rows x epochs), over the jobs
     job_max_attempts: int = 3
     job_soft_time_limit_s: int = 6 * 3600
     job_hard_time_limit_s: int = 6 * 3600 + 300
@@ -57,8 +60,20 @@ class Settings(BaseSettings):
     job_progress_interval_s: float = 1.0  # at most one progress row/event per interval
     job_cancel_poll_s: float = 1.0  # how often a running job reads cancel_requested
 
+    # Requests. JSON bodies over the cap get 413 before they are read.
+    max_json_bytes: int = 2 * 1024 * 1024
+    # Client hosts that may scrape /metrics without a key (comma-separated); others need admin.
+    metrics_allowlist: str = ""
+
     # Serving.
-    serving_cache_size: int = 64
+    serving_cache_size: int = 100_000  # decoded diffs resident (entries), beside the bytes bound
+    serving_cache_bytes: int = 2 * 1024**3  # decoded diffs resident (bytes)
+    serving_device: str = "cpu"  # where the serving base runs: "cpu", "cuda", "cuda:1"
+    serving_batch_max_requests: int = 32  # a mixed batch closes at this many requests,
+    serving_batch_max_rows: int = 64  # or this many inputs,
+    serving_batch_wait_ms: float = 2.0  # or this long after its first request
+    serving_queue_size: int = 256  # requests waiting for a batch; beyond it 503
+    serving_retry_after_s: int = 1  # the Retry-After of that 503
     serving_max_batch: int = 64  # inputs per prediction request
     serving_max_text_chars: int = 4_000  # characters per input text
 
@@ -82,6 +97,11 @@ class Settings(BaseSettings):
                 "set a real secret when DIFFBANK_ENV=production"
             )
         return self
+
+    @property
+    def metrics_hosts(self) -> list[str]:
+        """The client hosts of `metrics_allowlist`."""
+        return [host.strip() for host in self.metrics_allowlist.split(",") if host.strip()]
 
     @property
     def upload_dir(self) -> Path:

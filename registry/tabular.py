@@ -7,6 +7,7 @@ it concerns, so the HTTP layer can answer a 4xx that points at the offending spo
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from registry.settings import Settings
 
 TASK_TYPES = ("classification", "pair-classification", "regression")
+MAX_LABEL_CHARS = 256  # label names are echoed in every list and prediction
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 # Every `DatasetError.code`, with what it means. The HTTP API maps them to 4xx answers.
@@ -40,6 +42,8 @@ ERROR_CODES = {
     "single_class": "a classification table has fewer than two distinct labels",
     "too_many_labels": "more distinct labels than max_labels",
     "too_many_rows": "more rows than max_rows",
+    "label_too_long": "a classification label is longer than 256 characters",
+    "too_many_columns": "more columns (or JSON keys in a row) than max_columns",
     "too_few_rows": "too few rows to carve a validation split",
     "unknown_label": "a validation label never seen in training",
     "invalid_task_type": "task_type is not one of classification, pair-classification, regression",
@@ -118,6 +122,7 @@ class TableLimits:
     max_rows: int = 500_000
     max_labels: int = 1_000
     max_text_chars: int = 20_000
+    max_columns: int = 1_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TableLimits:
@@ -127,6 +132,7 @@ class TableLimits:
             max_rows=settings.max_rows,
             max_labels=settings.max_labels,
             max_text_chars=settings.max_text_chars,
+            max_columns=settings.max_columns,
         )
 
 
@@ -297,6 +303,15 @@ def _too_many_rows(name: str, limits: TableLimits) -> DatasetError:
     )
 
 
+def _too_many_columns(name: str, limits: TableLimits, found: int, line: int | None):
+    return DatasetError(
+        "too_many_columns",
+        f"{found} columns; at most {limits.max_columns} are accepted",
+        file=name,
+        line=line,
+    )
+
+
 def _read_jsonl(data: bytes, name: str, limits: TableLimits) -> list[Row]:
     rows: list[Row] = []
     # split on "\n" only: str.splitlines() would also break at U+2028 etc. inside strings
@@ -312,6 +327,13 @@ def _read_jsonl(data: bytes, name: str, limits: TableLimits) -> list[Row]:
                 file=name,
                 line=line_no,
             ) from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, deep nesting
+            raise DatasetError(
+                "malformed_row",
+                f"JSON beyond the parser's limits ({exc})"[:200],
+                file=name,
+                line=line_no,
+            ) from None
         if not isinstance(record, dict):
             raise DatasetError(
                 "malformed_row",
@@ -319,6 +341,8 @@ def _read_jsonl(data: bytes, name: str, limits: TableLimits) -> list[Row]:
                 file=name,
                 line=line_no,
             )
+        if len(record) > limits.max_columns:
+            raise _too_many_columns(name, limits, len(record), line_no)
         rows.append((line_no, record))
         if len(rows) > limits.max_rows:
             raise _too_many_rows(name, limits)
@@ -336,8 +360,10 @@ def _read_csv(data: bytes, name: str, limits: TableLimits) -> tuple[list[Row], l
             if not fields or (len(fields) == 1 and not fields[0].strip()):
                 continue
             if header is None:
+                if len(fields) > limits.max_columns:
+                    raise _too_many_columns(name, limits, len(fields), start_line)
                 header = [h.strip() for h in fields]
-                duplicates = sorted({h for h in header if header.count(h) > 1})
+                duplicates = sorted(h for h, n in collections.Counter(header).items() if n > 1)
                 if duplicates:
                     raise DatasetError(
                         "malformed_row",
@@ -363,6 +389,53 @@ def _read_csv(data: bytes, name: str, limits: TableLimits) -> tuple[list[Row], l
     return rows, header or []
 
 
+def _uncompressed_bytes(parquet: Any, columns: list[str]) -> int:
+    """Uncompressed bytes of the column chunks of `columns`, from the file's metadata."""
+    meta, total = parquet.metadata, 0
+    for group in range(meta.num_row_groups):
+        row_group = meta.row_group(group)
+        for index in range(row_group.num_columns):
+            chunk = row_group.column(index)
+            if chunk.path_in_schema in columns:
+                total += chunk.total_uncompressed_size
+    return total
+
+
+def _is_byte_array(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or (pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type))
+    )
+
+
+def _decoded_bytes(column: Any) -> int:
+    """Bytes a (possibly dictionary-encoded) string column decodes to, without decoding it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for chunk in column.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            lengths = pc.binary_length(chunk.dictionary)
+            total += pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0
+        else:
+            total += pc.sum(pc.binary_length(chunk)).as_py() or 0
+    return total
+
+
+def _check_decoded_size(size: int, name: str, limits: TableLimits) -> None:
+    if size > limits.max_upload_bytes:
+        raise DatasetError(
+            "too_large",
+            f"the file decodes to {size} bytes of data, more than max_upload_bytes "
+            f"({limits.max_upload_bytes})",
+            file=name,
+        )
+
+
 def _read_parquet(
     data: bytes, name: str, limits: TableLimits, wanted: list[str]
 ) -> tuple[list[Row], list[str]]:
@@ -374,7 +447,19 @@ def _read_parquet(
         if parquet.metadata.num_rows > limits.max_rows:
             raise _too_many_rows(name, limits)
         columns = parquet.schema_arrow.names
-        arrow_table = parquet.read(columns=[c for c in wanted if c in columns])
+        if len(columns) > limits.max_columns:
+            raise _too_many_columns(name, limits, len(columns), None)
+        present = [c for c in wanted if c in columns]
+        # A few compressed bytes can decode to gigabytes: what is read, and what it decodes
+        # to, must fit the upload limit (as the same rows in JSONL would).
+        _check_decoded_size(_uncompressed_bytes(parquet, present), name, limits)
+        strings = [c for c in present if _is_byte_array(parquet.schema_arrow.field(c).type)]
+        # Strings stay dictionary-encoded until their decoded size is known to fit.
+        encoded = pq.ParquetFile(io.BytesIO(data), read_dictionary=strings)
+        arrow_table = encoded.read(columns=present)
+        _check_decoded_size(
+            sum(_decoded_bytes(arrow_table.column(c)) for c in strings), name, limits
+        )
     except (pa.ArrowException, OSError) as exc:
         raise DatasetError(
             "malformed_file", f"not a readable Parquet file: {exc}", file=name
@@ -413,9 +498,11 @@ def _build_table(
         present = column in columns if columns is not None else any(column in r for _, r in rows)
         if not present:
             known = columns if columns is not None else sorted({k for _, r in rows for k in r})
+            shown = ", ".join(repr(str(k)[:64]) for k in known[:20]) or "none"
+            more = f" and {len(known) - 20} more" if len(known) > 20 else ""
             raise error(
                 "missing_column",
-                f"no column {column!r} in the file (columns: {', '.join(map(str, known)) or 'none'})",
+                f"no column {column!r} in the file (columns: {shown}{more})",
                 column=column,
             )
 
@@ -481,6 +568,10 @@ def _text_column(rows: list[Row], column: str, limits: TableLimits, error) -> li
                 line,
                 column,
             )
+        if not _is_unicode(value):
+            raise error(
+                "not_utf8", "the text is not valid Unicode (a lone surrogate)", line, column
+            )
         texts.append(value)
     return texts
 
@@ -543,7 +634,26 @@ def _class_label(value: Any, line: int, column: str, error) -> str:
                 column,
             )
         value = int(value)
-    return str(value)
+    label = str(value)
+    if len(label) > MAX_LABEL_CHARS:
+        raise error(
+            "label_too_long",
+            f"the label has {len(label)} characters, more than the limit of {MAX_LABEL_CHARS}",
+            line,
+            column,
+        )
+    if not _is_unicode(label):
+        raise error("not_utf8", "the label is not valid Unicode (a lone surrogate)", line, column)
+    return label
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` encodes to UTF-8 (JSON escapes can make lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _label_names(

@@ -82,7 +82,7 @@ def test_metrics_count_requests_by_route_template_and_jobs_by_state(world):
         )
         assert response.status_code == 202
     world.client.get("/v1/jobs/999999", headers=world.headers("alice"))
-    text = world.client.get("/metrics").text
+    text = world.client.get("/metrics", headers=world.headers("admin")).text
     assert 'diffbank_http_requests_total{method="POST",route="/v1/jobs",status="202"} 2.0' in text
     assert 'route="/v1/jobs/{job_id}",status="404"' in text
     assert "diffbank_http_request_duration_seconds_bucket" in text
@@ -116,3 +116,50 @@ def test_openapi_documents_every_route_with_bearer_auth(world):
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     upload = schema["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
     assert "file" in upload["multipart/form-data"]["schema"]["properties"]
+
+
+def test_metrics_need_an_admin_key_and_name_no_task(world):
+    world.publish_version("alice", "secret-project-name", seed=5)
+    predicted = world.client.post(
+        "/v1/tasks/secret-project-name/predict",
+        headers=world.headers("alice"),
+        json={"inputs": ["a fine film"]},
+    )
+    assert predicted.status_code == 200
+    assert world.client.get("/metrics").status_code == 401
+    refused = world.client.get("/metrics", headers=world.headers("alice"))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "missing_scope"
+    text = world.client.get("/metrics", headers=world.headers("admin")).text
+    assert 'diffbank_predictions_total{task_type="classification"}' in text
+    assert "secret-project-name" not in text
+
+
+def test_metrics_allowlisted_hosts_scrape_without_a_key(tmp_path, redis_server, tiny_base_dir):
+    world = make_world(tmp_path, redis_server.url, tiny_base_dir, metrics_allowlist="testclient")
+    response = world.client.get("/metrics")
+    assert response.status_code == 200 and "diffbank_http_requests_total" in response.text
+    assert world.client.get("/v1/jobs").status_code == 401  # only /metrics is keyless
+
+
+def test_reads_and_predictions_go_on_while_the_broker_is_down(
+    tmp_path, redis_server, tiny_base_dir
+):
+    world = make_world(tmp_path, redis_server.url, tiny_base_dir)
+    world.publish_version("alice", "served", seed=3)
+    dataset = world.upload_ok("alice", SENTIMENT_ROWS)["id"]
+    waiting = world.counts()["train_queue"]
+    world.app.state.celery.conf.broker_url = f"redis://127.0.0.1:{free_port()}/0"
+    world.app.state.celery.pool.force_close_all()
+    assert world.client.get("/v1/tasks", headers=world.headers("alice")).status_code == 200
+    predicted = world.client.post(
+        "/v1/tasks/served/predict", headers=world.headers("alice"), json={"inputs": ["fine"]}
+    )
+    assert predicted.status_code == 200, predicted.text
+    queued = world.client.post(
+        "/v1/jobs",
+        headers=world.headers("alice"),
+        json={"task": "later", "dataset_id": dataset, "epochs": 1, "fix_epochs": 1},
+    )
+    assert queued.status_code == 202, queued.text  # kept queued: the sweep sends it later
+    assert queued.json()["state"] == "queued"
+    assert world.counts()["train_queue"] == waiting  # nothing reached the (real) broker

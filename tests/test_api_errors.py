@@ -16,6 +16,8 @@ import pytest
 from tests.api_support import SENTIMENT_ROWS, ApiWorld, jsonl, make_world
 
 MAX_UPLOAD = 2048
+MAX_JSON = 8192
+MAX_COLUMNS = 8
 MAX_BATCH = 4
 MAX_CHARS = 200
 
@@ -38,6 +40,8 @@ def ctx(tmp_path_factory, redis_server, tiny_base_dir) -> Ctx:
         redis_server.url,
         tiny_base_dir,
         max_upload_bytes=MAX_UPLOAD,
+        max_json_bytes=MAX_JSON,
+        max_columns=MAX_COLUMNS,
         serving_max_batch=MAX_BATCH,
         serving_max_text_chars=MAX_CHARS,
     )
@@ -105,6 +109,38 @@ def upload_streamed(name: str, data: bytes):
     )
 
 
+def post_raw(path: str, body: bytes, who: str | None = "alice", *, chunked: bool = False):
+    """POST raw bytes as JSON; `chunked` sends them without a Content-Length."""
+
+    def send(c: Ctx):
+        headers = {"Content-Type": "application/json", **(c.world.headers(who) if who else {})}
+        content = iter([body[i : i + 4096] for i in range(0, len(body), 4096)]) if chunked else body
+        return c.world.client.post(path, content=content, headers=headers)
+
+    return send
+
+
+def upload_truncated(name: str, data: bytes):
+    """A multipart upload cut short: the file part never ends, the closing boundary never comes."""
+    boundary = "diffbank-test-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode() + data[: len(data) // 2]
+    return lambda c: c.world.client.post(
+        "/v1/datasets",
+        content=body,
+        headers={
+            **c.world.headers("alice"),
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
+    )
+
+
+HUGE_JSON = b'{"inputs": ["' + b"x" * (4 * MAX_JSON) + b'"]}'
+GARBAGE = b"\x00not json at all" * 1000
+WIDE_CSV = (",".join(f"c{i}" for i in range(MAX_COLUMNS + 1)) + "\n").encode() * 3
+WIDE_JSONL = jsonl([{"text": "t", "label": "a", **{f"k{i}": i for i in range(MAX_COLUMNS)}}])
 ROWS_WITHOUT_LABEL = [{"text": r["text"]} for r in SENTIMENT_ROWS]
 ONE_CLASS = [{"text": r["text"], "label": "pos"} for r in SENTIMENT_ROWS]
 MALFORMED = jsonl(SENTIMENT_ROWS[:3]) + b'{"text": "broken", "label": \n'
@@ -280,6 +316,113 @@ CASES = [  # at least 15 kinds of bad input, by the brief
         "dataset_id",
     ),
     ("unknown_job", get("/v1/jobs/424242"), 404, "not_found", "job_id"),
+    # A hostile afternoon: limits and authentication come before any work.
+    (
+        "huge_garbage_body_without_a_key",
+        post_raw("/v1/tasks/sent/predict", GARBAGE * 10, who=None),
+        401,
+        "missing_key",
+        "Authorization",
+    ),
+    (
+        "json_body_over_the_cap",
+        post_raw("/v1/tasks/sent/predict", HUGE_JSON),
+        413,
+        "too_large",
+        "body",
+    ),
+    (
+        "json_body_over_the_cap_streamed_without_length",
+        post_raw("/v1/jobs", HUGE_JSON, chunked=True),
+        413,
+        "too_large",
+        "body",
+    ),
+    (
+        "truncated_multipart",
+        upload_truncated("t.jsonl", jsonl(SENTIMENT_ROWS)),
+        422,
+        "truncated_form",
+        "file",
+    ),
+    ("csv_with_too_many_columns", upload("wide.csv", WIDE_CSV), 422, "too_many_columns", "file"),
+    (
+        "jsonl_row_with_too_many_keys",
+        upload("w.jsonl", WIDE_JSONL),
+        422,
+        "too_many_columns",
+        "file",
+    ),
+    (
+        "json_route_body_over_the_cap_claiming_to_be_multipart",
+        lambda c: c.world.client.post(
+            "/v1/jobs",
+            content=HUGE_JSON,
+            headers={
+                **c.world.headers("alice"),
+                "Content-Type": "multipart/form-data; boundary=zz",
+            },
+        ),
+        413,
+        "too_large",
+        "body",
+    ),
+    (
+        "two_authorization_headers",
+        lambda c: c.world.client.get(
+            "/v1/tasks",
+            headers=[
+                ("Authorization", c.world.headers("bob")["Authorization"]),
+                ("Authorization", c.world.headers("alice")["Authorization"]),
+            ],
+        ),
+        400,
+        "duplicate_authorization",
+        "Authorization",
+    ),
+    ("task_name_with_a_nul", get("/v1/tasks/a%00b"), 404, "not_found", "task"),
+    ("predict_on_a_task_name_with_a_nul", predict("a%00b", ["x"]), 404, "not_found", "task"),
+    (
+        "file_name_too_long",
+        upload("x" * 300 + ".jsonl", jsonl(SENTIMENT_ROWS[:2])),
+        422,
+        "invalid_filename",
+        "file",
+    ),
+    (
+        "multipart_boundary_too_long",
+        lambda c: c.world.client.post(
+            "/v1/datasets",
+            content=b"--" + b"b" * 1000 + b"--\r\n",
+            headers={
+                **c.world.headers("alice"),
+                "Content-Type": "multipart/form-data; boundary=" + "b" * 1000,
+            },
+        ),
+        422,
+        "malformed_form",
+        "file",
+    ),
+    (
+        "validation_dataset_is_the_training_dataset",
+        post_job(
+            lambda c: {
+                "task": "sent",
+                "dataset_id": c.alice_dataset,
+                "validation_dataset_id": c.alice_dataset,
+            }
+        ),
+        422,
+        "validation_error",
+        None,
+    ),
+    (
+        "density_that_keeps_no_parameter",
+        post_job(job(density=1e-9)),
+        422,
+        "density_too_small",
+        "density",
+    ),
 ]
 
 

@@ -101,7 +101,7 @@ def test_creating_a_job_commits_it_then_queues_one_train_message(world):
     job = response.json()
     assert job["state"] == "queued" and job["kind"] == "train" and job["task"] == "queued-task"
     assert job["params"] == {"density": 0.01, "epochs": 2}
-    assert job["base_model"] == world.settings.base_model
+    assert job["base_model"] == world.base_dir.name  # the public name, never the server path
     assert queue.llen("train") == before + 1
     message = json.loads(queue.lindex("train", 0))
     assert message["headers"]["task"] == "diffbank.train"
@@ -173,7 +173,7 @@ def test_job_for_a_task_on_another_base_is_a_conflict(world, tmp_path):
         json={"task": "new-on-other", "dataset_id": dataset["id"], "base_model": "other-base"},
     )
     assert accepted.status_code == 202
-    assert accepted.json()["base_model"] == str(other_dir)
+    assert accepted.json()["base_model"] == "other-base"  # its name, not the server's path
 
 
 def test_task_versions_list_metrics_and_lineage_and_the_active_one(world):

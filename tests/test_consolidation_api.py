@@ -58,6 +58,16 @@ def world(tmp_path_factory, redis_server, tiny_base_dir):
     return world
 
 
+@pytest.fixture(autouse=True)
+def _no_run_left_queued(world):
+    """Each test starts with no run in flight (one run at a time per task)."""
+    yield
+    with world.session_factory() as session:
+        for job, _ in catalog.active_jobs(session, tenant_id=world.tenant_ids["admin"]):
+            if job.kind == "consolidate":
+                catalog.request_cancel(session, tenant_id=job.tenant_id, job_id=job.id)
+
+
 def _started(world) -> tuple[int, int, int]:
     """(run rows, job rows, messages in the consolidate queue)."""
     with world.session_factory() as session, session.begin():
@@ -305,3 +315,82 @@ def test_cli_consolidate_reports_the_server_error(world, monkeypatch, capsys):
     )
     assert code == 1 and "nope" in err
     assert _started(world) == before
+
+
+def test_a_run_over_a_task_whose_training_dataset_was_deleted_is_refused_naming_both(
+    world, tiny_base_dir
+):
+    from registry.publish import publish_version
+    from tests.api_support import SENTIMENT_ROWS, random_artifact
+
+    dataset = world.upload_ok("admin", SENTIMENT_ROWS)["id"]
+    base_row = register_base(world.session_factory, tiny_base_dir)
+    with world.session_factory() as session:
+        job = catalog.create_job(
+            session,
+            tenant_id=world.tenant_ids["admin"],
+            kind="train",
+            task_name="t-orphan",
+            dataset_id=dataset,
+            base_model=str(tiny_base_dir),
+            params={},
+        )
+        task = catalog.get_or_create_task(
+            session,
+            tenant_id=world.tenant_ids["admin"],
+            name="t-orphan",
+            base_model_id=base_row.id,
+            task_type="classification",
+            label_names=["neg", "pos"],
+        )
+        data = random_artifact(
+            tiny_base_dir, seed=9, task_type="classification", labels=("neg", "pos"), density=0.02
+        )
+        publish_version(
+            session,
+            world.store,
+            task_id=task.id,
+            diff_bytes=data,
+            nnz=1,
+            density=0.02,
+            metrics={"accuracy": 0.5},
+            config={},
+            source_job_id=job.id,
+        )
+        catalog.claim_job(session, job_id=job.id, worker_id="w1")
+        assert catalog.finish_job(session, job_id=job.id, state="succeeded", worker_id="w1")
+    deleted = world.client.delete(f"/v1/datasets/{dataset}", headers=world.headers("admin"))
+    assert deleted.status_code == 204, deleted.text
+
+    before = _started(world)
+    response = world.client.post(
+        "/v1/consolidations",
+        headers=world.headers("admin"),
+        json={"tasks": ["t1", "t-orphan"], "budget": 100},
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "tasks"
+    assert "'t-orphan'" in error["message"] and "training dataset" in error["message"]
+    assert _started(world) == before
+
+
+def test_a_second_run_over_a_task_still_being_consolidated_is_a_conflict(world):
+    first = world.client.post(
+        "/v1/consolidations", headers=world.headers("admin"), json={"tasks": ["t1"], "budget": 100}
+    )
+    assert first.status_code == 202, first.text
+    before = _started(world)
+    again = world.client.post(
+        "/v1/consolidations",
+        headers=world.headers("admin"),
+        json={"tasks": ["t1", "t2"], "budget": 100},
+    )
+    assert again.status_code == 409, again.text
+    assert again.json()["error"]["code"] == "consolidation_in_flight"
+    assert _started(world) == before
+    other = world.client.post(
+        "/v1/consolidations", headers=world.headers("admin"), json={"tasks": ["t2"], "budget": 100}
+    )
+    assert other.status_code == 202, other.text  # a disjoint group may run alongside
+    redis.Redis.from_url(world.redis_url).delete("consolidate")

@@ -71,7 +71,7 @@ def _fitted_head_diff(base, data, *, seed: int):
     from worker.kit.batching import encode_rows, label_tensor
 
     torch.manual_seed(seed)
-    batch = encode_rows(base.tokenizer, data.train, list(range(data.train.rows)), 8, "cpu")
+    batch = encode_rows(base, data.train, list(range(data.train.rows)), 8, "cpu")
     with torch.no_grad():
         features = base.encoder(**batch).pooler_output
     labels = label_tensor(data.train, data.task_type)

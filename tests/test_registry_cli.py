@@ -71,3 +71,51 @@ def test_gc_dry_run_reports_and_gc_deletes_orphans(cli_env, capsys):
     code, out, _ = run_cli(capsys, "gc", "--grace", "0")
     assert code == 0 and f"deleted {orphan}" in out
     assert store.head(orphan) is None
+
+
+def test_keys_list_shows_prefixes_and_revoke_stops_a_key(cli_env, capsys):
+    run_cli(capsys, "db", "upgrade")
+    key = json.loads(run_cli(capsys, "keys", "create", "--tenant", "acme", "--json")[1])["key"]
+    run_cli(capsys, "keys", "create", "--tenant", "other", "--json")
+    code, out, _ = run_cli(capsys, "keys", "list", "--tenant", "acme", "--json")
+    assert code == 0
+    [listed] = json.loads(out)["keys"]
+    assert listed["prefix"] in key
+    assert listed["tenant"] == "acme" and listed["revoked_at"] is None
+    assert key not in out  # the key itself is never shown again
+    assert len(json.loads(run_cli(capsys, "keys", "list", "--json")[1])["keys"]) == 2
+
+    code, out, _ = run_cli(capsys, "keys", "revoke", str(listed["id"]))
+    assert code == 0 and "revoked" in out
+    with get_session_factory(cli_env)() as session:
+        assert catalog.authenticate_api_key(session, key=key) is None
+    code, _, err = run_cli(capsys, "keys", "revoke", "999999")
+    assert code == 2 and "key_id" in err
+
+
+def test_gc_removes_stale_upload_temp_files(cli_env, capsys):
+    import os
+    import time
+
+    run_cli(capsys, "db", "upgrade")
+    cli_env.upload_dir.mkdir(parents=True, exist_ok=True)
+    stale = cli_env.upload_dir / "upload-crashed"
+    stale.write_bytes(b"half a csv")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    code, out, _ = run_cli(capsys, "gc")
+    assert code == 0 and f"deleted {stale}" in out
+    assert not stale.exists()
+
+
+def test_a_database_url_whose_driver_is_missing_is_one_line_naming_the_package(
+    cli_env, capsys, monkeypatch
+):
+    from registry.db import _engine_for_url
+
+    monkeypatch.setenv("DIFFBANK_DATABASE_URL", "postgresql+pg8000://user@127.0.0.1/db")
+    get_settings.cache_clear()
+    _engine_for_url.cache_clear()
+    code, out, err = run_cli(capsys, "db", "upgrade")
+    assert code == 2 and out == ""
+    assert "pg8000" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -162,3 +162,68 @@ def test_workers_racing_for_the_same_jobs_each_job_is_claimed_exactly_once(
             for e in catalog.list_job_events(session, tenant_id=tenant.id, job_id=job_id)
         ]
         assert states == ["queued", "running"]
+
+
+def _create_job_or_delete_dataset(
+    db_url: str, store_root: str, tenant_id: int, dataset_id: int, role: str, barrier
+) -> str:
+    from registry.db import make_engine, make_session_factory
+    from registry.stores import FileStore
+
+    engine = make_engine(db_url)
+    session = make_session_factory(engine)()
+    barrier.wait()
+    try:
+        if role == "create":
+            catalog.create_job(
+                session,
+                tenant_id=tenant_id,
+                kind="train",
+                task_name="t",
+                dataset_id=dataset_id,
+                base_model="m",
+                params={},
+            )
+            return "created"
+        catalog.delete_dataset(
+            session, FileStore(store_root), tenant_id=tenant_id, dataset_id=dataset_id
+        )
+        return "deleted"
+    except catalog.CatalogError as exc:
+        return exc.code
+    finally:
+        session.close()
+        engine.dispose()
+
+
+def test_a_job_created_while_its_dataset_is_deleted_is_one_or_the_other_never_a_broken_row(
+    spawn_pool, session, db_url, tmp_path
+):
+    from registry.stores import FileStore
+
+    store = FileStore(tmp_path / "objects")
+    tenant = catalog.get_or_create_tenant(session, name="acme")
+    outcomes = set()
+    for i in range(6):
+        stored = store.put(store.content_key("datasets", f"{i:064x}", ".jsonl"), b"rows %d" % i)
+        dataset = catalog.create_dataset(
+            session,
+            tenant_id=tenant.id,
+            stored=stored,
+            filename="d.jsonl",
+            format="jsonl",
+            rows=8,
+            label_names=["a", "b"],
+            task_type="classification",
+            column_mapping={},
+        )
+        results = run_together(
+            spawn_pool,
+            _create_job_or_delete_dataset,
+            [
+                (db_url, str(tmp_path / "objects"), tenant.id, dataset.id, role)
+                for role in ("create", "delete")
+            ],
+        )
+        outcomes.add(tuple(results))
+    assert outcomes <= {("created", "dataset_in_use"), ("not_found", "deleted")}

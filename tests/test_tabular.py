@@ -398,3 +398,40 @@ def test_unicode_line_separator_inside_a_json_string_is_text_not_a_line_break() 
     table = read_table(data, filename="u.jsonl")
     assert table.texts[0] == "one\u2028two"
     assert table.line_numbers == [1, 2]
+
+
+def test_a_parquet_file_that_decodes_past_the_upload_limit_is_refused_before_decoding() -> None:
+    buffer = io.BytesIO()
+    bomb = pa.table({"text": ["a" * 100_000] * 2_000, "label": ["x", "y"] * 1_000})
+    pq.write_table(bomb, buffer, compression="zstd")  # under a kilobyte, 200 MB decoded
+    assert len(buffer.getvalue()) < 10_000
+    error = expect_error(buffer.getvalue(), "d.parquet", "too_large")
+    assert "decodes to" in str(error)
+
+
+def test_dictionary_encoded_parquet_strings_read_as_plain_text() -> None:
+    table = read_table(
+        parquet_bytes({"text": ["good film", "bad film"] * 10, "label": ["pos", "neg"] * 10}),
+        filename="d.parquet",
+    )
+    assert table.rows == 20 and table.texts[:2] == ["good film", "bad film"]
+    assert table.label_names == ["neg", "pos"]
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        ('{"text": "a", "label": "\\udfff"}', "not_utf8"),
+        ('{"text": "\\ud800 x", "label": "pos"}', "not_utf8"),
+        (json.dumps({"text": "a", "label": "l" * 300}), "label_too_long"),
+        ('{"text": "a", "label": ' + "9" * 5000 + "}", "malformed_row"),
+        (
+            '{"text": "a", "label": "pos", "x": ' + "[" * 200_000 + "]" * 200_000 + "}",
+            "malformed_row",
+        ),
+    ],
+    ids=["surrogate_label", "surrogate_text", "long_label", "huge_number", "deep_nesting"],
+)
+def test_jsonl_values_no_table_can_hold_are_refused(line: str, code: str) -> None:
+    data = jsonl_bytes(ROWS) + line.encode() + b"\n"
+    expect_error(data, "d.jsonl", code)

@@ -55,23 +55,14 @@ class LoadedTask:
 
 def _training_job(session: Session, version: TaskVersion) -> Job:
     """The training job behind a version (through the parents of consolidated versions)."""
-    seen: set[int] = set()
-    current: TaskVersion | None = version
-    while current is not None and current.id not in seen:
-        seen.add(current.id)
-        if current.source_job_id is not None:
-            job = catalog.load_job(session, job_id=current.source_job_id)
-            if job is not None:
-                return job
-            break
-        if current.parent_version_id is None:
-            break
-        with catalog.transaction(session):
-            current = session.get(TaskVersion, current.parent_version_id)
-    raise JobFailure(
-        "dataset_missing",
-        f"version {version.number}: no training job (and so no dataset) behind it",
-    )
+    with catalog.transaction(session):
+        job = catalog.training_job_of(session, version)
+    if job is None:
+        raise JobFailure(
+            "dataset_missing",
+            f"version {version.number}: no training job (and so no dataset) behind it",
+        )
+    return job
 
 
 def _load_tasks(
@@ -97,7 +88,10 @@ def _load_tasks(
             raise JobFailure("artifact_unreadable", f"task {name!r}: {exc}") from exc
         job = _training_job(session, version)
         seed = int((job.params or {}).get("seed", 0))
-        data = load_job_data(session, store, job, settings, seed=seed)
+        try:
+            data = load_job_data(session, store, job, settings, seed=seed)
+        except JobFailure as exc:
+            raise JobFailure(exc.code, f"task {name!r}: {exc.message}") from exc
         loaded.append(LoadedTask(name, task.id, version, diff, len(raw), data))
     return loaded
 

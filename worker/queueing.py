@@ -29,6 +29,8 @@ TASK_QUEUES = {
 }
 MAINTENANCE_TASKS = (SWEEP_TASK, POLICY_TASK)
 JOB_TASKS = {"train": TRAIN_TASK, "consolidate": CONSOLIDATE_TASK}
+# kombu's Redis priority lists (its default steps); the sweep reads the same lists.
+PRIORITY_STEPS = (0, 3, 6, 9)
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,24 @@ def job_message(kind: str, *, job_id: int, run_id: int | None = None) -> JobMess
     return JobMessage(task, TASK_QUEUES[task], int(job_id))
 
 
+def fair_priority(jobs_ahead_of_tenant: int) -> int:
+    """The broker priority of a tenant's next job: later the more of theirs are in flight.
+
+    Redis serves priority 0 first, so one tenant's tenth job waits behind others' first.
+    """
+    return PRIORITY_STEPS[min(jobs_ahead_of_tenant, len(PRIORITY_STEPS) - 1)]
+
+
 def enqueue(
-    app: Any, kind: str, *, job_id: int, run_id: int | None = None, connection: Any = None
+    app: Any,
+    kind: str,
+    *,
+    job_id: int,
+    run_id: int | None = None,
+    connection: Any = None,
+    priority: int = 0,
 ) -> JobMessage:
     """Send the message that runs a job on `app` (routed by task name); the message sent."""
     message = job_message(kind, job_id=job_id, run_id=run_id)
-    app.send_task(message.task, args=[message.argument], connection=connection)
+    app.send_task(message.task, args=[message.argument], connection=connection, priority=priority)
     return message

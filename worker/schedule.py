@@ -108,27 +108,6 @@ def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]
     ]
 
 
-def _run_in_flight(session: Any, tenant_id: int, base_model: str) -> bool:
-    """Whether a consolidation of this tenant and base is still queued or running."""
-    from sqlalchemy import select
-
-    from registry import catalog
-    from registry.models import ConsolidationRun, Job
-
-    with catalog.transaction(session):
-        found = session.scalar(
-            select(ConsolidationRun.id)
-            .join(Job, ConsolidationRun.job_id == Job.id)
-            .where(
-                ConsolidationRun.tenant_id == tenant_id,
-                ConsolidationRun.base_model == base_model,
-                Job.state.in_(("queued", "running")),
-            )
-            .limit(1)
-        )
-    return found is not None
-
-
 def apply_consolidation_policy(settings: Settings) -> list[int]:
     """Create and enqueue a scheduled run for every group over the threshold; the new run ids."""
     from registry import catalog
@@ -141,7 +120,9 @@ def apply_consolidation_policy(settings: Settings) -> list[int]:
     created = []
     with sessions() as session, Connection(broker_url(settings)) as connection:
         for group in over_budget_groups(stored_rows(session), threshold):
-            if _run_in_flight(session, group.tenant_id, group.base_model):
+            if catalog.consolidation_in_flight(
+                session, tenant_id=group.tenant_id, base_model=group.base_model
+            ):
                 continue
             run = catalog.create_consolidation_run(
                 session,

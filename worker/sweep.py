@@ -22,14 +22,14 @@ from registry import catalog
 from registry.db import get_session_factory
 from registry.models import Job
 from registry.settings import Settings
-from worker.app import JOB_QUEUES, JOB_TASKS, broker_url, celery_app, enqueue, job_message
+from worker.app import broker_url, celery_app
+from worker.queueing import JOB_QUEUES, JOB_TASKS, PRIORITY_STEPS, enqueue, job_message
 
 log = logging.getLogger(__name__)
 
 # kombu's Redis transport: a queue with priorities is several lists `<queue><SEP><priority>`;
 # delivered-but-unacked messages live in one hash.
 _PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (0, 3, 6, 9)
 _UNACKED_HASH = "unacked"
 
 MessageRef = tuple[str, int]  # (task name, first argument: job id or consolidation run id)
@@ -57,7 +57,7 @@ def broker_messages(
     """Messages waiting in `queues`, and messages delivered but not yet acknowledged."""
     waiting: set[MessageRef] = set()
     for queue in queues:
-        for priority in _PRIORITY_STEPS:
+        for priority in PRIORITY_STEPS:
             name = queue if priority == 0 else f"{queue}{_PRIORITY_SEP}{priority}"
             for raw in client.lrange(name, 0, -1):
                 ref = message_ref(raw)

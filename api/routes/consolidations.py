@@ -6,16 +6,17 @@ under /tasks (api/routes/tasks.py).
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from api.deps import (
-    AdminPrincipal,
     CursorQuery,
     PageLimitQuery,
-    ReadPrincipal,
+    Principal,
     SessionDep,
     SettingsDep,
+    require,
 )
 from api.errors import ApiError
 from api.schemas import (
@@ -85,7 +86,7 @@ def _resolve_base(session, settings, body: ConsolidationCreate, tenant_id: int) 
 def create_consolidation(
     body: ConsolidationCreate,
     request: Request,
-    principal: AdminPrincipal,
+    principal: Annotated[Principal, Depends(require("consolidations.create"))],
     session: SessionDep,
     settings: SettingsDep,
 ) -> ConsolidationPublic:
@@ -139,7 +140,7 @@ def _enqueue(request: Request, session, run: ConsolidationRun) -> None:
     summary="List consolidation runs",
 )
 def list_consolidations(
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("consolidations.read"))],
     session: SessionDep,
     cursor: CursorQuery = None,
     limit: PageLimitQuery = 50,
@@ -160,7 +161,9 @@ def list_consolidations(
     summary="Get a consolidation run and its report",
 )
 def get_consolidation(
-    run_id: int, principal: ReadPrincipal, session: SessionDep
+    run_id: int,
+    principal: Annotated[Principal, Depends(require("consolidations.read"))],
+    session: SessionDep,
 ) -> ConsolidationPublic:
     """A run: state, progress, and per-task before/after metrics, nonzeros, bytes, acceptance."""
     return ConsolidationPublic.model_validate(
@@ -175,7 +178,9 @@ def get_consolidation(
     summary="Cancel a consolidation run",
 )
 def cancel_consolidation(
-    run_id: int, principal: AdminPrincipal, session: SessionDep
+    run_id: int,
+    principal: Annotated[Principal, Depends(require("consolidations.cancel"))],
+    session: SessionDep,
 ) -> ConsolidationPublic:
     """Cancel a queued run now, or ask its worker to stop (nothing is published)."""
     run = catalog.get_consolidation_run(session, tenant_id=principal.tenant_id, run_id=run_id)

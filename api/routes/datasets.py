@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from api.deps import (
     CursorQuery,
     PageLimitQuery,
-    ReadPrincipal,
+    Principal,
     SessionDep,
     SettingsDep,
     StoreDep,
-    SubmitPrincipal,
+    require,
 )
 from api.errors import ApiError
 from api.schemas import DatasetPublic, DatasetsPublic, error_responses
@@ -86,7 +88,7 @@ def _mapping(fields: dict[str, str]) -> tuple[tabular.ColumnMapping, str | None]
 )
 async def upload_dataset(
     request: Request,
-    principal: SubmitPrincipal,
+    principal: Annotated[Principal, Depends(require("datasets.upload"))],
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -106,6 +108,8 @@ async def upload_dataset(
             task_type=task_type,
             limits=tabular.TableLimits.from_settings(settings),
         )
+        if await request.is_disconnected():  # nobody is waiting for it: create nothing
+            raise ApiError(499, "client_gone", "the client left before the upload was stored")
         row = await run_in_threadpool(
             _publish_dataset,
             session,
@@ -144,7 +148,7 @@ def _publish_dataset(
 
 @router.get("", response_model=DatasetsPublic, responses=ERRORS, summary="List datasets")
 def list_datasets(
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("datasets.read"))],
     session: SessionDep,
     cursor: CursorQuery = None,
     limit: PageLimitQuery = 50,
@@ -161,7 +165,11 @@ def list_datasets(
 @router.get(
     "/{dataset_id}", response_model=DatasetPublic, responses=ERRORS, summary="Get a dataset"
 )
-def get_dataset(dataset_id: int, principal: ReadPrincipal, session: SessionDep) -> DatasetPublic:
+def get_dataset(
+    dataset_id: int,
+    principal: Annotated[Principal, Depends(require("datasets.read"))],
+    session: SessionDep,
+) -> DatasetPublic:
     """One of the caller's datasets (another tenant's id answers 404)."""
     return DatasetPublic.model_validate(
         catalog.get_dataset(session, tenant_id=principal.tenant_id, dataset_id=dataset_id)
@@ -170,7 +178,10 @@ def get_dataset(dataset_id: int, principal: ReadPrincipal, session: SessionDep) 
 
 @router.delete("/{dataset_id}", status_code=204, responses=ERRORS, summary="Delete a dataset")
 def delete_dataset(
-    dataset_id: int, principal: SubmitPrincipal, session: SessionDep, store: StoreDep
+    dataset_id: int,
+    principal: Annotated[Principal, Depends(require("datasets.delete"))],
+    session: SessionDep,
+    store: StoreDep,
 ) -> Response:
     """Delete a dataset (409 while an unfinished job uses it); its blob goes if unshared."""
     catalog.delete_dataset(session, store, tenant_id=principal.tenant_id, dataset_id=dataset_id)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from api.deps import authorize
 from api.errors import error_body
 from api.schemas import ErrorPublic, HealthPublic, ReadyPublic
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -45,7 +50,13 @@ def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
-    """Prometheus exposition: request counts and latency by route, jobs by state."""
+    """Prometheus exposition: request counts and latency by route, jobs by state.
+
+    Needs an admin key, unless the client's host is in `DIFFBANK_METRICS_ALLOWLIST`.
+    """
+    principal = getattr(request.state, "principal", None)
+    if principal is not None:  # None: an allowlisted host, let through by the guard
+        authorize(principal, "metrics.read")
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
     )
@@ -55,7 +66,9 @@ def _check(probe) -> str:
     try:
         probe()
     except Exception as exc:  # a readiness probe reports any failure, it never raises
-        return f"{type(exc).__name__}: {exc}"[:300]
+        # Unauthenticated callers see which dependency failed, not its hosts and ports.
+        log.warning("readiness check failed: %s: %s", type(exc).__name__, exc)
+        return f"failed ({type(exc).__name__})"
     return "ok"
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
 
 from api.deps import (
+    CANCEL_ACTION_OF_KIND,
     CursorQuery,
     PageLimitQuery,
-    ReadPrincipal,
+    Principal,
     SessionDep,
     SettingsDep,
-    SubmitPrincipal,
+    authorize,
+    require,
 )
 from api.errors import ApiError
 from api.schemas import (
@@ -114,7 +116,7 @@ def _check_task_compatible(
 def create_job(
     body: JobCreate,
     request: Request,
-    principal: SubmitPrincipal,
+    principal: Annotated[Principal, Depends(require("jobs.submit"))],
     session: SessionDep,
     settings: SettingsDep,
 ) -> JobPublic:
@@ -142,10 +144,14 @@ def create_job(
                 field="validation_dataset_id",
             )
     # Plain values: a catalog lookup that fails (rolls back) expires loaded rows.
-    dataset_id, task_type = dataset.id, dataset.task_type
+    dataset_id, task_type, rows = dataset.id, dataset.task_type, dataset.rows
     base = _resolve_base(session, settings, body.base_model)
     _check_task_compatible(
         session, tenant_id=tenant_id, name=body.task, base=base, task_type=task_type
+    )
+    _check_density_keeps_entries(session, base, body.density)
+    in_flight = _check_tenant_quota(
+        session, settings, tenant_id=tenant_id, work=requested_work(rows, body.params())
     )
     job = catalog.create_job(
         session,
@@ -158,16 +164,78 @@ def create_job(
         params=body.params(),
         max_attempts=settings.job_max_attempts,
     )
-    _enqueue(request, session, job)
+    _enqueue(request, session, job, jobs_ahead=in_flight)
     return job_public(job)
 
 
-def _enqueue(request: Request, session, job: Job) -> None:
-    """Send the job's message after its row committed; a broker failure leaves it to the sweep."""
+def requested_work(rows: int, params: dict) -> int:
+    """What a training job asks of a worker: rows it will pass through (rows x epochs)."""
+    from worker.diffprune.config import DiffPruneConfig, run_steps
+
+    config = DiffPruneConfig.from_dict(dict(params))
+    prune_steps, fix_steps = run_steps(max(int(rows), 1), config)
+    return (prune_steps + fix_steps) * config.batch_size * config.grad_accum
+
+
+def _check_density_keeps_entries(session, base: str, density: float | None) -> None:
+    """422 when `density` keeps no parameter of the base (k = round(density * N) is 0)."""
+    from registry.basemodel import k_for_density, load_base
+    from worker.diffprune.config import DiffPruneConfig
+
+    density = DiffPruneConfig().density if density is None else density
+    with catalog.transaction(session):
+        n_params = session.scalar(select(BaseModel.n_params).where(BaseModel.source == base))
+    if n_params is None:  # a base no job has published on yet: read its size once
+        n_params = load_base(base).n_params
+    if k_for_density(density, n_params) < 1:
+        raise ApiError(
+            422,
+            "density_too_small",
+            f"density {density} keeps no parameter of the base's {n_params:,}; "
+            f"use at least {1 / n_params:.2g}",
+            field="density",
+        )
+
+
+def _check_tenant_quota(session, settings, *, tenant_id: int, work: int) -> int:
+    """429 when the tenant's queued and running jobs are at a limit; how many there are."""
+    active = catalog.active_jobs(session, tenant_id=tenant_id)
+    if len(active) >= settings.tenant_max_active_jobs:
+        raise ApiError(
+            429,
+            "too_many_jobs",
+            f"{len(active)} jobs are queued or running (the limit is "
+            f"{settings.tenant_max_active_jobs}); wait for some to finish",
+            field="dataset_id",
+            headers={"Retry-After": "60"},
+        )
+    held = sum(
+        requested_work(rows, job.params or {}) for job, rows in active if job.kind == "train"
+    )
+    if held + work > settings.tenant_max_active_work:
+        raise ApiError(
+            429,
+            "too_much_work",
+            f"this job asks {work:,} rows x epochs on top of {held:,} in flight (the limit is "
+            f"{settings.tenant_max_active_work:,}); use fewer epochs or wait",
+            field="epochs",
+            headers={"Retry-After": "60"},
+        )
+    return len(active)
+
+
+def _enqueue(request: Request, session, job: Job, *, jobs_ahead: int) -> None:
+    """Send the job's message after its row committed; a broker failure leaves it to the sweep.
+
+    Its priority falls with the tenant's jobs already in flight, so tenants share the workers.
+    """
     from worker.app import enqueue
+    from worker.queueing import fair_priority
 
     try:
-        enqueue(request.app.state.celery, "train", job_id=job.id)
+        enqueue(
+            request.app.state.celery, "train", job_id=job.id, priority=fair_priority(jobs_ahead)
+        )
     except Exception:  # the job stays queued; the periodic sweep re-sends it
         log.exception("could not enqueue job %s; the sweep will re-send it", job.id)
         return
@@ -176,7 +244,7 @@ def _enqueue(request: Request, session, job: Job) -> None:
 
 @router.get("", response_model=JobsPublic, responses=ERRORS, summary="List jobs")
 def list_jobs(
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("jobs.read"))],
     session: SessionDep,
     state: JobState | None = None,
     task: Annotated[str | None, Query(max_length=128)] = None,
@@ -198,15 +266,23 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS, summary="Get a job")
-def get_job(job_id: int, principal: ReadPrincipal, session: SessionDep) -> JobPublic:
+def get_job(
+    job_id: int, principal: Annotated[Principal, Depends(require("jobs.read"))], session: SessionDep
+) -> JobPublic:
     """State, progress, metrics, error and published version of one of the caller's jobs."""
     job = catalog.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
     return jobs_public(session, [job])[0]
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS, summary="Cancel a job")
-def cancel_job(job_id: int, principal: SubmitPrincipal, session: SessionDep) -> JobPublic:
+def cancel_job(
+    job_id: int,
+    principal: Annotated[Principal, Depends(require("jobs.cancel"))],
+    session: SessionDep,
+) -> JobPublic:
     """A queued job is cancelled at once; a running one stops within seconds."""
+    kind = catalog.get_job(session, tenant_id=principal.tenant_id, job_id=job_id).kind
+    authorize(principal, CANCEL_ACTION_OF_KIND[kind])  # a consolidation's job cancels as one
     job = catalog.request_cancel(session, tenant_id=principal.tenant_id, job_id=job_id)
     return jobs_public(session, [job])[0]
 
@@ -216,7 +292,7 @@ def cancel_job(job_id: int, principal: SubmitPrincipal, session: SessionDep) -> 
 )
 def job_events(
     job_id: int,
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("jobs.read"))],
     session: SessionDep,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from api.deps import (
     CursorQuery,
     PageLimitQuery,
-    ReadPrincipal,
+    Principal,
     SessionDep,
     StoreDep,
-    SubmitPrincipal,
+    require,
 )
 from api.errors import ApiError
 from api.routes import predict
@@ -68,7 +68,7 @@ def version_public(
 
 @router.get("", response_model=TasksPublic, responses=ERRORS, tags=TASKS, summary="List tasks")
 def list_tasks(
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("tasks.read"))],
     session: SessionDep,
     cursor: CursorQuery = None,
     limit: PageLimitQuery = 50,
@@ -83,7 +83,11 @@ def list_tasks(
 @router.get(
     "/{name}", response_model=TaskPublic, responses=ERRORS, tags=TASKS, summary="Get a task"
 )
-def get_task(name: TaskNamePath, principal: ReadPrincipal, session: SessionDep) -> TaskPublic:
+def get_task(
+    name: TaskNamePath,
+    principal: Annotated[Principal, Depends(require("tasks.read"))],
+    session: SessionDep,
+) -> TaskPublic:
     """One of the caller's tasks (another tenant's name answers 404)."""
     return TaskPublic.model_validate(
         catalog.get_task(session, tenant_id=principal.tenant_id, name=name)
@@ -98,7 +102,9 @@ def get_task(name: TaskNamePath, principal: ReadPrincipal, session: SessionDep) 
     summary="A task's versions",
 )
 def list_versions(
-    name: TaskNamePath, principal: ReadPrincipal, session: SessionDep
+    name: TaskNamePath,
+    principal: Annotated[Principal, Depends(require("tasks.read"))],
+    session: SessionDep,
 ) -> TaskVersionsPublic:
     """Every version with metrics, config and lineage, oldest first."""
     task = catalog.get_task(session, tenant_id=principal.tenant_id, name=name)
@@ -119,7 +125,7 @@ def list_versions(
 def delete_version(
     name: TaskNamePath,
     number: VersionNumberPath,
-    principal: SubmitPrincipal,
+    principal: Annotated[Principal, Depends(require("versions.delete"))],
     session: SessionDep,
     store: StoreDep,
 ) -> Response:
@@ -148,7 +154,7 @@ def delete_version(
 )
 def download_diff(
     name: TaskNamePath,
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("tasks.read"))],
     session: SessionDep,
     store: StoreDep,
     version: VersionQuery = None,
@@ -223,7 +229,7 @@ def download_diff(
 )
 def task_stats(
     name: TaskNamePath,
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("tasks.read"))],
     session: SessionDep,
     store: StoreDep,
     version: VersionQuery = None,
@@ -257,7 +263,7 @@ def task_stats(
 def activate_version(
     name: TaskNamePath,
     number: VersionNumberPath,
-    principal: SubmitPrincipal,
+    principal: Annotated[Principal, Depends(require("versions.activate"))],
     session: SessionDep,
 ) -> TaskPublic:
     """Make version `number` the active one, e.g. to undo a consolidation."""
@@ -305,7 +311,7 @@ def version_parts(version: TaskVersion, *, name: str, session) -> VersionPartsPu
 def list_version_parts(
     name: TaskNamePath,
     number: VersionNumberPath,
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("tasks.read"))],
     session: SessionDep,
 ) -> VersionPartsPublic:
     """The factored layout: the shared diff and the task's residual, each an artifact."""
@@ -326,7 +332,7 @@ def download_version_part(
     name: TaskNamePath,
     number: VersionNumberPath,
     role: Literal["shared", "residual"],
-    principal: ReadPrincipal,
+    principal: Annotated[Principal, Depends(require("tasks.read"))],
     session: SessionDep,
     store: StoreDep,
 ) -> StreamingResponse:

@@ -10,6 +10,7 @@ from registry.catalog.artifacts import (
     release_artifacts,
 )
 from registry.catalog.consolidation import (
+    consolidation_in_flight,
     create_consolidation_run,
     get_consolidation_run,
     get_consolidation_run_for_job,
@@ -17,11 +18,13 @@ from registry.catalog.consolidation import (
     load_consolidation_run,
     record_report,
     set_shared_artifact,
+    training_job_of,
 )
 from registry.catalog.datasets import create_dataset, delete_dataset, get_dataset, list_datasets
 from registry.catalog.errors import CatalogError, ConflictError, InvalidInputError, NotFoundError
 from registry.catalog.jobs import (
     DEFAULT_STALE_AFTER_S,
+    active_jobs,
     claim_job,
     create_job,
     find_lost_jobs,
@@ -52,9 +55,11 @@ from registry.catalog.tenants import (
     authenticate_api_key,
     check_scopes,
     create_api_key,
+    find_tenant,
     get_base_model,
     get_or_create_tenant,
     get_tenant,
+    list_api_keys,
     register_base_model,
     revoke_api_key,
 )
@@ -77,6 +82,9 @@ __all__ = [
     "create_api_key",
     "create_consolidation_run",
     "create_dataset",
+    "active_jobs",
+    "training_job_of",
+    "consolidation_in_flight",
     "create_job",
     "delete_blob_if_unused",
     "delete_blobs_if_unused",
@@ -110,6 +118,8 @@ __all__ = [
     "register_base_model",
     "release_artifacts",
     "request_cancel",
+    "find_tenant",
+    "list_api_keys",
     "revoke_api_key",
     "set_shared_artifact",
     "transaction",

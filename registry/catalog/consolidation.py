@@ -10,11 +10,11 @@ from sqlalchemy.orm import Session
 from registry.catalog._ids import get_row, in_id_range
 from registry.catalog._tx import transaction
 from registry.catalog.artifacts import add_artifact
-from registry.catalog.errors import InvalidInputError, NotFoundError
+from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from registry.catalog.jobs import insert_job
 from registry.catalog.pagination import paginate
 from registry.catalog.tasks import check_task_name
-from registry.models import Artifact, BaseModel, ConsolidationRun, Task
+from registry.models import Artifact, BaseModel, ConsolidationRun, Dataset, Job, Task, TaskVersion
 from registry.stores.base import StoredObject
 
 STRATEGIES = ("elementwise", "rank")
@@ -57,7 +57,10 @@ def create_consolidation_run(
         raise InvalidInputError(f"trigger must be one of {', '.join(TRIGGERS)}", field="trigger")
     with transaction(session):
         tasks = _resolve_tasks(session, tenant_id, base_model, task_names)
+        for task in tasks:
+            _check_training_data(session, task)
         names = [t.name for t in tasks]
+        _check_no_run_in_flight(session, tenant_id, base_model, names)
         job = insert_job(
             session,
             tenant_id=tenant_id,
@@ -82,6 +85,69 @@ def create_consolidation_run(
         session.flush()
         session.refresh(run)
     return run
+
+
+def training_job_of(session: Session, version: TaskVersion) -> Job | None:
+    """The training job behind a version (through the parents of consolidated versions)."""
+    seen: set[int] = set()
+    current: TaskVersion | None = version
+    while current is not None and current.id not in seen:
+        seen.add(current.id)
+        if current.source_job_id is not None:
+            job = session.get(Job, current.source_job_id)
+            if job is not None and job.kind == "train":
+                return job
+        if current.parent_version_id is None:
+            return None
+        current = session.get(TaskVersion, current.parent_version_id)
+    return None
+
+
+def _check_no_run_in_flight(
+    session: Session, tenant_id: int, base_model: str, names: list[str]
+) -> None:
+    """One run at a time per task: a second run over a task still being consolidated is 409."""
+    runs = session.scalars(
+        select(ConsolidationRun)
+        .join(Job, ConsolidationRun.job_id == Job.id)
+        .where(
+            ConsolidationRun.tenant_id == tenant_id,
+            ConsolidationRun.base_model == base_model,
+            Job.state.in_(("queued", "running")),
+        )
+    )
+    for run in runs:
+        shared = sorted(set(run.task_names) & set(names))
+        if shared:
+            raise ConflictError(
+                f"consolidation run {run.id} over task {shared[0]!r} is still queued or "
+                "running; wait for it or cancel it",
+                field="tasks",
+                code="consolidation_in_flight",
+            )
+
+
+def _check_training_data(session: Session, task: Task) -> None:
+    """A consolidation re-trains on each task's training rows: they must still be there."""
+    version = session.scalar(
+        select(TaskVersion).where(
+            TaskVersion.task_id == task.id, TaskVersion.number == task.active_version
+        )
+    )
+    job = None if version is None else training_job_of(session, version)
+    if job is None:
+        return  # published without a job of ours: the run reports it by task name
+    for dataset_id, role in ((job.dataset_id, "training"), (job.validation_dataset_id, None)):
+        if role is None and dataset_id is None:
+            continue  # no separate validation dataset was given: none is needed
+        if dataset_id is None or session.get(Dataset, dataset_id) is None:
+            what = role or "validation"
+            raise InvalidInputError(
+                f"task {task.name!r}: its {what} dataset"
+                f"{'' if dataset_id is None else f' {dataset_id}'} was deleted (job "
+                f"{job.id} trained on it); upload it again and retrain the task first",
+                field="tasks",
+            )
 
 
 def _resolve_tasks(
@@ -177,3 +243,20 @@ def record_report(
         if total_nnz_after is not None:
             run.total_nnz_after = int(total_nnz_after)
     return run
+
+
+def consolidation_in_flight(
+    session: Session, *, tenant_id: int, base_model: str
+) -> ConsolidationRun | None:
+    """The tenant's queued or running consolidation on `base_model`, if there is one."""
+    with transaction(session):
+        return session.scalar(
+            select(ConsolidationRun)
+            .join(Job, ConsolidationRun.job_id == Job.id)
+            .where(
+                ConsolidationRun.tenant_id == tenant_id,
+                ConsolidationRun.base_model == base_model,
+                Job.state.in_(("queued", "running")),
+            )
+            .limit(1)
+        )

@@ -74,7 +74,9 @@ def delete_dataset(
     Refused (ConflictError) while an unfinished job reads it.
     """
     with transaction(session):
-        row = get_row(session, Dataset, dataset_id)
+        # The row lock first: a job being created on it (which holds a share lock) commits
+        # before the check below, so it is seen busy instead of failing its foreign key.
+        row = get_row(session, Dataset, dataset_id, with_for_update={"of": Dataset})
         if row is None or row.tenant_id != tenant_id:
             raise NotFoundError(f"dataset {dataset_id} not found", field="dataset_id")
         busy = session.scalar(

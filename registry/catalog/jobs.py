@@ -9,6 +9,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from registry.catalog._ids import MAX_ID, get_row, in_id_range
+from registry.catalog._names import is_task_name
 from registry.catalog._tx import transaction
 from registry.catalog.errors import InvalidInputError, NotFoundError
 from registry.catalog.pagination import check_limit, paginate
@@ -45,7 +46,8 @@ def _reload(session: Session, job_id: int) -> Job:
 def _check_dataset(session: Session, tenant_id: int, dataset_id: int | None, field: str) -> None:
     if dataset_id is None:
         return
-    dataset = get_row(session, Dataset, dataset_id)
+    # A share lock until the job row commits: a concurrent delete waits, then sees the job.
+    dataset = get_row(session, Dataset, dataset_id, with_for_update={"read": True, "of": Dataset})
     if dataset is None or dataset.tenant_id != tenant_id:
         raise NotFoundError(f"dataset {dataset_id} not found", field=field)
 
@@ -381,6 +383,8 @@ def list_jobs(
         if state is not None:
             query = query.where(Job.state == state)
         if task is not None:
+            if not is_task_name(task):  # no job can have it (and NUL never reaches the DB)
+                return [], None
             query = query.where(Job.task_name == task)
         if kind is not None:
             query = query.where(Job.kind == kind)
@@ -425,3 +429,15 @@ def find_lost_jobs(session: Session, *, older_than_s: float) -> list[Job]:
         return list(
             session.scalars(select(Job).where(or_(queued_stale, running_stale)).order_by(Job.id))
         )
+
+
+def active_jobs(session: Session, *, tenant_id: int) -> list[tuple[Job, int]]:
+    """The tenant's queued and running jobs, oldest first, each with its dataset's row count."""
+    with transaction(session):
+        query = (
+            select(Job, func.coalesce(Dataset.rows, 0))
+            .outerjoin(Dataset, Dataset.id == Job.dataset_id)
+            .where(Job.tenant_id == tenant_id, Job.state.in_(("queued", "running")))
+            .order_by(Job.id)
+        )
+        return [(job, int(rows)) for job, rows in session.execute(query).tuples()]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from registry.catalog._ids import get_row, in_id_range
+from registry.catalog._names import is_task_name
 from registry.catalog._tx import get_or_create, transaction
 from registry.catalog.artifacts import add_artifact, delete_blobs_if_unused, release_artifacts
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
@@ -18,12 +18,11 @@ from registry.models import Artifact, BaseModel, Job, Task, TaskVersion
 from registry.stores.base import ObjectStore, StoredObject
 
 TASK_TYPES = ("classification", "pair-classification", "regression")
-_TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_task_name(name: str) -> str:
     """`name` if it is a valid task name (letters, digits, `._-`, max 128), else InvalidInputError."""
-    if not isinstance(name, str) or not _TASK_NAME_RE.match(name):
+    if not is_task_name(name):
         raise InvalidInputError(
             f"task name {name!r} must start with a letter or digit and use only letters, digits, "
             "'.', '_' or '-' (at most 128 characters)",
@@ -74,6 +73,8 @@ def get_or_create_task(
 
 
 def _task(session: Session, tenant_id: int, name: str, *, lock: bool = False) -> Task:
+    if not is_task_name(name):  # e.g. a NUL: no task has it, and it never reaches the database
+        raise NotFoundError(f"task {name[:140]!r} not found", field="task")
     query = select(Task).where(Task.tenant_id == tenant_id, Task.name == name)
     if lock:
         query = query.with_for_update(of=Task)

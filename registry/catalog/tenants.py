@@ -63,6 +63,12 @@ def get_tenant(session: Session, *, tenant_id: int) -> Tenant:
     return row
 
 
+def find_tenant(session: Session, *, name: str) -> Tenant | None:
+    """The tenant called `name`, or None."""
+    with transaction(session):
+        return session.scalar(select(Tenant).where(Tenant.name == name))
+
+
 def check_scopes(scopes: Iterable[str]) -> list[str]:
     """Sorted unique scopes, or InvalidInputError(field="scopes") naming an unknown one."""
     result = sorted({s.strip() for s in scopes if s.strip()})
@@ -107,11 +113,20 @@ def authenticate_api_key(session: Session, *, key: str) -> tuple[Tenant, list[st
         return row.tenant, list(row.scopes)
 
 
-def revoke_api_key(session: Session, *, tenant_id: int, key_id: int) -> ApiKey:
-    """Mark a key revoked from now on (idempotent)."""
+def list_api_keys(session: Session, *, tenant_id: int | None = None) -> list[ApiKey]:
+    """API keys in id order, of one tenant or (None, for operators) of every tenant."""
+    with transaction(session):
+        query = select(ApiKey).order_by(ApiKey.id)
+        if tenant_id is not None:
+            query = query.where(ApiKey.tenant_id == tenant_id)
+        return list(session.scalars(query))
+
+
+def revoke_api_key(session: Session, *, tenant_id: int | None, key_id: int) -> ApiKey:
+    """Mark a key revoked from now on (idempotent); `tenant_id` None: any tenant's key."""
     with transaction(session):
         row = get_row(session, ApiKey, key_id)
-        if row is None or row.tenant_id != tenant_id:
+        if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
             raise NotFoundError(f"API key {key_id} not found", field="key_id")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
