@@ -139,7 +139,8 @@ class DatasetsPublic(BaseModel):
 class JobCreate(BaseModel):
     """A training job: learn a sparse diff for `task` from `dataset_id`. Unset knobs use defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `true` is not a dataset id, nor "2" an epoch count.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     task: TaskName
     dataset_id: int = Field(ge=1)
@@ -392,7 +393,7 @@ class VersionPartsPublic(BaseModel):
 class ConsolidationCreate(BaseModel):
     """Re-fit `tasks` (default: every task of yours on the base) under one budget."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     tasks: list[TaskName] | None = Field(default=None, min_length=1, max_length=64)
     budget: int = Field(ge=1, description="total stored nonzeros (or bytes), shared part once")

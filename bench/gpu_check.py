@@ -42,24 +42,9 @@ def _sample(name: str, rows: int):
 
 
 def _tiny_base(directory: Path) -> str:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from tests.fixtures.models import make_tiny_bert  # the tests' tiny random BERT
 
-    from registry.basemodel import resolve_base_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_path("all-MiniLM-L6-v2"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return str(make_tiny_bert(directory))
 
 
 def _train(base_name: str, task: str, rows: int, device: str, **overrides):

@@ -449,6 +449,13 @@ def _read_parquet(
         columns = parquet.schema_arrow.names
         if len(columns) > limits.max_columns:
             raise _too_many_columns(name, limits, len(columns), None)
+        repeated = sorted(c for c, n in collections.Counter(columns).items() if n > 1)
+        if repeated:  # which of the two would be the text is anyone's guess
+            raise DatasetError(
+                "malformed_file",
+                f"the file repeats column(s) {', '.join(map(repr, repeated[:5]))}",
+                file=name,
+            )
         present = [c for c in wanted if c in columns]
         # A few compressed bytes can decode to gigabytes: what is read, and what it decodes
         # to, must fit the upload limit (as the same rows in JSONL would).

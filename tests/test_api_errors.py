@@ -417,6 +417,14 @@ CASES = [  # at least 15 kinds of bad input, by the brief
         None,
     ),
     (
+        "boolean_as_a_dataset_id",
+        post_job({"task": "sent", "dataset_id": True}),
+        422,
+        "validation_error",
+        "dataset_id",
+    ),
+    ("string_as_an_epoch_count", post_job(job(epochs="2")), 422, "validation_error", "epochs"),
+    (
         "density_that_keeps_no_parameter",
         post_job(job(density=1e-9)),
         422,

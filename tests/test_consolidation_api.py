@@ -394,3 +394,29 @@ def test_a_second_run_over_a_task_still_being_consolidated_is_a_conflict(world):
     )
     assert other.status_code == 202, other.text  # a disjoint group may run alongside
     redis.Redis.from_url(world.redis_url).delete("consolidate")
+
+
+def test_a_base_only_another_tenant_uses_answers_as_one_nobody_uses(world):
+    with world.session_factory() as session:
+        base = catalog.register_base_model(
+            session, name="bobs-base", source="/x/bobs-base", fingerprint="1" * 64, n_params=1000
+        )
+        catalog.get_or_create_task(
+            session,
+            tenant_id=world.tenant_ids["bob"],
+            name="bobs-task",
+            base_model_id=base.id,
+            task_type="classification",
+            label_names=["neg", "pos"],
+        )
+    answers = []
+    for name in ("bobs-base", "nobodys-base"):
+        response = world.client.post(
+            "/v1/consolidations",
+            headers=world.headers("admin"),
+            json={"budget": 10, "base_model": name},
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        answers.append((error["code"], error["message"].replace(name, "NAME")))
+    assert answers[0] == answers[1] == ("unknown_base_model", "base model 'NAME' has no tasks here")

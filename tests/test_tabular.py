@@ -435,3 +435,11 @@ def test_dictionary_encoded_parquet_strings_read_as_plain_text() -> None:
 def test_jsonl_values_no_table_can_hold_are_refused(line: str, code: str) -> None:
     data = jsonl_bytes(ROWS) + line.encode() + b"\n"
     expect_error(data, "d.jsonl", code)
+
+
+def test_a_parquet_file_that_repeats_a_column_name_is_refused() -> None:
+    buffer = io.BytesIO()
+    arrays = [pa.array(["a", "b"]), pa.array(["c", "d"]), pa.array(["x", "y"])]
+    pq.write_table(pa.Table.from_arrays(arrays, names=["text", "text", "label"]), buffer)
+    error = expect_error(buffer.getvalue(), "d.parquet", "malformed_file")
+    assert "'text'" in str(error)

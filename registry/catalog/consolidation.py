@@ -103,11 +103,9 @@ def training_job_of(session: Session, version: TaskVersion) -> Job | None:
     return None
 
 
-def _check_no_run_in_flight(
-    session: Session, tenant_id: int, base_model: str, names: list[str]
-) -> None:
-    """One run at a time per task: a second run over a task still being consolidated is 409."""
-    runs = session.scalars(
+def _runs_in_flight(tenant_id: int, base_model: str):
+    """The query of a tenant's queued or running consolidations on one base."""
+    return (
         select(ConsolidationRun)
         .join(Job, ConsolidationRun.job_id == Job.id)
         .where(
@@ -116,7 +114,13 @@ def _check_no_run_in_flight(
             Job.state.in_(("queued", "running")),
         )
     )
-    for run in runs:
+
+
+def _check_no_run_in_flight(
+    session: Session, tenant_id: int, base_model: str, names: list[str]
+) -> None:
+    """One run at a time per task: a second run over a task still being consolidated is 409."""
+    for run in session.scalars(_runs_in_flight(tenant_id, base_model)):
         shared = sorted(set(run.task_names) & set(names))
         if shared:
             raise ConflictError(
@@ -250,13 +254,4 @@ def consolidation_in_flight(
 ) -> ConsolidationRun | None:
     """The tenant's queued or running consolidation on `base_model`, if there is one."""
     with transaction(session):
-        return session.scalar(
-            select(ConsolidationRun)
-            .join(Job, ConsolidationRun.job_id == Job.id)
-            .where(
-                ConsolidationRun.tenant_id == tenant_id,
-                ConsolidationRun.base_model == base_model,
-                Job.state.in_(("queued", "running")),
-            )
-            .limit(1)
-        )
+        return session.scalar(_runs_in_flight(tenant_id, base_model).limit(1))
