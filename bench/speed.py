@@ -29,15 +29,15 @@ from bench.common import (
     train_dense,
 )
 
-METHODS = ["full", "prune", "prune-adamw", "fix"]
+METHODS = ["full", "prune", "prune-sign", "prune-adamw", "fix"]
 LABELS = {
     "full": "full finetuning",
-    "prune": "diff pruning, phase 1 (gated, sign step on α)",
+    "prune": "diff pruning, phase 1 (gated, SGD on α: the default)",
+    "prune-sign": "diff pruning, phase 1 (gated, sign step on α)",
     "prune-adamw": "diff pruning, phase 1 (gated, AdamW on α)",
-    "prune-sgd": "diff pruning, phase 1 (gated, SGD on α)",
     "fix": "diff pruning, phase 2 (mask fixed)",
 }
-ALPHA_OPTIMIZERS = {"prune": "sign", "prune-adamw": "adamw", "prune-sgd": "sgd"}
+ALPHA_OPTIMIZERS = {"prune": "sgd", "prune-sign": "sign", "prune-adamw": "adamw"}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     )
     if args.method == "fix":
         config.epochs, config.fix_epochs = 0, steps
-    config.alpha_optimizer = ALPHA_OPTIMIZERS.get(args.method, "sign")
+    config.alpha_optimizer = ALPHA_OPTIMIZERS.get(args.method, config.alpha_optimizer)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     idle = rss_bytes()
     marks: list[float] = []

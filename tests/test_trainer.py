@@ -300,7 +300,9 @@ def test_with_nothing_pruned_and_no_gated_epoch_the_trainer_is_plain_full_finetu
 
 def gate_config(**changes) -> DiffPruneConfig:
     """`fast_config` with a gated phase long enough for sign steps on α to close gates."""
-    values = dict(prune_steps=30, fix_steps=4, batch_size=16, checkpoint_every=100)
+    values = dict(
+        prune_steps=30, fix_steps=4, batch_size=16, checkpoint_every=100, alpha_optimizer="sign"
+    )
     values.update(changes)
     return fast_config(**values)
 
@@ -395,15 +397,20 @@ def test_random_and_gradient_masks_depend_on_their_seed_and_scores(small_sentime
 
 
 def test_auto_run_length_follows_the_data_size_within_bounds():
-    config = DiffPruneConfig()  # batch 32
+    default = DiffPruneConfig()  # batch 32, gates on plain SGD: the measured 1 + 5 epochs
+    assert run_steps(500, default) == (16, 80)
+    assert run_steps(40, default) == (2, 10)
+    assert run_steps(32 * 1_000, default) == (1_000, 4_000)
+    assert run_steps(32 * 10_000, default) == (AUTO_MAX_PRUNE_STEPS, AUTO_MAX_FIX_STEPS)
+    config = DiffPruneConfig(alpha_optimizer="sign")  # gates that close need their steps
     assert gate_closing_steps(config) == 50  # from α = 5 to the closed logit 0 at 0.1 per step
     assert min_prune_steps(config) == 50
     assert run_steps(500, config) == (50, 80)  # 16 steps/epoch: the gated minimum, 5 epochs
-    assert run_steps(40, config) == (50, AUTO_MIN_FIX_STEPS)
-    assert run_steps(32 * 1_000, config) == (1_000, 4_000)
+    assert run_steps(40, config) == (50, max(AUTO_MIN_FIX_STEPS, 10))
     assert run_steps(32 * 10_000, config) == (AUTO_MAX_PRUNE_STEPS, AUTO_MAX_FIX_STEPS)
-    assert run_steps(500, DiffPruneConfig(alpha_init=2.0, alpha_lr=0.4)) == (16, 80)  # 1 epoch
-    assert run_steps(500, DiffPruneConfig(alpha_init=2.0, alpha_lr=0.1)) == (20, 80)
+    sign = {"alpha_optimizer": "sign"}
+    assert run_steps(500, DiffPruneConfig(alpha_init=2.0, alpha_lr=0.4, **sign)) == (16, 80)
+    assert run_steps(500, DiffPruneConfig(alpha_init=2.0, alpha_lr=0.1, **sign)) == (20, 80)
     # AdamW's step on the tiny steady penalty is below alpha_lr: its gates need longer
     assert min_prune_steps(DiffPruneConfig(alpha_optimizer="adamw")) > min_prune_steps(config)
 
@@ -419,13 +426,16 @@ def test_explicit_epochs_and_steps_win_over_auto_exactly():
 
 def test_auto_run_length_is_used_and_recorded(small_sentiment, tiny_base_dir):
     base = load_base(str(tiny_base_dir))
-    config = fast_config(epochs=None, fix_epochs=None, alpha_init=1.0)  # gated minimum 10
+    config = fast_config(  # sign gates from α = 1: a gated minimum of 10 steps
+        epochs=None, fix_epochs=None, alpha_init=1.0, alpha_optimizer="sign"
+    )
+    fix = max(AUTO_MIN_FIX_STEPS, 5 * steps_per_epoch(small_sentiment.train.rows, config))
     seen: list[Progress] = []
     result = train_diff(small_sentiment, config, base=base, progress=seen.append)
-    assert (result.prune_steps, result.fix_steps) == (10, AUTO_MIN_FIX_STEPS)
-    assert [p.phase for p in seen] == ["prune"] * 10 + ["fix"] * AUTO_MIN_FIX_STEPS
+    assert (result.prune_steps, result.fix_steps) == (10, fix)
+    assert [p.phase for p in seen] == ["prune"] * 10 + ["fix"] * fix
     assert result.diff.meta.config["prune_steps"] == 10
-    assert result.diff.meta.config["fix_steps"] == AUTO_MIN_FIX_STEPS
+    assert result.diff.meta.config["fix_steps"] == fix
     assert result.diff.meta.config["epochs"] is None
 
 
