@@ -149,7 +149,7 @@ def _report(
     sentences = DEMO_SENTENCES.get(task) or []
     if sentences:
         predictions = client.predict(task, sentences)["predictions"]
-        print("\npredictions served from the shared base with this task's diff applied:")
+        print("\npredictions served from the pristine shared base plus this task's sparse diff:")
         for text, prediction in zip(sentences, predictions, strict=True):
             shown = prediction.get("label", prediction.get("value"))
             score = prediction.get("score")
