@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from api.guard import Principal
+from api.guard import MISSING_KEY, Principal
 from api.serving import Predictor
 from registry.catalog.pagination import MAX_PAGE_SIZE
 from registry.settings import Settings
@@ -90,13 +90,7 @@ def authenticate(
     """The caller, as `api.guard.RequestGuard` authenticated it before the body was read."""
     principal = getattr(request.state, "principal", None)
     if principal is None:  # only a route outside the guarded prefixes can get here
-        raise ApiError(
-            401,
-            "missing_key",
-            "an API key is required: send `Authorization: Bearer KEY`",
-            field="Authorization",
-            headers=_CHALLENGE,
-        )
+        raise ApiError(401, "missing_key", MISSING_KEY, field="Authorization", headers=_CHALLENGE)
     return principal
 
 
@@ -136,11 +130,3 @@ def lookup_principal(session_factory) -> Callable[[str], Principal | None]:
             return Principal(tenant_id=tenant.id, tenant_name=tenant.name, scopes=frozenset(scopes))
 
     return lookup
-
-
-AuthenticatedPrincipal = Annotated[Principal, Depends(authenticate)]
-
-
-def allowed(action: str) -> type[Principal]:
-    """The annotation of a route parameter holding a caller allowed to do `action`."""
-    return Annotated[Principal, Depends(require(action))]  # type: ignore[return-value]

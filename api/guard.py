@@ -60,12 +60,10 @@ def _header(scope: Scope, wanted: bytes) -> str | None:
     return None
 
 
-def body_limit(
-    scope: Scope, *, max_json_bytes: int, max_upload_bytes: int, upload_routes: frozenset
-) -> int:
+def body_limit(scope: Scope, *, max_json_bytes: int, max_upload_bytes: int) -> int:
     """The most body bytes a request may send: upload routes the file limit, the rest JSON's
     (whatever content type a caller claims)."""
-    if (scope["method"], scope["path"]) in upload_routes:
+    if (scope["method"], scope["path"]) in UPLOAD_ROUTES:
         return max_upload_bytes + FRAMING_ALLOWANCE_BYTES
     return max_json_bytes
 
@@ -109,7 +107,7 @@ class RequestGuard:
             await _answer(send, 400, "duplicate_authorization", str(exc), "Authorization")
             return
         if key is None:
-            await _answer(send, 401, "missing_key", _MISSING_KEY, "Authorization", CHALLENGE)
+            await _answer(send, 401, "missing_key", MISSING_KEY, "Authorization", CHALLENGE)
             return
         principal = await anyio.to_thread.run_sync(self.lookup, key)
         if principal is None:
@@ -118,10 +116,7 @@ class RequestGuard:
         scope.setdefault("state", {})["principal"] = principal
 
         limit = body_limit(
-            scope,
-            max_json_bytes=self.max_json_bytes,
-            max_upload_bytes=self.max_upload_bytes,
-            upload_routes=UPLOAD_ROUTES,
+            scope, max_json_bytes=self.max_json_bytes, max_upload_bytes=self.max_upload_bytes
         )
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -163,7 +158,7 @@ class RequestGuard:
             await _answer(send, 413, "too_large", _too_large(limit), "body")
 
 
-_MISSING_KEY = "an API key is required: send `Authorization: Bearer KEY`"
+MISSING_KEY = "an API key is required: send `Authorization: Bearer KEY`"
 _INVALID_KEY = "the API key is not valid (unknown or revoked)"
 
 

@@ -43,7 +43,6 @@ class _ServingBase:
     loaded: LoadedBase
     model: Any  # transformers PreTrainedModel with a placeholder head (library mode)
     base_shapes: dict[str, tuple[int, ...]]
-    head_names: set[str]
     mixed: MixedEncoder
     heads: HeadRunner
 
@@ -133,8 +132,6 @@ class Predictor:
         model.requires_grad_(False)
         encoder = model.base_model
         base_shapes = {name: tuple(p.shape) for name, p in encoder.named_parameters()}
-        encoder_ids = {id(p) for p in encoder.parameters()}
-        head_names = {name for name, p in model.named_parameters() if id(p) not in encoder_ids}
         probe = {
             k: v.to(self.device)
             for k, v in loaded.encode(_PROBE_TEXTS, None, max_length=16).items()
@@ -146,7 +143,7 @@ class Predictor:
             return built.to(self.device)
 
         heads = HeadRunner(head_model, model.base_model_prefix)
-        return _ServingBase(loaded, model, base_shapes, head_names, mixed, heads)
+        return _ServingBase(loaded, model, base_shapes, mixed, heads)
 
     def _decode(self, held: _ServingBase, data: bytes) -> ResidentDiff:
         import torch
@@ -387,17 +384,14 @@ class Predictor:
         import torch
 
         from registry.apply import apply_diff
-        from registry.artifact import ArtifactError, loads_artifact
+        from registry.artifact import loads_artifact
         from registry.validation import check_artifact
 
         held = self.base(base)
         diff = loads_artifact(
             data, expected_fingerprint=held.loaded.fingerprint, base_shapes=held.base_shapes
         )
-        check_artifact(diff, held.loaded)
-        unknown = sorted(set(diff.head) - held.head_names)
-        if unknown:
-            raise ArtifactError(f"head tensor {unknown[0]!r} does not exist in the base's model")
+        check_artifact(diff, held.loaded)  # the head fits the task's model, names and shapes
         meta = diff.meta
         texts, pairs = _split_inputs(inputs, meta.task_type)
         dtype = next(held.model.parameters()).dtype

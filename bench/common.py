@@ -151,11 +151,12 @@ def train_dense(
     """
     import torch
 
+    from registry.basemodel import head_parameters
     from worker.diffprune.config import run_steps
     from worker.diffprune.trainer import micro_batches
     from worker.kit.batching import encode_rows, label_tensor
     from worker.kit.evaluate import evaluate
-    from worker.kit.model import head_parameters, prepare_model, resolve_device
+    from worker.kit.model import prepare_model, resolve_device
     from worker.kit.optim import make_adamw
     from worker.kit.schedule import linear_warmup_decay
 

@@ -108,14 +108,10 @@ def main() -> int:
         from bench.service import SENTENCES, random_sparse_diff
         from registry.apply import build_task_model
         from registry.artifact import loads_artifact
-        from registry.basemodel import build_model, load_base
+        from registry.basemodel import load_base
 
         base = load_base("all-MiniLM-L6-v2")
-        template = build_model(base, task_type="classification", num_labels=2)
-        prefix = template.base_model_prefix + "."
-        heads = {
-            n: tuple(p.shape) for n, p in template.named_parameters() if not n.startswith(prefix)
-        }
+        heads = base.head_shapes("classification", 2)
         blobs = [
             dumps_artifact(random_sparse_diff(base, heads, density=0.005, seed=i)) for i in range(8)
         ]

@@ -252,10 +252,7 @@ def bench_serving(args: argparse.Namespace) -> None:
     # The apply/revert path on its own (api/serving.py now serves mixed batches instead):
     # one classification model on the base, each request applies its diff in place.
     model = build_model(base, task_type="classification", num_labels=2).eval()
-    prefix = model.base_model_prefix + "."
-    head_shapes = {
-        n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith(prefix)
-    }
+    head_shapes = base.head_shapes("classification", 2)
     blobs = []
     for i in range(args.tasks):
         diff = random_sparse_diff(base, head_shapes, density=args.density, seed=i)

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,18 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import emit_result, mib, print_table, run_isolated
+from bench.service import MACHINE_NOTE, SENTENCES
 
-MACHINE_NOTE = "machine: 2-core CPU, no GPU (shared with other jobs; numbers are noisy)"
-SENTENCES = [
-    "the film was a delight from start to finish",
-    "service was slow and the food arrived cold",
-    "an honest, moving story with a weak ending",
-    "i would not recommend this hotel to anyone",
-    "great value for the price and friendly staff",
-    "the plot drags but the acting is superb",
-    "terrible battery life, returned it after a week",
-    "a pleasant surprise, better than the reviews said",
-]
 DENSITY = 0.005
 DISTINCT_DIFFS = (
     8  # tasks reuse these diffs with their own heads: distinct artifacts, cheap to make
@@ -176,38 +164,11 @@ def apply_revert_app():
 
 
 def start_server(env: dict[str, str], log_dir: Path, factory: str, threads: int):
-    """uvicorn for `factory` on a free port (one worker); waits for `/healthz`."""
-    import httpx
+    """uvicorn for `factory` on a free port (one worker, `threads` math threads)."""
+    from tests.fixtures.services import start_api_server
 
-    from cli.embedded import free_port
-    from tests.fixtures.services import REPO_ROOT, ApiServerProcess, _child_env
-
-    port = free_port()
-    log_path = log_dir / f"uvicorn-{port}.log"
-    child = _child_env({**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1"]
-        + ["--port", str(port), "--log-level", "warning"],
-        cwd=REPO_ROOT,
-        env=child,
-        stdout=open(log_path, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = ApiServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"uvicorn exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if httpx.get(f"{server.url}/healthz", timeout=1.0).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise TimeoutError(f"API not healthy after 120s:\n{server.log()[-4000:]}")
-        time.sleep(0.2)
+    threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return start_api_server({**env, **threads_env}, log_dir, factory=factory, timeout_s=120)
 
 
 def closed_loop(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from registry.artifact import ArtifactError, SparseDiff
+from registry.basemodel import head_parameters
 
 if TYPE_CHECKING:
     from torch import nn
@@ -117,8 +118,7 @@ def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
 
 def load_head(model: PreTrainedModel, diff: SparseDiff) -> None:
     """Copy the diff's head tensors into the model's non-base parameters (strictly)."""
-    base_prefix = model.base_model_prefix + "."
-    own = {n: p for n, p in model.named_parameters() if not n.startswith(base_prefix)}
+    own = head_parameters(model)
     if set(own) != set(diff.head):
         raise ArtifactError(
             f"head tensors {sorted(diff.head)} do not match the model's head {sorted(own)}"

@@ -68,10 +68,7 @@ class LoadedBase:
 
             with torch.device("meta"):
                 model = build_model(self, task_type=task_type, num_labels=num_labels, weights=False)
-            prefix = model.base_model_prefix + "."
-            self._head_shapes[key] = {
-                n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith(prefix)
-            }
+            self._head_shapes[key] = {n: tuple(p.shape) for n, p in head_parameters(model).items()}
         return self._head_shapes[key]
 
     def encode(
@@ -112,6 +109,12 @@ def canonical_base_name(name_or_path: str) -> str:
     if os.path.isdir(name_or_path):
         return Path(name_or_path).resolve().name
     return name_or_path
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The task head: every parameter of the model outside its base encoder."""
+    prefix = model.base_model_prefix + "."
+    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix)}
 
 
 def k_for_density(density: float, n_params: int) -> int:

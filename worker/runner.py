@@ -16,6 +16,7 @@ from registry import catalog
 from registry.models import Job
 from registry.settings import Settings
 from registry.stores import ObjectStore
+from worker.diffprune.config import RESOLVED_PARAM
 from worker.lifecycle import (
     ClaimedJob,
     JobFailure,
@@ -29,14 +30,14 @@ from worker.lifecycle import (
 def _config_for(job: Job, settings: Settings) -> Any:
     """The job's `DiffPruneConfig`: its params over the trainer defaults, plus worker knobs."""
     from worker.device import select_device
-    from worker.diffprune.config import DiffPruneConfig
+    from worker.diffprune.config import config_from_job_params
 
-    values = dict(job.params or {})
-    values.pop("resolved", None)  # written at publish: what "auto" chose
-    values["checkpoint_every"] = settings.checkpoint_every_steps
-    values["device"] = select_device(settings)
     try:
-        return DiffPruneConfig.from_dict(values)
+        return config_from_job_params(
+            job.params,
+            checkpoint_every=settings.checkpoint_every_steps,
+            device=select_device(settings),
+        )
     except (TypeError, ValueError) as exc:
         raise JobFailure("invalid_params", f"job parameters: {exc}") from exc
 
@@ -97,7 +98,7 @@ def _publish(
     row = session.get(Job, job.id)
     if row is not None:  # what "auto" chose, beside what was asked
         chosen = {k: run_config.get(k) for k in ("prune_steps", "fix_steps", "fix_lr")}
-        row.params = {**(row.params or {}), "resolved": chosen}
+        row.params = {**(row.params or {}), RESOLVED_PARAM: chosen}
         session.commit()
     return version.id
 

@@ -170,9 +170,9 @@ def create_job(
 
 def requested_work(rows: int, params: dict) -> int:
     """What a training job asks of a worker: rows it will pass through (rows x epochs)."""
-    from worker.diffprune.config import DiffPruneConfig, run_steps
+    from worker.diffprune.config import config_from_job_params, run_steps
 
-    config = DiffPruneConfig.from_dict(dict(params))
+    config = config_from_job_params(params)
     prune_steps, fix_steps = run_steps(max(int(rows), 1), config)
     return (prune_steps + fix_steps) * config.batch_size * config.grad_accum
 

@@ -14,7 +14,7 @@ from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundEr
 from registry.catalog.jobs import insert_job
 from registry.catalog.pagination import paginate
 from registry.catalog.tasks import check_task_name
-from registry.models import Artifact, BaseModel, ConsolidationRun, Dataset, Job, Task, TaskVersion
+from registry.models import Artifact, BaseModel, ConsolidationRun, Job, Task, TaskVersion
 from registry.stores.base import StoredObject
 
 STRATEGIES = ("elementwise", "rank")
@@ -139,19 +139,14 @@ def _check_training_data(session: Session, task: Task) -> None:
         )
     )
     job = None if version is None else training_job_of(session, version)
-    if job is None:
-        return  # published without a job of ours: the run reports it by task name
-    for dataset_id, role in ((job.dataset_id, "training"), (job.validation_dataset_id, None)):
-        if role is None and dataset_id is None:
-            continue  # no separate validation dataset was given: none is needed
-        if dataset_id is None or session.get(Dataset, dataset_id) is None:
-            what = role or "validation"
-            raise InvalidInputError(
-                f"task {task.name!r}: its {what} dataset"
-                f"{'' if dataset_id is None else f' {dataset_id}'} was deleted (job "
-                f"{job.id} trained on it); upload it again and retrain the task first",
-                field="tasks",
-            )
+    # A deleted dataset leaves its jobs' dataset_id NULL; a version published without a job
+    # of ours (job None) is reported by the run itself, by task name.
+    if job is not None and job.dataset_id is None:
+        raise InvalidInputError(
+            f"task {task.name!r}: its training dataset was deleted (job {job.id} trained on "
+            "it); upload it again and retrain the task first",
+            field="tasks",
+        )
 
 
 def _resolve_tasks(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from worker.kit.config import MethodConfig, option
 
@@ -230,3 +230,13 @@ def fix_lr_for(config: DiffPruneConfig, fix_steps: int) -> float:
     scale = math.sqrt(shortness * FIX_DENSITY_REFERENCE / config.density)
     low, high = FIX_LR_BOUNDS
     return min(high, max(low, FIX_LR_REFERENCE * scale))
+
+
+# A job's params key for what "auto" chose, written at publish beside what was asked.
+RESOLVED_PARAM = "resolved"
+
+
+def config_from_job_params(params: dict[str, Any] | None, **knobs: Any) -> DiffPruneConfig:
+    """The config a training job's params ask for (plus worker `knobs`), unknown keys refused."""
+    asked = {k: v for k, v in (params or {}).items() if k != RESOLVED_PARAM}
+    return DiffPruneConfig.from_dict({**asked, **knobs})

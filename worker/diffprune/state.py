@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from registry.basemodel import head_parameters
 from worker.diffprune.config import ALPHA_ADAM_EPS, DiffPruneConfig
 from worker.diffprune.gates import (
     GateNoise,
@@ -24,7 +25,6 @@ from worker.diffprune.gates import (
     stochastic_gate,
 )
 from worker.diffprune.projection import global_topk, project_topk
-from worker.kit.model import head_parameters
 from worker.kit.optim import make_adamw
 from worker.kit.progress import Progress
 

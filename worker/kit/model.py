@@ -33,12 +33,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The task head: every parameter of the model outside its base encoder."""
-    prefix = model.base_model_prefix + "."
-    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix)}
-
-
 def prepare_model(
     base: LoadedBase, data: TaskData, device: torch.device, *, share_base: bool
 ) -> nn.Module:
