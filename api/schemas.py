@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from registry.basemodel import public_base_name
+from registry.catalog.consolidation import STRATEGIES
 
 
 def plain_text(value: str | None) -> str | None:
@@ -398,7 +399,7 @@ class ConsolidationCreate(BaseModel):
     tasks: list[TaskName] | None = Field(default=None, min_length=1, max_length=64)
     budget: int = Field(ge=1, description="total stored nonzeros (or bytes), shared part once")
     budget_kind: Literal["nnz", "bytes"] = "nnz"
-    strategy: Literal["elementwise", "rank"] = "elementwise"
+    strategy: Literal[STRATEGIES] = "elementwise"  # type: ignore[valid-type]
     tolerance: float | None = Field(
         default=None, ge=0.0, le=100.0, description="accuracy points a task may lose"
     )

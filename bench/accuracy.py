@@ -109,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
     )
     if args.epochs == "auto":  # the default config's auto length, the same for every method
         config.prune_steps, config.fix_steps = run_steps(data.train.rows, config)
-    else:
+    elif args.epochs != "own":  # "own": each method's own auto length (gated minimums apply)
         config.epochs, config.fix_epochs = diff_epochs(int(args.epochs))
     cuda = torch.cuda.is_available() and args.device != "cpu"
     parsed = diff_method(args.method)
@@ -135,7 +135,7 @@ def worker(args: argparse.Namespace) -> None:
             "steps": [result.prune_steps, result.fix_steps],
         }
     else:
-        if args.epochs != "auto":
+        if args.epochs not in ("auto", "own"):
             config.prune_steps = config.fix_steps = None
             config.epochs, config.fix_epochs = int(args.epochs), 0
         swept = {}  # lr 0: the method's own default (config.lr for full, train_dense's for LoRA)
@@ -350,7 +350,8 @@ def main() -> None:
         "--epochs",
         default="auto",
         help="auto (the trainer's auto run length of the default config, for every method) "
-        "or N epochs for every method (diff: split into gated + fixed-mask)",
+        "or N epochs for every method (diff: split into gated + fixed-mask), or own (each "
+        "diff variant's own auto length: sign / adamw get the gated phase their gates need)",
     )
     parser.add_argument(
         "--max-train-rows",
@@ -407,8 +408,10 @@ def main() -> None:
         parser.error(
             f"--methods: unknown {', '.join(unknown)} (full, lora, head or diff-<percent>%)"
         )
-    if args.epochs != "auto" and (not args.epochs.isdigit() or int(args.epochs) < 2):
-        parser.error("--epochs: auto, or at least 2 (diff pruning needs a gated and a fixed epoch)")
+    if args.epochs not in ("auto", "own") and (not args.epochs.isdigit() or int(args.epochs) < 2):
+        parser.error(
+            "--epochs: auto, own, or at least 2 (diff pruning needs a gated and a fixed epoch)"
+        )
     if args.worker:
         worker(args)
         return
@@ -455,6 +458,8 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
     if args.epochs == "auto":
         length = "auto run length (the default config's, every method)"
+    elif args.epochs == "own":
+        length = "each method's own auto run length (gated minimums for sign / adamw)"
     else:
         gated, fix = diff_epochs(int(args.epochs))
         length = f"{args.epochs} epochs (diff: {gated} gated + {fix} fixed)"

@@ -22,6 +22,7 @@ from cli.client import (
     fail,
     print_json,
 )
+from registry.catalog.consolidation import STRATEGIES
 
 FINISHED = ("succeeded", "failed", "cancelled")
 KNOBS = ("epochs", "fix_epochs", "batch_size", "max_length", "lr", "temperature", "rank", "seed")
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="total stored nonzeros (or bytes) for the set, shared part counted once",
     )
     p.add_argument("--budget-kind", dest="budget_kind", choices=["nnz", "bytes"], default="nnz")
-    p.add_argument("--strategy", choices=["elementwise", "rank"], default="elementwise")
+    p.add_argument("--strategy", choices=STRATEGIES, default="elementwise")
     p.add_argument(
         "--tolerance",
         type=float,

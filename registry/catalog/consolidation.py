@@ -17,7 +17,10 @@ from registry.catalog.tasks import check_task_name
 from registry.models import Artifact, BaseModel, ConsolidationRun, Job, Task, TaskVersion
 from registry.stores.base import StoredObject
 
-STRATEGIES = ("elementwise", "rank")
+# Trained strategies re-fit the tasks; merge strategies combine their current diffs without training.
+TRAINED_STRATEGIES = ("elementwise", "rank")
+MERGE_STRATEGIES = ("ties", "dare", "task_arithmetic")
+STRATEGIES = TRAINED_STRATEGIES + MERGE_STRATEGIES
 BUDGET_KINDS = ("nnz", "bytes")
 TRIGGERS = ("api", "schedule")
 

@@ -8,10 +8,9 @@ from typing import Any, ClassVar
 
 from registry.artifact import SparseDiff
 from registry.basemodel import LoadedBase
+from registry.catalog.consolidation import STRATEGIES
 from worker.data import TaskData
 from worker.kit.config import ConfigError, MethodConfig, option
-
-STRATEGIES = ("elementwise", "rank")
 
 
 class ConsolidationError(ConfigError):
@@ -24,7 +23,11 @@ class ConsolidationConfig(MethodConfig):
 
     error: ClassVar[type[ConfigError]] = ConsolidationError
 
-    strategy: str = option("elementwise", "'elementwise' (entry gates) or 'rank' (components)")
+    strategy: str = option(
+        "elementwise",
+        "'elementwise' (entry gates) or 'rank' (components), trained; or a training-free merge "
+        "of the current diffs: 'ties', 'dare', 'task_arithmetic'",
+    )
     budget: int = option(0, "total stored entries: shared once + every residual")
     tolerance: float = option(
         0.5, "accuracy points (metric x 100) a task may lose and still be accepted"
@@ -46,7 +49,7 @@ class ConsolidationConfig(MethodConfig):
         """Raise ConsolidationError naming the first field with an impossible value."""
         super().validate()
         if self.strategy not in STRATEGIES:
-            self.fail("strategy", "strategy must be 'elementwise' or 'rank'")
+            self.fail("strategy", f"strategy must be one of {', '.join(STRATEGIES)}")
         if self.rank < 1:
             self.fail("rank", "rank must be at least 1")
         if not self.temperature > 0:

@@ -22,6 +22,7 @@ from worker.consolidation.artifacts import build_result
 from worker.consolidation.budget import project_to_budget
 from worker.consolidation.config import (
     ConsolidationConfig,
+    MERGE_STRATEGIES,
     ConsolidationError,
     ConsolidationResult,
     ConsolidationTask,
@@ -266,6 +267,10 @@ def consolidate(
     `TrainingCancelled`. Evaluation is left to `artifacts.evaluate_diff`.
     """
     validate_request(tasks, config, base=base)
+    if config.strategy in MERGE_STRATEGIES:  # training-free: no fit, no checkpoint
+        from worker.consolidation.merge import merge_consolidate
+
+        return merge_consolidate(tasks, config, base=base, run_id=run_id)
     started = time.monotonic()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

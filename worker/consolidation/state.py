@@ -102,6 +102,18 @@ class GatedDiffSet:
             total += int(self.mask[name].sum()) * (self.u[name].shape[0] + self.v[name].shape[0])
         return total
 
+    def kept_entries(self, name: str) -> tuple[Tensor, Tensor]:
+        """After projection: (sorted flat int64 positions, fp32 values) of an element-wise tensor."""
+        with torch.no_grad():
+            positions = torch.nonzero(self.mask[name].flatten()).flatten()
+            return positions, self.w[name].flatten()[positions].float()
+
+    def kept_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """After projection: (U m x r', V n x r') of a factored tensor's kept components, gates folded."""
+        with torch.no_grad():
+            keep = self.mask[name].to(torch.bool)
+            return self.u[name][:, keep].float(), self.v[name][:, keep].float()
+
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
         """Every tensor, detached, for a checkpoint."""
         return {
