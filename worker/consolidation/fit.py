@@ -21,8 +21,8 @@ from registry.basemodel import LoadedBase
 from worker.consolidation.artifacts import build_result
 from worker.consolidation.budget import project_to_budget
 from worker.consolidation.config import (
-    ConsolidationConfig,
     MERGE_STRATEGIES,
+    ConsolidationConfig,
     ConsolidationError,
     ConsolidationResult,
     ConsolidationTask,
