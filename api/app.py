@@ -5,8 +5,11 @@ Importing this module never imports torch; prediction serving loads it on first 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from sqlalchemy import func, select
@@ -32,6 +35,14 @@ names answer 404. Every error is `{"error": {"code", "message", "field"}}`.
 """
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """On shutdown: stop the batcher's runner thread (waiting requests fail) and close the pool."""
+    yield
+    await asyncio.to_thread(app.state.batcher.close)
+    app.state.engine.dispose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API app; refuses to start when the database schema is not current."""
     from registry.db import check_schema_current, make_engine, make_session_factory
@@ -46,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="diffbank",
         version=API_VERSION,
         description=OPENAPI_DESCRIPTION,
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     app.state.engine = engine

@@ -200,3 +200,21 @@ def test_metrics_report_the_decoded_diff_cache(world):
     for name in ("hits", "misses", "evictions"):
         assert metrics[f"diffbank_serving_cache_{name}_total"] == stats[name]
     assert metrics["diffbank_serving_cache_resident_bytes"] == stats["bytes"]
+
+
+def test_app_shutdown_stops_the_batch_runner(tmp_path, redis_server, tiny_base_dir):
+    from fastapi.testclient import TestClient
+
+    own = make_world(tmp_path, redis_server.url, tiny_base_dir)
+    own.publish_version("alice", "shutdown", seed=207)
+    batcher: DynamicBatcher = own.app.state.batcher
+    with TestClient(own.app) as client:  # runs the app's lifespan
+        answer = client.post(
+            "/v1/tasks/shutdown/predict", headers=own.headers("alice"), json={"inputs": TEXTS}
+        )
+        assert answer.status_code == 200
+        runner = batcher._thread
+        assert runner is not None and runner.is_alive()
+    assert not runner.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(None)  # type: ignore[arg-type]  (refused before it is looked at)
