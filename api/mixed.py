@@ -2,7 +2,8 @@
 
 Every `nn.Linear`, `nn.Embedding` and `nn.LayerNorm` of the encoder gets a forward hook that,
 while a batch runs, adds each task's sparse correction to that task's rows only: `x_g · Δᵀ`
-(+ bias diff) for a linear layer, the diff rows of the looked-up ids for an embedding, and
+(+ bias diff) for a linear layer, plus `(x_g · V) · Uᵀ` where its weight diff has low-rank
+factors (format version 2; kept as factors, r·(m + n) resident values, never densified), the diff rows of the looked-up ids for an embedding, and
 `x̂_g ⊙ Δw + Δb` for a LayerNorm. The base product is computed once for the whole batch.
 A probe forward finds the modules that see the batch on their first dimension; a diff on any
 other tensor is refused here (the predictor applies such a diff in place instead).
@@ -34,6 +35,8 @@ class UnsupportedDiffError(ArtifactError):
 class _LinearDelta:
     weight: torch.Tensor | None  # sparse CSR (out, in)
     bias: torch.Tensor | None  # dense (out,)
+    up: torch.Tensor | None = None  # U (out, r) of a low-rank weight diff U Vᵀ
+    down: torch.Tensor | None = None  # V (in, r)
 
 
 @dataclass(eq=False)
@@ -133,7 +136,8 @@ class MixedEncoder:
         """The diff as per-module corrections (CSR matrices); refuses tensors it cannot hook."""
         params = dict(self.encoder.named_parameters())
         grouped: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for name in diff.indices:
+        lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (U, V)
+        for name in diff.tensor_names:
             owner = self._owner.get(name)
             if owner is None or owner[0] not in self.row_safe:
                 raise UnsupportedDiffError(
@@ -141,9 +145,21 @@ class MixedEncoder:
                 )
             if name not in params or tuple(params[name].shape) != tuple(diff.shapes[name]):
                 raise ArtifactError(f"diff tensor {name!r} does not match the encoder")
-            idx = diff.indices[name].to(torch.int64)
-            val = diff.values[name].to(self.dtype)
-            grouped.setdefault(owner[0], {})[owner[1]] = (idx, val)
+            if name in diff.factors:
+                if not isinstance(self._modules[owner[0]], nn.Linear) or owner[1] != "weight":
+                    raise UnsupportedDiffError(
+                        f"diff tensor {name!r} has factors but is not a linear layer's weight"
+                    )
+                u, v = diff.factors[name]
+                lowrank[owner[0]] = (
+                    u.to(device=self.device, dtype=self.dtype).contiguous(),
+                    v.to(device=self.device, dtype=self.dtype).contiguous(),
+                )
+                grouped.setdefault(owner[0], {})
+            if name in diff.indices:
+                idx = diff.indices[name].to(torch.int64)
+                val = diff.values[name].to(self.dtype)
+                grouped.setdefault(owner[0], {})[owner[1]] = (idx, val)
         modules: dict[str, Any] = {}
         total = 0
         for module_name, leaves in grouped.items():
@@ -153,8 +169,9 @@ class MixedEncoder:
                 if "weight" in leaves:
                     weight = _csr(*leaves["weight"], tuple(module.weight.shape), self.device)
                 bias = _dense(leaves.get("bias"), module.out_features, self.device)
-                entry = _LinearDelta(weight, bias)
-                total += _nbytes(weight, bias)
+                up, down = lowrank.get(module_name, (None, None))
+                entry = _LinearDelta(weight, bias, up, down)
+                total += _nbytes(weight, bias, up, down)
             elif isinstance(module, nn.Embedding):
                 table = _csr(*leaves["weight"], tuple(module.weight.shape), self.device)
                 entry = _EmbeddingDelta(table.crow_indices(), table.col_indices(), table.values())
@@ -239,6 +256,8 @@ def _correct_linear(out: torch.Tensor, x: torch.Tensor, rows: slice, d: _LinearD
         x_g = x[rows]
         corr = torch.sparse.mm(d.weight, x_g.reshape(-1, x_g.shape[-1]).t())
         target.add_(corr.t().reshape(target.shape))
+    if d.down is not None and d.up is not None:
+        target.add_((x[rows] @ d.down) @ d.up.T)
     if d.bias is not None:
         target.add_(d.bias)
 

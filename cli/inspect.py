@@ -35,14 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def tensor_rows(diff: SparseDiff) -> list[dict[str, Any]]:
-    """One row per tensor with nonzeros: name, shape, nnz, density within the tensor."""
+    """One row per changed tensor: name, shape, stored values (nnz), density, factor rank."""
+    from registry.diffstats import factor_ranks, stored_values_of
+
+    stored = stored_values_of(diff)
+    ranks = factor_ranks(diff)
     rows = []
-    for name in sorted(diff.indices):
+    for name in diff.tensor_names:
         numel = math.prod(diff.shapes[name])
-        nnz = int(diff.indices[name].numel())
-        rows.append(
-            {"name": name, "shape": list(diff.shapes[name]), "nnz": nnz, "density": nnz / numel}
-        )
+        nnz = stored[name]
+        row = {"name": name, "shape": list(diff.shapes[name]), "nnz": nnz, "density": nnz / numel}
+        if name in ranks:
+            row["rank"] = ranks[name]
+        rows.append(row)
     return rows
 
 
@@ -55,6 +60,8 @@ def summary(diff: SparseDiff, file_bytes: int) -> dict[str, Any]:
     head_bytes = sum(t.numel() * t.element_size() for t in diff.head.values())
     return {
         "meta": asdict(diff.meta),
+        "entries": diff.entry_count,
+        "factor_values": diff.factor_values,
         "file_bytes": file_bytes,
         "head_bytes": head_bytes,
         "bytes_per_nnz": file_bytes / diff.nnz if diff.nnz else None,
@@ -77,13 +84,13 @@ def density_grid(diff: SparseDiff) -> tuple[list[str], list[str], np.ndarray]:
     """Density of nonzeros per (layer, module), weights and biases together; NaN where absent."""
     import numpy as np
 
-    from registry.diffstats import layer_module_of
+    from registry.diffstats import layer_module_of, stored_values_of
 
     nnz: dict[tuple[str, str], int] = {}
     numel: dict[tuple[str, str], int] = {}
-    for name, idx in diff.indices.items():
+    for name, stored in stored_values_of(diff).items():
         cell = layer_module_of(name)
-        nnz[cell] = nnz.get(cell, 0) + int(idx.numel())
+        nnz[cell] = nnz.get(cell, 0) + stored
         numel[cell] = numel.get(cell, 0) + math.prod(diff.shapes[name])
     layers = sorted({layer for layer, _ in nnz}, key=_layer_order)
     first_row = {}
@@ -141,6 +148,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key in ("base_name", "base_fingerprint", "task_type", "label_names", "max_length"):
         print(f"{key:<18}{meta[key]}")
     print(f"{'nnz':<18}{meta['nnz']} of {meta['n_params']} ({meta['density']:.4%})")
+    if info["factor_values"]:
+        print(f"{'stored as':<18}{info['entries']} entries + {info['factor_values']} factor values")
     print(f"{'values':<18}{meta['value_dtype']}")
     per_nnz = f" ({info['bytes_per_nnz']:.3f} B/nnz)" if info["bytes_per_nnz"] else ""
     print(f"{'file':<18}{info['file_bytes']} bytes{per_nnz}, head {info['head_bytes']} bytes")
@@ -148,10 +157,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if meta[key]:
             print(f"{key:<18}{json.dumps(meta[key], sort_keys=True)}")
     width = max([len(row["name"]) for row in info["tensors"]] + [6])
-    print(f"\n{'tensor':<{width}}  {'shape':>14}  {'nnz':>9}  {'density':>8}")
+    print(f"\n{'tensor':<{width}}  {'shape':>14}  {'nnz':>9}  {'density':>8}  {'rank':>4}")
     for row in info["tensors"]:
         shape = "x".join(map(str, row["shape"]))
-        print(f"{row['name']:<{width}}  {shape:>14}  {row['nnz']:>9}  {row['density']:>8.3%}")
+        rank = str(row.get("rank", ""))
+        line = f"{row['name']:<{width}}  {shape:>14}  {row['nnz']:>9}  {row['density']:>8.3%}"
+        print(f"{line}  {rank:>4}".rstrip())
     if args.plot:
         print(f"\nplot written to {args.plot}")
     return 0

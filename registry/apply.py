@@ -1,4 +1,9 @@
-"""Applying a sparse diff to a live model: in place on an encoder, its head, a standalone model."""
+"""Applying a sparse diff to a live model: in place on an encoder, its head, a standalone model.
+
+A tensor with sparse entries only is changed at those entries (O(nnz)); a tensor with low-rank
+factors (format version 2) gets its whole dense diff U Vᵀ + entries, so apply saves the whole
+tensor for the bit-exact revert.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ class _ApplyPlan:
 
     params: list[torch.Tensor]
     flats: list[torch.Tensor]  # flat views of the parameters' storage
-    indices: list[torch.Tensor]
+    indices: list[torch.Tensor | None]  # None: the whole tensor (a factored one)
     deltas: list[torch.Tensor]  # in the parameter's dtype and device
     buffers: list[torch.Tensor]  # where apply saves the overwritten base values
     buffers_in_use: bool = False
@@ -53,7 +58,10 @@ class AppliedDiff:
             for flat, idx, saved in reversed(
                 list(zip(plan.flats, plan.indices, self._saved, strict=True))
             ):
-                flat.scatter_(0, idx, saved)  # index_copy_ stalls on busy multi-core CPUs
+                if idx is None:
+                    flat.copy_(saved)
+                else:
+                    flat.scatter_(0, idx, saved)  # index_copy_ stalls on busy multi-core CPUs
         self.reverted = True
         if self._owns_buffers:
             plan.buffers_in_use = False
@@ -71,7 +79,7 @@ def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> _ApplyPlan:
     if plan is not None and plan.is_current():
         return plan
     params = dict(encoder.named_parameters())
-    for name, shape in ((n, diff.shapes[n]) for n in diff.indices):
+    for name, shape in ((n, diff.shapes[n]) for n in diff.tensor_names):
         param = params.get(name)
         if param is None:
             raise ArtifactError(f"diff tensor {name!r} is not a parameter of the encoder")
@@ -83,9 +91,13 @@ def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> _ApplyPlan:
         if not param.is_contiguous():
             raise ArtifactError(f"parameter {name!r} is not contiguous; cannot apply in place")
     plan = _ApplyPlan([], [], [], [], [])
-    for name in diff.indices:
+    for name in diff.tensor_names:
         param = params[name]
-        idx, delta = diff.prepared(name, param.dtype, param.device)
+        if name in diff.factors:
+            idx = None
+            delta = diff.dense(name).to(device=param.device, dtype=param.dtype).view(-1)
+        else:
+            idx, delta = diff.prepared(name, param.dtype, param.device)
         plan.params.append(param)
         plan.flats.append(param.detach().view(-1))
         plan.indices.append(idx)
@@ -98,7 +110,8 @@ def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> _ApplyPlan:
 def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
     """Add the diff to the encoder's parameters in place (base + delta in the base dtype).
 
-    O(nnz), and after the first call on an encoder it allocates nothing. Several diffs
+    O(nnz) (a factored tensor: O(its size)), and after the first call on an encoder it
+    allocates nothing. Several diffs
     may be stacked if reverted in reverse order. Not thread-safe: serialise task
     switches on one encoder.
     """
@@ -111,6 +124,10 @@ def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
         for flat, idx, delta, buffer in zip(
             plan.flats, plan.indices, plan.deltas, saved, strict=True
         ):
+            if idx is None:
+                buffer.copy_(flat)
+                flat.add_(delta)
+                continue
             torch.index_select(flat, 0, idx, out=buffer)
             flat.scatter_add_(0, idx, delta)  # indices are unique: exactly base + delta
     return AppliedDiff(plan, saved, owns_buffers)

@@ -1,6 +1,6 @@
 """The sparse-diff artifact format: one safetensors file per task version (read, write, validate).
 
-File layout (format version 1):
+File layout (format version 1, every diff without factors):
 
 - `diff.index_low`, `diff.index_high` (uint8): one Elias–Fano stream over the global index
   space formed by concatenating the flat base tensors listed in the `layout` metadata
@@ -11,6 +11,16 @@ File layout (format version 1):
   `[[name, shape, nnz], ...]`), `meta` (JSON of `ArtifactMeta`) and `sha256`, a digest of
   the whole file with the digest's own 64 characters read as zeros, so any changed byte
   is caught.
+
+Format version 2 (a diff with low-rank factors, the rank strategy of consolidation) adds, for
+each factored matrix W (m x n) whose diff is U Vᵀ plus any entries of W in the stream above:
+
+- `factor.<name>.u` (m x r) and `factor.<name>.v` (n x r), in the values' dtype;
+- `factors` in `__metadata__`: JSON `[[name, [m, n], r], ...]` (sorted names, r >= 1).
+
+So what is stored is what a budget counts: r·(m + n) values per factored matrix, never the
+m·n product. `nnz` counts stored values: sparse entries plus factor values. Version 1 files
+are still read, and a diff without factors is always written as version 1.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ from registry import index_coding
 from registry.basemodel import TASK_TYPES
 
 FORMAT_NAME = "diffbank.sparse-diff"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the version of a diff without factors
+FACTORS_FORMAT_VERSION = 2
+FORMAT_VERSIONS = (FORMAT_VERSION, FACTORS_FORMAT_VERSION)
 INDEX_CODING = "elias-fano"
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -44,6 +56,7 @@ INDEX_LOW_KEY = "diff.index_low"
 INDEX_HIGH_KEY = "diff.index_high"
 VALUES_KEY = "diff.values"
 HEAD_PREFIX = "head."
+FACTOR_PREFIX = "factor."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -92,6 +105,9 @@ class SparseDiff:
     shapes: dict[str, tuple[int, ...]]
     head: dict[str, torch.Tensor]
     meta: ArtifactMeta
+    # Low-rank factors (U m x r, V n x r, meta.value_dtype) of factored matrices: delta = U Vᵀ
+    # (+ the tensor's entries, if any). Empty for ordinary diffs.
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # Caches for registry.apply.apply_diff: (name, dtype, device) -> values, (name, device)
     # -> indices, and per encoder the validated list of targets. A diff is not to be mutated
     # once applied.
@@ -103,9 +119,36 @@ class SparseDiff:
     )
 
     @property
-    def nnz(self) -> int:
-        """Total number of nonzero entries over all tensors."""
+    def entry_count(self) -> int:
+        """Sparse entries over all tensors (positions in the index stream)."""
         return sum(int(t.numel()) for t in self.indices.values())
+
+    @property
+    def factor_values(self) -> int:
+        """Stored factor values: r·(m + n) per factored matrix."""
+        return sum(int(u.numel()) + int(v.numel()) for u, v in self.factors.values())
+
+    @property
+    def nnz(self) -> int:
+        """Stored values: sparse entries plus factor values (what a budget counts)."""
+        return self.entry_count + self.factor_values
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """Every base tensor the diff changes (by entries, factors or both), sorted."""
+        return sorted(set(self.indices) | set(self.factors))
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The fp32 dense diff of one tensor: U Vᵀ plus its entries (CPU)."""
+        shape = self.shapes[name]
+        if name in self.factors:
+            u, v = self.factors[name]
+            dense = (u.detach().cpu().float() @ v.detach().cpu().float().T).reshape(-1)
+        else:
+            dense = torch.zeros(math.prod(shape))
+        if name in self.indices:
+            dense.index_add_(0, self.indices[name].cpu(), self.values[name].cpu().float())
+        return dense.view(shape)
 
     def prepared(
         self, name: str, dtype: torch.dtype, device: torch.device
@@ -127,11 +170,18 @@ class SparseDiff:
 # ---------------------------------------------------------------- building
 
 
+def file_version(diff: SparseDiff) -> int:
+    """The format version a diff is written as: 2 when it holds factors of rank >= 1, else 1."""
+    has_factors = any(u.dim() == 2 and u.shape[1] > 0 for u, _ in diff.factors.values())
+    return FACTORS_FORMAT_VERSION if has_factors else FORMAT_VERSION
+
+
 def make_meta_consistent(diff: SparseDiff) -> SparseDiff:
-    """Fill `meta.nnz` and `meta.density` from the diff's contents (returns the same diff)."""
+    """Fill `meta.nnz`, `meta.density` and `meta.format_version` from the diff's contents."""
     nnz = diff.nnz
     diff.meta.nnz = nnz
     diff.meta.density = nnz / diff.meta.n_params if diff.meta.n_params else 0.0
+    diff.meta.format_version = file_version(diff)
     return diff
 
 
@@ -206,12 +256,57 @@ def _check_diff(diff: SparseDiff) -> None:
             raise ArtifactError(f"indices of {name!r} must be sorted and unique")
         if not all_finite(vals):
             raise ArtifactError(f"values of {name!r} contain NaN or infinity")
+    for name, pair in diff.factors.items():
+        if name not in diff.shapes:
+            raise ArtifactError(f"factors of {name!r} have no shape")
+        check_factors(name, pair, diff.shapes[name], value_dtype)
     if meta.nnz != diff.nnz:
         raise ArtifactError(f"meta.nnz is {meta.nnz} but the diff holds {diff.nnz} nonzeros")
-    _check_counts(meta, sum(math.prod(diff.shapes[name]) for name in diff.indices))
+    if meta.format_version != file_version(diff):
+        raise ArtifactError(
+            f"meta.format_version is {meta.format_version}, a diff "
+            f"{'with' if diff.factors else 'without'} factors is version {file_version(diff)}"
+        )
+    _check_counts(meta, sum(math.prod(diff.shapes[name]) for name in diff.tensor_names))
     for name, tensor in diff.head.items():
         if not tensor.is_floating_point() or not all_finite(tensor):
             raise ArtifactError(f"head tensor {name!r} must be finite floating point")
+
+
+def check_factors(
+    name: str,
+    pair: tuple[torch.Tensor, torch.Tensor],
+    shape: tuple[int, ...],
+    value_dtype: torch.dtype | None = None,
+) -> None:
+    """Factors (U m x r, V n x r) of an m x n tensor: 2-D, one rank, finite, one float dtype."""
+    if len(shape) != 2:
+        raise ArtifactError(f"factors of {name!r}: tensor of shape {tuple(shape)} is not a matrix")
+    u, v = pair
+    m, n = shape
+    if (
+        u.dim() != 2
+        or v.dim() != 2
+        or u.shape[0] != m
+        or v.shape[0] != n
+        or u.shape[1] != v.shape[1]
+    ):
+        raise ArtifactError(
+            f"factors of {name!r} have shapes U {tuple(u.shape)}, V {tuple(v.shape)}; "
+            f"a {m}x{n} matrix needs U ({m}, r) and V ({n}, r)"
+        )
+    if value_dtype is not None and (u.dtype != value_dtype or v.dtype != value_dtype):
+        raise ArtifactError(
+            f"factors of {name!r} must be {str(value_dtype).removeprefix('torch.')}, "
+            f"got {str(u.dtype).removeprefix('torch.')}/{str(v.dtype).removeprefix('torch.')}"
+        )
+    if not u.is_floating_point() or not all_finite(u) or not all_finite(v):
+        raise ArtifactError(f"factors of {name!r} contain NaN or infinity")
+
+
+def factor_key(name: str, which: str) -> str:
+    """The safetensors key of a factor: `factor.<tensor>.u` or `factor.<tensor>.v`."""
+    return f"{FACTOR_PREFIX}{name}.{which}"
 
 
 DIGEST_PLACEHOLDER = "0" * 64
@@ -234,11 +329,26 @@ def _file_digest(data: bytes | bytearray, slot: int) -> str:
     return digest.hexdigest()
 
 
+def _canonical_header(blob: bytes) -> bytearray:
+    """The same safetensors file under a canonical header: metadata keys sorted, tensors by offset."""
+    # safetensors writes its metadata map in a random order: the same diff must give the same
+    # bytes (content keys, ETags, ranged downloads of a diff composed on request).
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + header_len])
+    ordered: dict[str, Any] = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda item: item[1]["data_offsets"]))
+    raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return bytearray(struct.pack("<Q", len(raw)) + raw + blob[8 + header_len :])
+
+
 def pack_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """Serialise tensors and metadata to safetensors bytes with a whole-file `sha256` digest."""
     from safetensors.torch import save
 
-    blob = bytearray(save(tensors, metadata=dict(metadata, sha256=DIGEST_PLACEHOLDER)))
+    blob = _canonical_header(save(tensors, metadata=dict(metadata, sha256=DIGEST_PLACEHOLDER)))
     (header_len,) = struct.unpack("<Q", blob[:8])
     slot = _digest_slot(blob, 8 + header_len, DIGEST_PLACEHOLDER)
     if slot < 0:
@@ -272,11 +382,22 @@ def dumps_artifact(diff: SparseDiff) -> bytes:
         tensors[HEAD_PREFIX + name] = tensor.detach().to("cpu").contiguous()
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(diff.meta.format_version),
         "index_coding": INDEX_CODING,
         "layout": json.dumps(layout, separators=(",", ":")),
         "meta": diff.meta.to_json(),
     }
+    factored = sorted(name for name, (u, _) in diff.factors.items() if u.shape[1])
+    if factored:
+        factors = [
+            [name, list(diff.shapes[name]), int(diff.factors[name][0].shape[1])]
+            for name in factored
+        ]
+        metadata["factors"] = json.dumps(factors, separators=(",", ":"))
+        for name in factored:
+            u, v = diff.factors[name]
+            tensors[factor_key(name, "u")] = u.detach().to("cpu").contiguous()
+            tensors[factor_key(name, "v")] = v.detach().to("cpu").contiguous()
     return pack_file(tensors, metadata)
 
 
@@ -382,7 +503,7 @@ def _meta_from_json(raw: Any) -> ArtifactMeta:
 
 def _check_meta(meta: ArtifactMeta) -> None:
     """Field-level rules of ArtifactMeta."""
-    if meta.format_version != FORMAT_VERSION:
+    if meta.format_version not in FORMAT_VERSIONS:
         raise ArtifactError(f"unsupported meta.format_version {meta.format_version}")
     if meta.value_dtype not in VALUE_DTYPES:
         raise ArtifactError(
@@ -441,6 +562,34 @@ def _layout_from_json(raw: Any) -> list[tuple[str, tuple[int, ...], int]]:
     return layout
 
 
+def _factors_from_json(raw: Any) -> list[tuple[str, tuple[int, int], int]]:
+    """Validate the decoded `factors`: sorted unique names, 2-D shapes, rank >= 1."""
+    if not isinstance(raw, list) or not raw:
+        raise ArtifactError("metadata 'factors' must be a non-empty JSON list")
+    factors = []
+    previous = None
+    for entry in raw:
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], list)
+            and len(entry[1]) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in entry[1])
+            and isinstance(entry[2], int)
+            and not isinstance(entry[2], bool)
+            and entry[2] >= 1
+        )
+        if not ok:
+            raise ArtifactError(f"bad factors entry {entry!r}: expected [name, [m, n], rank >= 1]")
+        name, shape, rank = entry[0], (entry[1][0], entry[1][1]), entry[2]
+        if previous is not None and name <= previous:
+            raise ArtifactError(f"factors tensor names must be sorted and unique at {name!r}")
+        previous = name
+        factors.append((name, shape, rank))
+    return factors
+
+
 def _load_tensors(data: bytes) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, with safetensors' own errors turned into ArtifactError."""
     from safetensors.torch import load
@@ -465,10 +614,11 @@ def loads_artifact(
         raise ArtifactError("not a diffbank artifact: header has no string __metadata__")
     if metadata.get("format") != FORMAT_NAME:
         raise ArtifactError(f"not a diffbank artifact: format is {metadata.get('format')!r}")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    version = metadata.get("format_version")
+    if version not in [str(v) for v in FORMAT_VERSIONS]:
         raise ArtifactError(
-            f"unsupported format version {metadata.get('format_version')!r} "
-            f"(this diffbank reads version {FORMAT_VERSION})"
+            f"unsupported format version {version!r} "
+            f"(this diffbank reads versions {', '.join(map(str, FORMAT_VERSIONS))})"
         )
     if metadata.get("index_coding") != INDEX_CODING:
         raise ArtifactError(f"unsupported index coding {metadata.get('index_coding')!r}")
@@ -479,6 +629,17 @@ def loads_artifact(
 
     meta = _meta_from_json(_json_field(metadata, "meta"))
     layout = _layout_from_json(_json_field(metadata, "layout"))
+    if str(meta.format_version) != version:
+        raise ArtifactError(
+            f"meta.format_version {meta.format_version} disagrees with the file's format "
+            f"version {version}"
+        )
+    if version == str(FORMAT_VERSION):
+        if "factors" in metadata:
+            raise ArtifactError("a version 1 artifact has no 'factors' metadata")
+        factor_layout = []
+    else:
+        factor_layout = _factors_from_json(_json_field(metadata, "factors"))
     if expected_fingerprint is not None and meta.base_fingerprint != expected_fingerprint:
         raise ArtifactError(
             f"wrong base: the diff was made for base {meta.base_name!r} with fingerprint "
@@ -486,7 +647,7 @@ def loads_artifact(
             f"{expected_fingerprint[:12]}…"
         )
     if base_shapes is not None:
-        for name, shape, _ in layout:
+        for name, shape, _ in [*layout, *factor_layout]:
             if name not in base_shapes:
                 raise ArtifactError(f"diff tensor {name!r} does not exist in the base")
             if tuple(base_shapes[name]) != shape:
@@ -500,6 +661,7 @@ def loads_artifact(
 
     tensors = _load_tensors(data)
     expected = {INDEX_LOW_KEY, INDEX_HIGH_KEY, VALUES_KEY}
+    expected |= {factor_key(name, which) for name, _, _ in factor_layout for which in "uv"}
     missing = sorted(expected - set(tensors))
     unknown = sorted(k for k in tensors if k not in expected and not k.startswith(HEAD_PREFIX))
     if missing or unknown:
@@ -515,11 +677,33 @@ def loads_artifact(
     nnz = sum(entry[2] for entry in layout)
     if values.dim() != 1 or values.numel() != nnz:
         raise ArtifactError(f"values tensor has shape {tuple(values.shape)}, expected ({nnz},)")
-    if meta.nnz != nnz:
-        raise ArtifactError(f"meta.nnz is {meta.nnz} but the layout holds {nnz} nonzeros")
+    factor_values = sum(rank * (m + n) for _, (m, n), rank in factor_layout)
+    if meta.nnz != nnz + factor_values:
+        raise ArtifactError(
+            f"meta.nnz is {meta.nnz} but the layout holds {nnz} nonzeros"
+            + (f" and the factors {factor_values} values" if factor_layout else "")
+        )
     sizes = [math.prod(shape) for _, shape, _ in layout]
     universe = sum(sizes)
-    _check_counts(meta, universe)
+    in_layout = {name: shape for name, shape, _ in layout}
+    for name, shape, _ in factor_layout:
+        if name in in_layout and in_layout[name] != shape:
+            raise ArtifactError(
+                f"{name!r} has shape {in_layout[name]} in the layout but {shape} in the factors"
+            )
+    _check_counts(
+        meta,
+        universe + sum(m * n for name, (m, n), _ in factor_layout if name not in in_layout),
+    )
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, shape, rank in factor_layout:
+        pair = (tensors[factor_key(name, "u")], tensors[factor_key(name, "v")])
+        check_factors(name, pair, shape, VALUE_DTYPES[meta.value_dtype])
+        if pair[0].shape[1] != rank:
+            raise ArtifactError(
+                f"factors of {name!r} have rank {pair[0].shape[1]}, metadata 'factors' says {rank}"
+            )
+        factors[name] = pair
     try:
         global_indices = index_coding.decode(low.numpy(), high.numpy(), nnz, universe)
     except index_coding.IndexCodingError as exc:
@@ -547,7 +731,9 @@ def loads_artifact(
             if not tensor.is_floating_point() or not all_finite(tensor):
                 raise ArtifactError(f"head tensor {key[len(HEAD_PREFIX) :]!r} is not finite float")
             head[key[len(HEAD_PREFIX) :]] = tensor
-    return SparseDiff(indices, per_tensor_values, shapes, head, meta)
+    for name, shape, _ in factor_layout:
+        shapes[name] = shape
+    return SparseDiff(indices, per_tensor_values, shapes, head, meta, factors)
 
 
 def load_artifact(

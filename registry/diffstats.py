@@ -1,4 +1,4 @@
-"""Statistics of a sparse diff: where its nonzeros sit in the base (per layer, per module)."""
+"""Statistics of a sparse diff: where its stored values (entries, factors) sit in the base."""
 
 from __future__ import annotations
 
@@ -21,10 +21,23 @@ def layer_module_of(name: str) -> tuple[str, str]:
     return head, rest or head
 
 
+def stored_values_of(diff: SparseDiff) -> dict[str, int]:
+    """Stored values per base tensor: its sparse entries plus its factor values r·(m + n)."""
+    counts = {name: int(idx.numel()) for name, idx in diff.indices.items()}
+    for name, (u, v) in diff.factors.items():
+        counts[name] = counts.get(name, 0) + int(u.numel()) + int(v.numel())
+    return counts
+
+
+def factor_ranks(diff: SparseDiff) -> dict[str, int]:
+    """The rank of each factored tensor's low-rank part."""
+    return {name: int(u.shape[1]) for name, (u, _) in sorted(diff.factors.items())}
+
+
 def nonzeros_per_layer(diff: SparseDiff) -> dict[str, int]:
-    """Nonzeros per layer ("embeddings", "layer 0", ..., "pooler")."""
+    """Stored values per layer ("embeddings", "layer 0", ..., "pooler"): entries + factor values."""
     counts: dict[str, int] = {}
-    for name, idx in diff.indices.items():
+    for name, stored in stored_values_of(diff).items():
         layer = layer_module_of(name)[0]
-        counts[layer] = counts.get(layer, 0) + int(idx.numel())
+        counts[layer] = counts.get(layer, 0) + stored
     return counts

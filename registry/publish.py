@@ -150,6 +150,42 @@ def publish_version(
     return version
 
 
+def publish_consolidated_version(
+    session: Session,
+    store: ObjectStore,
+    *,
+    task_id: int,
+    residual_bytes: bytes,
+    shared_artifact_id: int,
+    nnz: int,
+    density: float,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    **version_fields: Any,
+) -> TaskVersion:
+    """Upload + verify a consolidated task's residual, its only blob, then publish the version.
+
+    The version references the run's shared artifact (stored once for all its tasks); its
+    composed diff is built on request (`registry.compose`). `version_fields`: as for
+    `publish_version` (consolidation_run_id, parent_version_id, activate, ...).
+    """
+    residual = upload_verified(store, residual_bytes, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
+    version = catalog.publish_task_version(
+        session,
+        task_id=task_id,
+        diff=residual,
+        nnz=nnz,
+        density=density,
+        metrics=metrics,
+        config=config,
+        shared_artifact_id=shared_artifact_id,
+        composed_on_request=True,
+        **version_fields,
+    )
+    ensure_stored(store, residual, residual_bytes)
+    return version
+
+
 def publish_shared_diff(session: Session, store: ObjectStore, *, run_id: int, data: bytes) -> int:
     """Upload + verify a consolidation run's shared diff and attach it; the artifact id."""
     stored = upload_verified(store, data, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)

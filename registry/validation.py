@@ -1,5 +1,6 @@
 """The one check every read path makes before it uses an artifact (inspect, predict, serving,
-export): its meta agrees with its own head, and the head and meta fit the base it runs on.
+export): its meta agrees with its own head, its factors are well formed, and the head, meta,
+tensors and factors fit the base it runs on.
 
 The file's checksum is unkeyed, so a consistent-looking file proves nothing about its author:
 an edited meta (other labels, another task type, a longer max_length) must be refused here,
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from registry.artifact import ArtifactError, SparseDiff
+from registry.artifact import VALUE_DTYPES, ArtifactError, SparseDiff, check_factors
 
 if TYPE_CHECKING:
     from registry.basemodel import LoadedBase
@@ -31,6 +32,10 @@ def output_rows(head: dict) -> int | None:
 def check_artifact(diff: SparseDiff, base: LoadedBase | None = None) -> None:
     """Raise ArtifactError unless the meta fits the head (and, given a base, the base)."""
     meta = diff.meta
+    for name, pair in diff.factors.items():
+        if name not in diff.shapes:
+            raise ArtifactError(f"factors of {name!r} have no shape")
+        check_factors(name, pair, diff.shapes[name], VALUE_DTYPES.get(meta.value_dtype))
     rows = output_rows(diff.head)
     if rows is not None and rows != meta.num_labels:
         if meta.task_type == "regression":
@@ -48,6 +53,15 @@ def check_artifact(diff: SparseDiff, base: LoadedBase | None = None) -> None:
             f"wrong base: the diff was made for {meta.base_name!r} "
             f"({meta.base_fingerprint[:12]}…), not {base.name!r} ({base.fingerprint[:12]}…)"
         )
+    base_shapes = base.shapes
+    for name in diff.tensor_names:
+        if name not in base_shapes:
+            raise ArtifactError(f"diff tensor {name!r} does not exist in the base")
+        if tuple(base_shapes[name]) != tuple(diff.shapes[name]):
+            raise ArtifactError(
+                f"shape of {name!r} is {tuple(diff.shapes[name])} in the diff but "
+                f"{tuple(base_shapes[name])} in the base"
+            )
     expected = base.head_shapes(meta.task_type, meta.num_labels) if diff.head else {}
     if set(diff.head) != set(expected):  # a consolidation's shared part has no head at all
         raise ArtifactError(

@@ -1,4 +1,5 @@
-"""Consolidation, the algorithm: budgets met exactly, composed = shared + residual, resume, refusals.
+"""Consolidation, the algorithm: budgets met exactly, composed = shared + residual, resume, refusals,
+residuals that live on sparse supports (current positions + gradient-picked candidates).
 
 Real parts: the tiny random BERT, the trainer's gates/projection/evaluate, the artifact format.
 Current versions are random sparse diffs with random heads (the algorithm only needs a diff).
@@ -20,15 +21,21 @@ from registry.basemodel import load_base
 from worker.consolidation import lowrank
 from worker.consolidation.artifacts import evaluate_diff
 from worker.consolidation.budget import knapsack_topk, project_to_budget
+from worker.consolidation.candidates import (
+    accumulated_gradient_magnitudes,
+    candidate_count,
+    pick_candidates,
+)
 from worker.consolidation.config import (
     ConsolidationConfig,
     ConsolidationError,
     ConsolidationTask,
     accept,
 )
-from worker.consolidation.fit import consolidate, task_sampling_probabilities
-from worker.consolidation.state import SHARED, GatedDiffSet
+from worker.consolidation.fit import consolidate, start_fit, task_sampling_probabilities
+from worker.consolidation.state import SHARED, GatedDiffSet, current_entries, gate_deterministic
 from worker.data import load_task_data
+from worker.kit.checkpoint import load_checkpoint, save_checkpoint
 from worker.kit.progress import TrainingCancelled
 
 WORDS = {"a": ("bad", "good"), "b": ("awful", "great"), "c": ("sad", "happy")}
@@ -140,12 +147,12 @@ def test_rank_budget_counts_factor_entries_and_is_met_exactly(rank_result, base)
     assert result.total_nnz == 3000
     extra = [t.residual.meta.extra["consolidation"] for t in result.tasks]
     assert sum(e["stored_entries"] for e in extra) + result.shared_nnz == 3000
-    # a kept component of an m x n matrix is stored as m + n factor entries, its product dense
+    # a kept component of an m x n matrix is stored as its m + n factor entries
     shapes = base.shapes
     for outcome in result.tasks:
-        factored = [n for n in outcome.residual.indices if lowrank.is_factored(n, shapes[n])]
-        for name in factored:
-            assert outcome.residual.indices[name].numel() == shapes[name][0] * shapes[name][1]
+        assert not [n for n in outcome.residual.indices if lowrank.is_factored(n, shapes[n])]
+        for name, (u, v) in outcome.residual.factors.items():
+            assert (u.shape[0], v.shape[0]) == shapes[name] and u.shape[1] == v.shape[1]
 
 
 @pytest.mark.parametrize("which", ["elementwise", "rank"])
@@ -296,13 +303,21 @@ class MemoryCheckpoint:
         self.data = data
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(tasks, base, elementwise_result):
-    config = _config(strategy="elementwise", checkpoint_every=2)
+@pytest.mark.parametrize(
+    ("strategy", "stop_after", "phase"),
+    [("elementwise", 2, "prune"), ("elementwise", 4, "fix"), ("rank", 4, "fix")],
+)
+def test_an_interrupted_run_resumes_to_the_same_result(
+    tasks, base, elementwise_result, rank_result, strategy, stop_after, phase
+):
+    budget = 2000 if strategy == "elementwise" else 3000
+    uninterrupted = elementwise_result if strategy == "elementwise" else rank_result
+    config = _config(strategy=strategy, budget=budget, checkpoint_every=2)
     checkpoint = MemoryCheckpoint()
     steps = []
 
-    def stop_after_four() -> bool:
-        return len(steps) >= 4
+    def stop() -> bool:
+        return len(steps) >= stop_after
 
     with pytest.raises(TrainingCancelled):
         consolidate(
@@ -312,14 +327,198 @@ def test_an_interrupted_run_resumes_to_the_same_result(tasks, base, elementwise_
             run_id=7,
             checkpoint=checkpoint,
             progress=steps.append,
-            should_stop=stop_after_four,
+            should_stop=stop,
         )
     assert checkpoint.data is not None
-    assert steps[-1].phase == "fix" and steps[-1].step < steps[-1].total_steps  # past projection
+    assert steps[-1].phase == phase and steps[-1].step < steps[-1].total_steps
     resumed = consolidate(tasks, config, base=base, run_id=7, checkpoint=checkpoint)
-    assert resumed.total_nnz == elementwise_result.total_nnz
-    for a, b in zip(resumed.tasks, elementwise_result.tasks, strict=True):
+    assert resumed.total_nnz == uninterrupted.total_nnz
+    for a, b in zip(resumed.tasks, uninterrupted.tasks, strict=True):
         assert a.composed.indices.keys() == b.composed.indices.keys()
         for name in a.composed.indices:
             assert torch.equal(a.composed.indices[name], b.composed.indices[name])
             torch.testing.assert_close(a.composed.values[name], b.composed.values[name])
+        assert a.residual.factors.keys() == b.residual.factors.keys()
+        for name, (u, v) in a.residual.factors.items():
+            torch.testing.assert_close(u, b.residual.factors[name][0])
+            torch.testing.assert_close(v, b.residual.factors[name][1])
+
+
+# ---------------------------------------------------------------- sparse residual state
+
+
+@pytest.fixture(scope="module")
+def started_fit(tasks, base):
+    return start_fit(tasks, _config(strategy="elementwise", candidate_ratio=1.0), base=base)
+
+
+def _current_count(task, names) -> int:
+    return sum(int(current_entries(task.current, name)[0].numel()) for name in names)
+
+
+def test_a_residual_holds_only_its_current_positions_plus_bounded_candidates(
+    started_fit, tasks, base
+):
+    for task in tasks:
+        residual = started_fit.state.sets[task.name]
+        names = residual.entry_names()
+        current = _current_count(task, names)
+        support = sum(int(residual.positions[n].numel()) for n in names)
+        # candidates lie outside the current diff, and there are at most ratio x current of them
+        assert current < support <= current + candidate_count(current, 1.0)
+        for name in names:
+            positions = residual.positions[name]
+            assert residual.w[name].shape == residual.alpha[name].shape == positions.shape
+            assert bool((positions[1:] > positions[:-1]).all())  # sorted, no duplicates
+            assert bool(torch.isin(current_entries(task.current, name)[0], positions).all())
+        # values, logits and positions: 3 per support entry, whatever the base size
+        assert residual.state_numel() == 3 * support < base.n_params / 50
+    assert started_fit.state.sets[SHARED].state_numel() == 2 * base.n_params  # dense: w, alpha
+
+
+def test_a_step_trains_only_the_drawn_residual_and_its_optimizer_state_covers_its_support(
+    started_fit, tasks
+):
+    fit = started_fit
+    drawn = tasks[int(fit.plan.choices[fit.state.step])].name
+    fit.advance()
+    adam = fit.state.optimizers[0]
+    for task in tasks:
+        residual = fit.state.sets[task.name]
+        for name in residual.entry_names():
+            state = adam.state.get(residual.w[name], {})
+            if task.name == drawn:
+                assert state["exp_avg"].shape == residual.positions[name].shape
+            else:
+                assert not state
+    with torch.no_grad():
+        fresh = sum(float(s.expected_l0()) for s in fit.state.sets.values())
+    assert fit.state.expected_nnz() == pytest.approx(fresh, rel=1e-6)
+
+
+def test_without_candidates_a_residual_stays_on_its_current_positions(tasks, base):
+    fit = start_fit(tasks, _config(candidate_ratio=0.0), base=base)
+    for task in tasks:
+        residual = fit.state.sets[task.name]
+        for name in residual.entry_names():
+            assert torch.equal(residual.positions[name], current_entries(task.current, name)[0])
+            torch.testing.assert_close(
+                residual.w[name].detach(), current_entries(task.current, name)[1]
+            )
+
+
+def test_a_rank_residual_has_small_factors_and_sparse_entry_tensors(tasks, base):
+    fit = start_fit(tasks, _config(strategy="rank"), base=base)
+    residual = fit.state.sets[tasks[0].name]
+    assert residual.factor_names() and residual.entry_names()
+    for name in residual.factor_names():
+        m, n = base.shapes[name]
+        assert residual.u[name].shape == (m, 2) and residual.v[name].shape == (n, 2)
+        assert name not in residual.w
+    assert all(residual.is_sparse(name) for name in residual.entry_names())
+    current = _current_count(tasks[0], residual.entry_names())
+    support = sum(int(residual.positions[n].numel()) for n in residual.entry_names())
+    assert support <= current + candidate_count(current, 1.0)
+
+
+def test_candidates_are_the_largest_gradient_magnitudes_outside_the_current_diff():
+    def scores():
+        return {
+            "a": torch.tensor([0.9, 0.1, 0.0, 0.5]),
+            "b": torch.tensor([[0.7, 0.2], [0.0, 0.95]]),
+        }
+
+    current = {"a": torch.tensor([0]), "b": torch.tensor([3])}
+    picked = pick_candidates(scores(), current, 3)
+    assert picked["a"].tolist() == [3] and picked["b"].tolist() == [0, 1]
+    # never a position already in the diff, nor one whose gradient is zero
+    picked = pick_candidates(scores(), current, 100)
+    assert picked["a"].tolist() == [1, 3] and picked["b"].tolist() == [0, 1]
+    assert candidate_count(1517, 1.0) == 1517 and candidate_count(10, 0.25) == 3
+    assert candidate_count(10, 0.0) == 0
+
+
+def test_gradient_magnitudes_are_summed_in_absolute_value_over_the_batches():
+    weights = {"x": torch.tensor([1.0, -2.0, 3.0])}
+
+    def loss_of(leaves, batch):
+        return (leaves["x"] * batch).sum()
+
+    batches = [torch.tensor([1.0, -1.0, 0.0]), torch.tensor([-1.0, -3.0, 0.0])]
+    magnitudes = accumulated_gradient_magnitudes(weights, loss_of, batches)
+    assert magnitudes["x"].tolist() == [2.0, 4.0, 0.0]  # |1| + |-1|, not |1 - 1|
+
+
+def _sparse_set(positions: list[int], values: list[float], shape=(2, 3)) -> GatedDiffSet:
+    diff_set = GatedDiffSet(positions={"x": torch.tensor(positions)}, shapes={"x": shape})
+    diff_set.w["x"] = torch.tensor(values, requires_grad=True)
+    diff_set.alpha["x"] = torch.full((len(values),), 5.0, requires_grad=True)
+    return diff_set
+
+
+def test_a_sparse_residual_adds_its_gated_values_at_its_positions_differentiably():
+    theta = torch.randn(2, 3)
+    residual = _sparse_set([1, 4, 5], [0.5, -1.0, 2.0])
+    gate = gate_deterministic(residual.alpha["x"]).detach()
+    expected = theta.clone().reshape(-1)
+    expected[torch.tensor([1, 4, 5])] += residual.w["x"].detach() * gate
+    out = residual.added_to("x", theta, "deterministic")
+    torch.testing.assert_close(out, expected.view(2, 3))
+    torch.testing.assert_close(residual.delta("x", "deterministic"), expected.view(2, 3) - theta)
+    (out * torch.arange(6.0).view(2, 3)).sum().backward()
+    torch.testing.assert_close(residual.w["x"].grad, torch.tensor([1.0, 4.0, 5.0]) * gate)
+
+
+def test_projection_ranks_dense_shared_and_sparse_residual_magnitudes_together():
+    shared = GatedDiffSet()
+    shared.w["x"] = torch.tensor([[0.1, 3.0, 0.0], [0.2, 0.0, 0.0]])
+    shared.alpha["x"] = torch.full((2, 3), 5.0)
+    sets = {
+        SHARED: shared,
+        "t1": _sparse_set([0, 2, 5], [2.0, 1.0, 0.05]),
+        "t2": _sparse_set([4], [0.5]),
+    }
+    gate = float(gate_deterministic(torch.tensor(5.0)))
+    assert project_to_budget(sets, 4) == 4
+    positions, values = sets["t1"].kept_entries("x")
+    assert positions.tolist() == [0, 2]
+    torch.testing.assert_close(values, torch.tensor([2.0, 1.0]) * gate)
+    assert sets[SHARED].kept_entries("x")[0].tolist() == [1]
+    assert sets["t2"].kept_entries("x")[0].tolist() == [4]
+    assert sum(s.stored_entries() for s in sets.values()) == 4
+
+
+def test_balanced_projection_treats_a_sparse_residual_like_a_dense_one():
+    ramp = torch.linspace(0.1, 2.0, 6)
+    dense = GatedDiffSet()
+    dense.w["x"] = ramp.view(2, 3).clone()
+    dense.alpha["x"] = torch.full((2, 3), 5.0)
+    sets = {"big": dense, "small": _sparse_set(list(range(6)), (ramp * 0.01).tolist())}
+    assert project_to_budget(sets, 6, balance_roles=True) == 6
+    assert sets["big"].stored_entries() == sets["small"].stored_entries() == 3
+
+
+def test_the_rank_knapsack_fills_the_budget_exactly_with_sparse_residual_entries():
+    shared = GatedDiffSet()
+    shared.u["m"] = torch.full((4, 1), 2.0)
+    shared.v["m"] = torch.full((4, 1), 2.0)
+    shared.beta["m"] = torch.full((1,), 5.0)
+    sets = {SHARED: shared, "t1": _sparse_set([0, 3, 5], [3.0, 0.2, 0.1])}
+    assert project_to_budget(sets, 10) == 10  # one component (4 + 4) and two entries
+    assert shared.kept_factors("m")[0].shape == (4, 1)
+    assert sets["t1"].kept_entries("x")[0].tolist() == [0, 3]
+
+
+def test_checkpoints_round_trip_sparse_supports(started_fit, tasks):
+    checkpoint = MemoryCheckpoint()
+    config = started_fit.state.config
+    save_checkpoint(checkpoint, started_fit.state.state_dict(), config)
+    saved = load_checkpoint(checkpoint, config)
+    for role, diff_set in started_fit.state.sets.items():
+        restored = GatedDiffSet.from_state_dict(saved["sets"][role])
+        assert restored.shapes == diff_set.shapes
+        assert restored.entry_names() == diff_set.entry_names()
+        for key in ("w", "alpha", "positions", "u", "v", "beta"):
+            for name, tensor in getattr(diff_set, key).items():
+                assert torch.equal(getattr(restored, key)[name], tensor.detach()), (key, name)
+        assert all(t.requires_grad for t in restored.value_tensors())

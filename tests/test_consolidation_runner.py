@@ -221,27 +221,36 @@ def test_run_publishes_accepted_versions_with_lineage_and_a_report(accepted_run,
         assert new.parent_version_id == before[name].id
         assert new.shared_artifact_id == run.shared_artifact_id
         assert new.residual_artifact_id is not None and new.source_job_id is None
+        # the version stores its residual only: one blob, the composed diff built on request
+        assert new.artifact_id == new.residual_artifact_id
         with world["sessions"]() as session:
             task = catalog.get_task(session, tenant_id=world["tenant_id"], name=name)
             assert task.active_version == new.number
     assert world["store"].get_mutable(checkpoint_key(run.job_id)) is None
 
 
-def test_published_composed_diff_is_shared_plus_residual(accepted_run, world):
+def _read(world, artifact):
+    base = world["base"]
+    return loads_artifact(
+        world["store"].get(artifact.object_key, sha256=artifact.sha256),
+        expected_fingerprint=base.fingerprint,
+        base_shapes=base.shapes,
+    )
+
+
+def test_published_version_composes_to_shared_plus_residual(accepted_run, world):
+    from registry.compose import version_diff
+
     _, run, _ = accepted_run
-    store, base = world["store"], world["base"]
+    base = world["base"]
     new = _versions(world, "fewshot")[-1]
-
-    def read(artifact):
-        return loads_artifact(
-            store.get(artifact.object_key, sha256=artifact.sha256),
-            expected_fingerprint=base.fingerprint,
-            base_shapes=base.shapes,
-        )
-
-    composed, residual = read(new.artifact), read(new.residual_artifact)
+    residual = _read(world, new.artifact)
     with world["sessions"]() as session, session.begin():
-        shared = read(session.get(type(new.artifact), new.shared_artifact_id))
+        shared = _read(world, session.get(type(new.artifact), new.shared_artifact_id))
+    composed = version_diff(world["store"], new, expected_fingerprint=base.fingerprint)
+    assert residual.meta.extra["consolidation"]["role"] == "residual" and residual.head
+    assert composed.meta.extra["consolidation"]["role"] == "composed"
+    assert composed.meta.extra["consolidation"]["run_id"] == run.id
     in_turn, merged = copy.deepcopy(base.encoder), copy.deepcopy(base.encoder)
     apply_diff(in_turn, shared)
     apply_diff(in_turn, residual)
@@ -251,7 +260,45 @@ def test_published_composed_diff_is_shared_plus_residual(accepted_run, world):
     ):
         # fp16 values: fp16(s) + fp16(r) vs fp16(s + r)
         torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-5, msg=name)
-    assert composed.meta.extra["consolidation"]["run_id"] == run.id
+
+
+def test_blobs_a_run_publishes_hold_at_most_the_budget_with_the_shared_part_stored_once(
+    accepted_run, world
+):
+    from registry.models import Artifact
+
+    _, run, _ = accepted_run
+    versions = [
+        v for name in TASKS for v in _versions(world, name) if v.consolidation_run_id == run.id
+    ]
+    assert len(versions) == len(TASKS)
+    assert {v.shared_artifact_id for v in versions} == {run.shared_artifact_id}
+    published = {run.shared_artifact_id} | {v.artifact_id for v in versions}
+    published |= {v.residual_artifact_id for v in versions}
+    assert len(published) == 1 + len(TASKS)  # the shared blob once, one residual per task
+    with world["sessions"]() as session, session.begin():
+        rows = [session.get(Artifact, artifact_id) for artifact_id in sorted(published)]
+    stored = sum(_read(world, row).nnz for row in rows)
+    assert stored <= run.report["budget_entries"] == 3000
+    assert stored == run.report["published_entries"]
+    assert run.report["published_bytes"] == sum(row.size_bytes for row in rows)
+    shared_row = next(row for row in rows if row.id == run.shared_artifact_id)
+    assert run.report["shared_bytes"] == shared_row.size_bytes
+    for version, row in zip(versions, run.report["tasks"], strict=True):
+        assert row["bytes"] == version.artifact.size_bytes  # what the task stores: its residual
+
+
+def test_gc_keeps_the_shared_and_residual_blobs_a_version_references(accepted_run, world):
+    from registry.compose import version_diff_bytes
+    from registry.gc import gc
+
+    _, run, _ = accepted_run
+    with world["sessions"]() as session:
+        report = gc(session, world["store"], grace_s=0.0)
+    new = _versions(world, "reviews")[-1]
+    kept = {new.artifact.object_key, new.shared_artifact.object_key}
+    assert not kept & set(report.deleted_blobs)
+    assert loads_artifact(version_diff_bytes(world["store"], new)).nnz > 0
 
 
 def test_schedule_policy_fires_only_above_the_threshold(
@@ -283,6 +330,7 @@ def test_schedule_policy_fires_only_above_the_threshold(
     assert apply_consolidation_policy(at_threshold) == []
     assert runs() == before and queue.llen("consolidate") == 0
 
+    # Both tasks now compose the run's shared diff: they overlap and agree, so they form one group.
     below = settings.model_copy(update={"consolidation_budget_nnz": total - 1})
     started = apply_consolidation_policy(below)
     assert len(started) == 1 and runs() == before + 1
@@ -347,3 +395,25 @@ def test_finished_run_reads_back_through_the_api_and_renders_in_the_cli(
     }
     table = format_table(view)
     assert "reviews" in table and "fewshot" in table and "-> 3000" in table
+
+
+def test_a_run_over_consolidated_versions_starts_from_their_composed_diffs(
+    accepted_run, world, settings
+):
+    """The current diff of a version that stores only its residual is shared + residual."""
+    _, first, _ = accepted_run
+    previous = {row["task"]: row for row in first.report["tasks"]}
+    current = {name: _versions(world, name)[-1] for name in TASKS}
+    with world["sessions"]() as session:  # the policy test left a run queued
+        for job, _ in catalog.active_jobs(session, tenant_id=world["tenant_id"]):
+            catalog.request_cancel(session, tenant_id=world["tenant_id"], job_id=job.id)
+    run = _new_run(world, settings, budget=3000, tolerance=100.0, params=FAST)
+    assert run_consolidation(run.id, settings=settings) == SUCCEEDED
+    with world["sessions"]() as session:
+        run = catalog.load_consolidation_run(session, run_id=run.id)
+    for row in run.report["tasks"]:
+        # scored on the composed diff the first run accepted, not on its residual alone
+        assert row["metric_before"] == pytest.approx(previous[row["task"]]["metric_after"])
+        assert row["nnz_before"] == previous[row["task"]]["nnz"]
+        assert row["bytes_before"] == current[row["task"]].artifact.size_bytes
+    assert run.total_nnz_before == first.total_nnz_after == 3000

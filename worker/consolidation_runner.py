@@ -5,13 +5,18 @@ Claiming, heartbeat, checkpoint, cancellation and failures are `worker.lifecycle
 For each task the runner loads its active version's diff and the datasets of the training job
 that produced the task (following `parent_version_id` through earlier consolidations), scores
 the current version on its validation split ("before"), re-fits all tasks together
-(`worker.consolidation.consolidate`), scores each composed diff ("after") and publishes a new
-version only for tasks within the run's tolerance. Lineage of a new version: the run, the
-parent version, the shared artifact (plus the residual artifact for the factored layout).
+(`worker.consolidation.consolidate`), scores each composed diff ("after", built in memory) and
+publishes a new version only for tasks within the run's tolerance. Lineage of a new version:
+the run, the parent version, the shared artifact.
+
+What is published is what the budget counts: the run's shared diff once, and per accepted task
+only its residual (carrying head and metadata), which is the version's artifact; its composed
+diff is built on request (`registry.compose`). A current version of either layout is read as
+the diff it stands for (`registry.compose.version_diff`).
 
 Write order per the registry: the shared diff blob is uploaded and verified and attached to the
-run, then each accepted task's composed + residual blobs and its version row in one
-transaction. A resumed run (worker died) skips tasks that already got their version from it.
+run, then each accepted task's residual blob and its version row in one transaction. A resumed
+run (worker died) skips tasks that already got their version from it.
 """
 
 from __future__ import annotations
@@ -48,9 +53,10 @@ class LoadedTask:
     name: str
     task_id: int
     version: TaskVersion
-    diff: Any  # SparseDiff
-    diff_bytes: int
+    diff: Any  # SparseDiff: what the version stands for (composed for a consolidated one)
+    diff_bytes: int  # artifact bytes of `diff` (its bytes per stored entry convert a bytes budget)
     data: Any  # TaskData
+    stored_bytes: int = 0  # the version's own stored blob
 
 
 def _training_job(session: Session, version: TaskVersion) -> Job:
@@ -69,7 +75,8 @@ def _load_tasks(
     session: Session, store: ObjectStore, run: ConsolidationRun, base: Any, settings: Settings
 ) -> list[LoadedTask]:
     """Every task of the run with its active version's diff and its training data."""
-    from registry.artifact import ArtifactError, loads_artifact
+    from registry.artifact import ArtifactError, dumps_artifact
+    from registry.compose import composed_on_request, version_diff
     from registry.stores import ObjectIntegrityError, ObjectNotFound
 
     loaded = []
@@ -80,9 +87,8 @@ def _load_tasks(
         except catalog.NotFoundError as exc:
             raise JobFailure("task_missing", str(exc)) from exc
         try:
-            raw = store.get(version.artifact.object_key, sha256=version.artifact.sha256)
-            diff = loads_artifact(
-                raw, expected_fingerprint=base.fingerprint, base_shapes=base.shapes
+            diff = version_diff(
+                store, version, expected_fingerprint=base.fingerprint, base_shapes=base.shapes
             )
         except (ObjectNotFound, ObjectIntegrityError, ArtifactError) as exc:
             raise JobFailure("artifact_unreadable", f"task {name!r}: {exc}") from exc
@@ -92,7 +98,9 @@ def _load_tasks(
             data = load_job_data(session, store, job, settings, seed=seed)
         except JobFailure as exc:
             raise JobFailure(exc.code, f"task {name!r}: {exc.message}") from exc
-        loaded.append(LoadedTask(name, task.id, version, diff, len(raw), data))
+        stored = int(version.artifact.size_bytes)
+        size = len(dumps_artifact(diff)) if composed_on_request(version) else stored
+        loaded.append(LoadedTask(name, task.id, version, diff, size, data, stored))
     return loaded
 
 
@@ -130,6 +138,15 @@ def _published_by_run(session: Session, run: ConsolidationRun, name: str) -> Tas
     return next((v for v in versions if v.consolidation_run_id == run.id), None)
 
 
+def stored_blobs(result: Any) -> dict[str, bytes]:
+    """What a run may publish, serialised once: the shared diff under "" and each residual."""
+    from registry.artifact import dumps_artifact
+
+    blobs = {"": dumps_artifact(result.shared)}
+    blobs.update({o.name: dumps_artifact(o.residual) for o in result.tasks})
+    return blobs
+
+
 def _publish(
     sessions: sessionmaker[Session],
     store: ObjectStore,
@@ -137,10 +154,10 @@ def _publish(
     tasks: list[LoadedTask],
     result: Any,
     rows: list[dict[str, Any]],
+    blobs: dict[str, bytes],
 ) -> int | None:
-    """Shared blob → run, then each accepted task's version; the shared artifact id (None: none accepted)."""
-    from registry.artifact import dumps_artifact
-    from registry.publish import publish_shared_diff, publish_version
+    """Shared blob → run, then each accepted task's residual version; the shared artifact id."""
+    from registry.publish import publish_consolidated_version, publish_shared_diff
 
     accepted = [row for row in rows if row["accepted"]]
     if not accepted:
@@ -148,9 +165,7 @@ def _publish(
     with sessions() as session:
         shared_id = catalog.load_consolidation_run(session, run_id=run.id).shared_artifact_id
         if shared_id is None:  # a resumed run keeps the shared artifact it already published
-            shared_id = publish_shared_diff(
-                session, store, run_id=run.id, data=dumps_artifact(result.shared)
-            )
+            shared_id = publish_shared_diff(session, store, run_id=run.id, data=blobs[""])
     outcomes = {o.name: o for o in result.tasks}
     for task, row in zip(tasks, rows, strict=True):
         if not row["accepted"]:
@@ -159,12 +174,12 @@ def _publish(
         with sessions() as session:
             existing = _published_by_run(session, run, task.name)
             if existing is None:
-                existing = publish_version(
+                existing = publish_consolidated_version(
                     session,
                     store,
                     task_id=task.task_id,
-                    diff_bytes=dumps_artifact(outcome.composed),
-                    residual_bytes=dumps_artifact(outcome.residual),
+                    residual_bytes=blobs[task.name],
+                    shared_artifact_id=shared_id,
                     nnz=outcome.composed.nnz,
                     density=float(outcome.composed.meta.density),
                     metrics=row["metrics_after"],
@@ -176,7 +191,6 @@ def _publish(
                     },
                     consolidation_run_id=run.id,
                     parent_version_id=task.version.id,
-                    shared_artifact_id=shared_id,
                 )
         row["version_after"] = existing.number
     return shared_id
@@ -189,9 +203,14 @@ def _report(
     result: Any,
     before: list[dict],
     after: list[dict],
+    blobs: dict[str, bytes],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The run report and its per-task rows (accepted by the tolerance rule)."""
-    from registry.artifact import dumps_artifact
+    """The run report and its per-task rows (accepted by the tolerance rule).
+
+    `bytes` of a row is what the task stores (its residual blob); the shared blob's bytes and
+    entries are reported once. `published_entries` / `published_bytes` sum every blob the run
+    publishes (the shared one once, if any task is accepted): entries are at most the budget.
+    """
     from worker.consolidation.config import accept
 
     outcomes = {o.name: o for o in result.tasks}
@@ -211,15 +230,18 @@ def _report(
                 "version_after": None,
                 "nnz_before": own,
                 "nnz": outcome.nnz,
+                "stored_entries": outcome.residual.nnz,
                 "composed_nnz": outcome.composed.nnz,
-                "bytes_before": task.diff_bytes,
-                "bytes": len(dumps_artifact(outcome.composed)),
-                "residual_bytes": len(dumps_artifact(outcome.residual)),
+                "bytes_before": task.stored_bytes,
+                "bytes": len(blobs[task.name]),
+                "residual_bytes": len(blobs[task.name]),
                 "accepted": accept(
                     metrics_before["metric"], metrics_after["metric"], run.tolerance
                 ),
             }
         )
+    accepted = [row for row in rows if row["accepted"]]
+    shared_published = bool(accepted)
     report = {
         "strategy": config.strategy,
         "budget": int(run.budget),
@@ -228,7 +250,12 @@ def _report(
         "tolerance": run.tolerance,
         "config": config.to_dict(),
         "shared_nnz": result.shared_nnz,
-        "shared_bytes": len(dumps_artifact(result.shared)),
+        "shared_stored_entries": result.shared.nnz,
+        "shared_bytes": len(blobs[""]),
+        "published_entries": (result.shared.nnz if shared_published else 0)
+        + sum(row["stored_entries"] for row in accepted),
+        "published_bytes": (len(blobs[""]) if shared_published else 0)
+        + sum(row["bytes"] for row in accepted),
         "fitted_nnz": result.total_nnz,
         "steps": result.steps,
         "train_seconds": round(result.train_seconds, 3),
@@ -284,8 +311,9 @@ def _fit_and_publish(run: ConsolidationRun, claimed: ClaimedJob) -> dict[str, An
     ]
     monitor.progress(Progress(result.steps, result.steps, 0.0, result.total_nnz, "evaluate"))
     claimed.stop_if_asked()
-    report, rows = _report(run, config, tasks, result, before, after)
-    shared_id = _publish(sessions, store, run, tasks, result, rows)
+    blobs = stored_blobs(result)
+    report, rows = _report(run, config, tasks, result, before, after, blobs)
+    shared_id = _publish(sessions, store, run, tasks, result, rows, blobs)
     report["shared_artifact_id"] = shared_id
     total_before = total_stored_entries([t.version for t in tasks])
     total_after = _total_after(rows, result.shared_nnz, tasks)

@@ -2,14 +2,19 @@
 version, diff download (Range, ETag, presign), stats, a consolidated version's parts, and
 (mounted from api/routes/predict.py) predictions.
 
-A consolidated task version's `artifact` is the composed diff (what `GET /v1/tasks/{name}/diff`
-returns by default). Its parts — the run's shared diff and the task's residual — are listed by
+`GET /v1/tasks/{name}/diff` returns a consolidated version's composed diff by default: a version
+of a current run stores only its residual beside the run's shared diff, so the composed artifact
+is built on request (`registry.compose`; deterministic bytes, so its sha256 / ETag and byte
+ranges are stable); an older run's version stored its composed blob, which is streamed. The
+parts — the run's shared diff and the task's residual — are listed by
 `GET /v1/tasks/{name}/versions/{n}/parts` (also what `GET /v1/tasks/{name}/diff?layout=factored`
 answers): JSON with a download URL per part, to be applied in the listed order.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
@@ -172,29 +177,47 @@ def download_diff(
     """The artifact streamed with `ETag` and `X-Diffbank-Sha256`; `Range` answers 206.
 
     With `presign=1` an S3 store answers 307 to a presigned URL; a file store cannot presign,
-    so the artifact is streamed as without it.
+    and a diff composed on request has no stored blob, so those are streamed as without it.
     """
+    from registry.compose import composed_on_request
+
     row = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=version
     )
     if layout == "factored":
-        return JSONResponse(version_parts(row, name=name, session=session).model_dump())
-    artifact = row.artifact
-    etag = f'"{artifact.sha256}"'
+        return JSONResponse(
+            version_parts(row, name=name, session=session, store=store).model_dump()
+        )
+    read: Callable[[int | None, int | None], Iterator[bytes]]
+    if composed_on_request(row):
+        data = _composed_bytes(store, row, name=name)
+        sha256, size, presigned = hashlib.sha256(data).hexdigest(), len(data), None
+
+        def read(start: int | None, end: int | None) -> Iterator[bytes]:
+            return iter([data[start:end]])
+    else:
+        artifact = row.artifact
+        sha256, size, presigned = artifact.sha256, artifact.size_bytes, artifact.object_key
+
+        def read(start: int | None, end: int | None) -> Iterator[bytes]:
+            if start is None:
+                return store.open(artifact.object_key, sha256=artifact.sha256)
+            return store.open(artifact.object_key, sha256=artifact.sha256, start=start, end=end)
+
+    etag = f'"{sha256}"'
     headers = {
         "ETag": etag,
-        "X-Diffbank-Sha256": artifact.sha256,
+        "X-Diffbank-Sha256": sha256,
         "X-Diffbank-Version": str(row.number),
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'attachment; filename="{name}-v{row.number}.safetensors"',
     }
-    if presign:
-        url = store.presign(artifact.object_key, PRESIGN_EXPIRES_S)
+    if presign and presigned is not None:
+        url = store.presign(presigned, PRESIGN_EXPIRES_S)
         if url is not None:
             return RedirectResponse(url, status_code=307, headers=headers)
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
-    size = artifact.size_bytes
     if wants_range(range_header):
         span = parse_range(range_header, size)
         if span is None:
@@ -206,18 +229,32 @@ def download_diff(
                 headers={"Content-Range": f"bytes */{size}"},
             )
         start, end = span
-        body = started(
-            store.open(artifact.object_key, sha256=artifact.sha256, start=start, end=end)
-        )
+        body = started(read(start, end))
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         headers["Content-Length"] = str(end - start)
         return StreamingResponse(
             body, status_code=206, headers=headers, media_type="application/octet-stream"
         )
     # A full read is verified against the sha256 before the first byte goes out.
-    body = started(store.open(artifact.object_key, sha256=artifact.sha256))
+    body = started(read(None, None))
     headers["Content-Length"] = str(size)
     return StreamingResponse(body, headers=headers, media_type="application/octet-stream")
+
+
+def _composed_bytes(store, version: TaskVersion, *, name: str) -> bytes:
+    """A version's composed artifact, built from its shared and residual parts (409 if unusable)."""
+    from registry.artifact import ArtifactError
+    from registry.compose import version_diff_bytes
+
+    try:
+        return version_diff_bytes(store, version)
+    except ArtifactError as exc:
+        raise ApiError(
+            409,
+            "artifact_mismatch",
+            f"task {name!r} version {version.number} cannot be composed: {exc}",
+            field="version",
+        ) from None
 
 
 @router.get(
@@ -234,15 +271,23 @@ def task_stats(
     store: StoreDep,
     version: VersionQuery = None,
 ) -> TaskStatsPublic:
-    """Where a version's nonzeros sit (per layer), read from the stored artifact."""
-    from registry.artifact import loads_artifact
+    """Where a version's stored values sit (per layer), read from its (composed) diff."""
+    from registry.artifact import ArtifactError
+    from registry.compose import version_diff
     from registry.diffstats import nonzeros_per_layer
 
     row = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=version
     )
-    data = store.get(row.artifact.object_key, sha256=row.artifact.sha256)
-    diff = loads_artifact(data)
+    try:
+        diff = version_diff(store, row)
+    except ArtifactError as exc:
+        raise ApiError(
+            409,
+            "artifact_mismatch",
+            f"task {name!r} version {row.number} cannot be read: {exc}",
+            field="version",
+        ) from None
     return TaskStatsPublic(
         task=name,
         version=row.number,
@@ -273,8 +318,8 @@ def activate_version(
     )
 
 
-def version_parts(version: TaskVersion, *, name: str, session) -> VersionPartsPublic:
-    """The factored layout of a consolidated version; 409 for a version that has no parts."""
+def _require_parts(version: TaskVersion, *, name: str) -> None:
+    """409 unless the version is a consolidated one with shared and residual parts."""
     if version.shared_artifact_id is None or version.residual_artifact_id is None:
         raise ApiError(
             409,
@@ -283,15 +328,26 @@ def version_parts(version: TaskVersion, *, name: str, session) -> VersionPartsPu
             "and has no factored layout",
             field="layout",
         )
+
+
+def version_parts(version: TaskVersion, *, name: str, session, store) -> VersionPartsPublic:
+    """The factored layout of a consolidated version; 409 for a version that has no parts."""
+    from registry.compose import composed_on_request
+
+    _require_parts(version, name=name)
     with catalog.transaction(session):
         shared = session.get(Artifact, version.shared_artifact_id)
         residual = session.get(Artifact, version.residual_artifact_id)
     base_url = f"/v1/tasks/{name}/versions/{version.number}/parts"
+    if composed_on_request(version):
+        composed_sha256 = hashlib.sha256(_composed_bytes(store, version, name=name)).hexdigest()
+    else:
+        composed_sha256 = version.artifact.sha256
     return VersionPartsPublic(
         task=name,
         version=version.number,
         consolidation_run_id=version.consolidation_run_id,
-        composed_sha256=version.artifact.sha256,
+        composed_sha256=composed_sha256,
         parts=[
             VersionPartPublic(
                 role=role, sha256=part.sha256, size_bytes=part.size_bytes, url=f"{base_url}/{role}"
@@ -313,12 +369,13 @@ def list_version_parts(
     number: VersionNumberPath,
     principal: Annotated[Principal, Depends(require("tasks.read"))],
     session: SessionDep,
+    store: StoreDep,
 ) -> VersionPartsPublic:
     """The factored layout: the shared diff and the task's residual, each an artifact."""
     version = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=number
     )
-    return version_parts(version, name=name, session=session)
+    return version_parts(version, name=name, session=session, store=store)
 
 
 @router.get(
@@ -340,15 +397,11 @@ def download_version_part(
     version = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=number
     )
-    parts = version_parts(version, name=name, session=session)
-    part = next(p for p in parts.parts if p.role == role)
-    artifact_id = version.shared_artifact_id if role == "shared" else version.residual_artifact_id
-    with catalog.transaction(session):
-        artifact = session.get(Artifact, artifact_id)
+    artifact = _part_artifact(version, role, name=name, session=session)
     headers = {
-        "ETag": f'"{part.sha256}"',
-        "X-Diffbank-Sha256": part.sha256,
-        "Content-Length": str(part.size_bytes),
+        "ETag": f'"{artifact.sha256}"',
+        "X-Diffbank-Sha256": artifact.sha256,
+        "Content-Length": str(artifact.size_bytes),
         "Content-Disposition": f'attachment; filename="{name}-v{number}-{role}.safetensors"',
     }
     return StreamingResponse(
@@ -356,6 +409,14 @@ def download_version_part(
         headers=headers,
         media_type="application/octet-stream",
     )
+
+
+def _part_artifact(version: TaskVersion, role: str, *, name: str, session) -> Artifact:
+    """The stored shared or residual artifact of a consolidated version (409 without parts)."""
+    _require_parts(version, name=name)
+    artifact_id = version.shared_artifact_id if role == "shared" else version.residual_artifact_id
+    with catalog.transaction(session):
+        return session.get(Artifact, artifact_id)
 
 
 # Predictions are a resource of their own (api/routes/predict.py), served under /tasks too.

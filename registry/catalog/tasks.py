@@ -173,6 +173,7 @@ def publish_task_version(
     parent_version_id: int | None = None,
     residual: StoredObject | None = None,
     shared_artifact_id: int | None = None,
+    composed_on_request: bool = False,
     activate: bool = True,
     label_names: list[str] | None = None,
     finish_job_id: int | None = None,
@@ -180,7 +181,9 @@ def publish_task_version(
 ) -> TaskVersion:
     """Insert the artifacts of uploaded, verified diffs and the next version in one transaction.
 
-    With `finish_job_id`, the same transaction moves that job from running to succeeded
+    With `composed_on_request`, `diff` is the version's residual and its only blob: one artifact
+    row serves as both `artifact` and `residual_artifact` (`registry.compose`), beside the run's
+    `shared_artifact_id`. With `finish_job_id`, the same transaction moves that job from running to succeeded
     (pointing at the new version); if the job is no longer running nothing is published
     (ConflictError code `job_not_running`).
     """
@@ -188,10 +191,20 @@ def publish_task_version(
         number = _next_version_number(session, task_id)
         task = get_row(session, Task, task_id, populate_existing=True)
         assert task is not None
-        artifact = add_artifact(session, stored=diff, kind="diff")
-        residual_artifact = (
-            add_artifact(session, stored=residual, kind="residual-diff") if residual else None
-        )
+        if composed_on_request:
+            if shared_artifact_id is None or residual is not None:
+                raise InvalidInputError(
+                    "a version composed on request stores one residual blob and needs the "
+                    "shared artifact",
+                    field="shared_artifact_id",
+                )
+            artifact = add_artifact(session, stored=diff, kind="residual-diff")
+            residual_artifact = artifact
+        else:
+            artifact = add_artifact(session, stored=diff, kind="diff")
+            residual_artifact = (
+                add_artifact(session, stored=residual, kind="residual-diff") if residual else None
+            )
         if (
             shared_artifact_id is not None
             and get_row(session, Artifact, shared_artifact_id) is None

@@ -1,4 +1,11 @@
-"""Sparse artifacts out of the fitted diff sets (shared, residual, composed) and their metrics."""
+"""Artifacts out of the fitted diff sets: the shared diff and each task's residual, as stored.
+
+What is written is what the budget counts: an element-wise tensor's kept entries, and a factored
+tensor's kept components as factors U (m x r) and V (n x r) (format version 2), never their
+m x n product. So each artifact's `nnz` equals its set's `stored_entries()`. A task's composed
+diff (shared + residual, `registry.compose.compose_diffs`) is built in memory for evaluation
+and is not published.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,9 @@ import torch
 from torch import Tensor
 
 from registry.apply import build_task_model
-from registry.artifact import VALUE_DTYPES, ArtifactMeta, SparseDiff
+from registry.artifact import VALUE_DTYPES, ArtifactMeta, SparseDiff, make_meta_consistent
 from registry.basemodel import LoadedBase
+from registry.compose import compose_diffs
 from worker.consolidation.config import (
     ConsolidationConfig,
     ConsolidationResult,
@@ -24,36 +32,40 @@ from worker.data import TaskData
 from worker.kit.evaluate import evaluate
 from worker.kit.model import resolve_device
 
+Factors = dict[str, tuple[Tensor, Tensor]]
 
-def materialise(
-    diff_sets: Sequence[GatedDiffSet], base_tensors: dict[str, Tensor]
-) -> tuple[dict, dict]:
-    """Sparse (indices, values) of the sum of masked sets: the union of their stored positions."""
+
+def entry_names(diff_set: GatedDiffSet) -> list[str]:
+    """The set's element-wise tensors (`entry_names()` where the set has it, else its `w`)."""
+    named = getattr(diff_set, "entry_names", None)
+    return list(named()) if callable(named) else list(diff_set.w)
+
+
+def factor_names(diff_set: GatedDiffSet) -> list[str]:
+    """The set's factored tensors (`factor_names()` where the set has it, else its `u`)."""
+    named = getattr(diff_set, "factor_names", None)
+    return list(named()) if callable(named) else list(diff_set.u)
+
+
+def materialise(diff_set: GatedDiffSet) -> tuple[dict[str, Tensor], dict[str, Tensor], Factors]:
+    """A projected set as stored: (positions, fp32 values) per entry tensor, (U, V) per factored one."""
     indices: dict[str, Tensor] = {}
     values: dict[str, Tensor] = {}
+    factors: Factors = {}
     with torch.no_grad():
-        for name, theta in base_tensors.items():
-            position_masks = []
-            total = torch.zeros(theta.numel(), device=theta.device)
-            for diff_set in diff_sets:
-                if name in diff_set.w:
-                    mask = diff_set.mask[name].flatten()
-                    if not bool(mask.any()):
-                        continue
-                    position_masks.append(mask)
-                    total += (diff_set.w[name] * diff_set.mask[name]).flatten()
-                elif name in diff_set.u and bool(diff_set.mask[name].any()):
-                    position_masks.append(
-                        torch.ones(theta.numel(), dtype=torch.bool, device=theta.device)
-                    )
-                    total += diff_set.delta(name, "masked").flatten()
-            if not position_masks:
-                continue
-            union = torch.stack(position_masks).any(dim=0)
-            idx = torch.nonzero(union).flatten()
-            indices[name] = idx.cpu()
-            values[name] = total[idx].cpu()
-    return indices, values
+        for name in entry_names(diff_set):
+            positions, kept = diff_set.kept_entries(name)
+            if positions.numel():
+                indices[name] = positions.detach().to("cpu", torch.int64)
+                values[name] = kept.detach().to("cpu", torch.float32)
+        for name in factor_names(diff_set):
+            u, v = diff_set.kept_factors(name)
+            if u.shape[1]:
+                factors[name] = (
+                    u.detach().to("cpu", torch.float32),
+                    v.detach().to("cpu", torch.float32),
+                )
+    return indices, values, factors
 
 
 def make_artifact(
@@ -67,25 +79,30 @@ def make_artifact(
     config: ConsolidationConfig,
     extra: dict[str, Any],
     metrics: dict[str, Any] | None = None,
+    factors: Factors | None = None,
 ) -> SparseDiff:
-    """A SparseDiff of the usual format with consolidation lineage in meta.extra."""
-    nnz = sum(int(t.numel()) for t in indices.values())
+    """A SparseDiff of the usual format (version 2 with factors), lineage in meta.extra."""
     value_dtype = VALUE_DTYPES[config.value_dtype]
+    factors = factors or {}
     meta = dataclasses.replace(
         template,
-        density=nnz / n_params,
-        nnz=nnz,
+        n_params=n_params,
         value_dtype=config.value_dtype,
         config=config.to_dict(),
         metrics=dict(metrics or {}),
         extra={**dict(template.extra or {}), "consolidation": extra},
     )
-    return SparseDiff(
-        indices=dict(indices),
-        values={name: v.to(value_dtype) for name, v in values.items()},
-        shapes={name: tuple(shapes[name]) for name in indices},
-        head={name: t.detach().float().cpu().clone() for name, t in head.items()},
-        meta=meta,
+    return make_meta_consistent(
+        SparseDiff(
+            indices=dict(indices),
+            values={name: v.to(value_dtype) for name, v in values.items()},
+            shapes={name: tuple(shapes[name]) for name in set(indices) | set(factors)},
+            head={name: t.detach().float().cpu().clone() for name, t in head.items()},
+            meta=meta,
+            factors={
+                name: (u.to(value_dtype), v.to(value_dtype)) for name, (u, v) in factors.items()
+            },
+        )
     )
 
 
@@ -100,13 +117,14 @@ def build_result(
     started: float,
     steps: int,
 ) -> ConsolidationResult:
-    """Artifacts of the fitted sets: the shared diff, and per task its residual and composed diff."""
+    """Artifacts of the fitted sets: the shared diff and each task's residual (stored), and each
+    task's composed diff (in memory, for evaluation)."""
     shapes = {name: tuple(t.shape) for name, t in base_tensors.items()}
     n_params = sum(t.numel() for t in base_tensors.values())
     shared_set = sets[SHARED]
     lineage = {"run_id": run_id, "strategy": config.strategy, "budget": config.budget}
     template = tasks[0].current.meta
-    indices, values = materialise([shared_set], base_tensors)
+    indices, values, factors = materialise(shared_set)
     shared = make_artifact(
         indices,
         values,
@@ -116,18 +134,13 @@ def build_result(
         n_params=n_params,
         config=config,
         extra={**lineage, "role": "shared", "stored_entries": shared_set.stored_entries()},
+        factors=factors,
     )
     outcomes = []
     for task, head in zip(tasks, heads, strict=True):
         residual_set = sets[task.name]
         entries = residual_set.stored_entries()
-        common = {
-            **lineage,
-            "task": task.name,
-            "stored_entries": entries,
-            "shared_stored_entries": shared_set.stored_entries(),
-        }
-        r_idx, r_val = materialise([residual_set], base_tensors)
+        r_idx, r_val, r_factors = materialise(residual_set)
         residual = make_artifact(
             r_idx,
             r_val,
@@ -136,21 +149,22 @@ def build_result(
             shapes=shapes,
             n_params=n_params,
             config=config,
-            extra={**common, "role": "residual"},
-        )
-        c_idx, c_val = materialise([shared_set, residual_set], base_tensors)
-        composed = make_artifact(
-            c_idx,
-            c_val,
-            template=task.current.meta,
-            head=head,
-            shapes=shapes,
-            n_params=n_params,
-            config=config,
-            extra={**common, "role": "composed"},
+            extra={
+                **lineage,
+                "task": task.name,
+                "role": "residual",
+                "stored_entries": entries,
+                "shared_stored_entries": shared_set.stored_entries(),
+            },
+            factors=r_factors,
         )
         outcomes.append(
-            TaskOutcome(name=task.name, residual=residual, composed=composed, nnz=entries)
+            TaskOutcome(
+                name=task.name,
+                residual=residual,
+                composed=compose_diffs(shared, residual),
+                nnz=entries,
+            )
         )
     total = shared_set.stored_entries() + sum(o.nnz for o in outcomes)
     return ConsolidationResult(

@@ -2,7 +2,9 @@
 
 Element-wise only: the trainer's global top-k over every set's deterministic-gate magnitudes.
 With factored components (rank strategy): one greedy knapsack over components (cost m + n)
-and entries (cost 1), which the cost-1 entries fill exactly.
+and entries (cost 1), which the cost-1 entries fill exactly. A set's element-wise tensor is
+ranked over what it holds: the dense shared tensor's every entry, a residual's support only
+(positions outside a support hold no diff), so the ranking costs O(N + T·k).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def project_to_budget(
     magnitudes divided by that set's mean nonzero magnitude, so a task whose diff is small
     overall is not starved by tasks with larger values); a factored component scores
     ||g u v^T||_F / sqrt(m + n). Element-wise only: the trainer's global top-k (ties by
-    position in the order of the keys "role/tensor" sorted). With factored
-    components: a greedy knapsack that fills the remainder with cost-1 entries.
+    position in the order of the keys "role/tensor" sorted; a sparse tensor's entries in
+    the order of its positions). With factored components: a greedy knapsack that fills the
+    remainder with cost-1 entries. Masks lie over each set's `w` (dense or support).
     """
     with torch.no_grad():
         entry_keys: list[tuple[str, str]] = []

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from registry.artifact import SparseDiff
 from registry.basemodel import LoadedBase
+from registry.catalog.consolidation import MERGE_STRATEGIES as MERGE_STRATEGIES  # re-exported
 from registry.catalog.consolidation import STRATEGIES
 from worker.data import TaskData
 from worker.kit.config import ConfigError, MethodConfig, option
@@ -44,6 +46,23 @@ class ConsolidationConfig(MethodConfig):
         True, "element-wise projection ranks each set's magnitudes relative to its mean"
     )
     max_train_examples: int = option(0, "training rows per task; 0 = all")
+    candidate_ratio: float = option(
+        1.0,
+        "candidate positions of each task's residual beyond its current diff, as a multiple of "
+        "its current entries (largest accumulated |gradient|); 0 = current positions only",
+    )
+    candidate_batches: int = option(
+        4, "training batches per task whose accumulated |gradient| picks the candidates"
+    )
+    merge_weight: float = option(
+        1.0, "lambda, the scale of the merged diff (ties, dare, task_arithmetic)"
+    )
+    ties_density: float = option(
+        0.2, "ties: fraction of each task's entries kept (top magnitudes) before the sign vote"
+    )
+    dare_drop: float = option(
+        0.9, "dare: probability of dropping each entry; survivors are rescaled by 1/(1 - p)"
+    )
 
     def validate(self) -> None:
         """Raise ConsolidationError naming the first field with an impossible value."""
@@ -62,6 +81,15 @@ class ConsolidationConfig(MethodConfig):
                 self.fail(name, f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_train_examples < 0:
             self.fail("max_train_examples", "max_train_examples must be >= 0 (0 = all)")
+        for name in ("candidate_ratio", "candidate_batches"):
+            if getattr(self, name) < 0:
+                self.fail(name, f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.merge_weight > 0 and math.isfinite(self.merge_weight)):
+            self.fail("merge_weight", f"merge_weight must be positive, got {self.merge_weight}")
+        if not 0 < self.ties_density <= 1:
+            self.fail("ties_density", f"ties_density must be in (0, 1], got {self.ties_density}")
+        if not 0 <= self.dare_drop < 1:
+            self.fail("dare_drop", f"dare_drop must be in [0, 1), got {self.dare_drop}")
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """The consolidation fit: a multitask loop over shared + residual gated diffs, then artifacts.
 
-Each step draws one task (temperature sampling), trains on its next seeded batch, and steps
-AdamW on values and heads (warmup + linear decay per phase) and plain SGD on gate logits
-(phase 1). At the end of phase 1 the sets are projected to the budget; phase 2 fine-tunes the
-kept values with the masks fixed. `FitState` round-trips through checkpoints.
+Setup (`start_fit`): the shared set is dense and starts at zero; each task's residual is sparse,
+on its current diff's positions plus gradient-picked candidates (`candidates`), built one task
+at a time. Each step draws one task (temperature sampling), trains on its next seeded batch
+with weights base + shared + that task's residual, and steps AdamW on values and heads (warmup
++ linear decay per phase) and plain SGD on gate logits (phase 1); only the shared set and the
+drawn residual get gradients, so a step costs O(N + k) whatever the number of tasks. At the end
+of phase 1 the sets are projected to the budget; phase 2 fine-tunes the kept values with the
+masks fixed. `FitState` round-trips through checkpoints, residual supports included.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import Tensor
 
 from registry.basemodel import LoadedBase
+from worker.consolidation import candidates, lowrank
 from worker.consolidation.artifacts import build_result
 from worker.consolidation.budget import project_to_budget
 from worker.consolidation.config import (
@@ -28,7 +33,13 @@ from worker.consolidation.config import (
     ConsolidationTask,
     validate_request,
 )
-from worker.consolidation.state import SHARED, GatedDiffSet, dense_deltas, new_diff_set
+from worker.consolidation.state import (
+    SHARED,
+    GatedDiffSet,
+    current_entries,
+    new_diff_set,
+    sparse_diff_set,
+)
 from worker.kit.batching import encode_rows, epoch_batches, label_tensor
 from worker.kit.checkpoint import CheckpointIO, load_checkpoint, save_checkpoint
 from worker.kit.model import autocast_for, prepare_model, resolve_device
@@ -105,7 +116,7 @@ def task_loss(
 ) -> Tensor:
     """Task `index`'s loss with encoder weights base + shared + residual."""
     params = {
-        f"{models.prefix}.{name}": theta + shared.delta(name, mode) + residual.delta(name, mode)
+        f"{models.prefix}.{name}": residual.added_to(name, shared.added_to(name, theta, mode), mode)
         for name, theta in models.base_tensors.items()
     }
     params.update(models.heads[index])
@@ -154,6 +165,7 @@ class FitState:
         self.phase = "prune"
         self.draws = [0] * len(heads)
         self.optimizers = make_optimizers(sets, heads, config, self.phase)
+        self._entries: dict[str, float] = {}  # per role: expected (phase 1) or stored entries
 
     def learning_rates(self) -> list[float]:
         """Base learning rates of the main optimizer's groups (values, heads) in this phase."""
@@ -164,14 +176,29 @@ class FitState:
         """Project every set to the budget and start phase 2 with fresh optimizers."""
         project_to_budget(self.sets, self.config.budget, balance_roles=self.config.balance_roles)
         self.phase = "fix"
+        self._entries.clear()
         self.optimizers = make_optimizers(self.sets, self.heads, self.config, self.phase)
 
+    def trained(self, *roles: str) -> None:
+        """Note that a step changed these roles' gates (phase 1: their counts are recomputed)."""
+        if self.phase == "prune":
+            for role in roles:
+                self._entries.pop(role, None)
+
     def expected_nnz(self) -> float:
-        """Expected stored entries under the gates (phase 1) or the stored entries (phase 2)."""
+        """Expected stored entries under the gates (phase 1) or the stored entries (phase 2).
+
+        Counts are cached per role and recomputed only for the roles a step trained.
+        """
         with torch.no_grad():
-            if self.phase == "prune":
-                return float(sum(float(s.expected_l0()) for s in self.sets.values()))
-            return float(sum(s.stored_entries() for s in self.sets.values()))
+            for role, diff_set in self.sets.items():
+                if role not in self._entries:
+                    self._entries[role] = (
+                        float(diff_set.expected_l0())
+                        if self.phase == "prune"
+                        else float(diff_set.stored_entries())
+                    )
+        return float(sum(self._entries.values()))
 
     def state_dict(self) -> dict[str, Any]:
         """Every tensor and counter needed to resume, including the torch RNG state."""
@@ -186,7 +213,7 @@ class FitState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` in place (optimizers rebuilt for the saved phase)."""
+        """Restore `state_dict()`: sets (supports included) replaced, heads in place, optimizers rebuilt."""
         for role, diff_set in self.sets.items():
             diff_set.load_state_dict(state["sets"][role])
         for head, saved in zip(self.heads, state["heads"], strict=True):
@@ -195,6 +222,7 @@ class FitState:
                     tensor.copy_(saved[name])
         self.step, self.phase = int(state["step"]), str(state["phase"])
         self.draws = [int(d) for d in state["draws"]]
+        self._entries.clear()
         torch.set_rng_state(state["torch_rng"].cpu())
         self.optimizers = make_optimizers(self.sets, self.heads, self.config, self.phase)
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
@@ -225,30 +253,176 @@ def make_optimizers(
     return optimizers
 
 
+def candidate_positions(
+    task: ConsolidationTask,
+    index: int,
+    models: TaskModels,
+    config: ConsolidationConfig,
+    size: int,
+    *,
+    base: LoadedBase,
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """Candidates of one task's residual: largest accumulated |gradient| at its current version.
+
+    The gradient is of the task's loss (dropout off) w.r.t. its element-wise encoder tensors,
+    over its first `candidate_batches` training batches; at most `candidate_ratio` times its
+    current element-wise entries.
+    """
+    current = task.current
+    shapes = {name: tuple(t.shape) for name, t in models.base_tensors.items()}
+    entry_names = [
+        name
+        for name in models.base_tensors
+        if not (config.strategy == "rank" and lowrank.is_factored(name, shapes[name]))
+    ]
+    taken = {name: current_entries(current, name)[0] for name in entry_names}
+    count = candidates.candidate_count(
+        sum(int(t.numel()) for t in taken.values()), config.candidate_ratio
+    )
+    if count == 0 or config.candidate_batches == 0:
+        return {}
+
+    def at_current(name: str) -> Tensor:
+        theta = models.base_tensors[name]
+        if name not in current.tensor_names:
+            return theta
+        return theta + current.dense(name).to(device=theta.device, dtype=theta.dtype)
+
+    fixed = {
+        f"{models.prefix}.{name}": at_current(name)
+        for name in models.base_tensors
+        if name not in taken
+    }
+    fixed.update({name: t.detach() for name, t in models.heads[index].items()})
+    model = models.models[index]
+    labels = label_tensor(task.data.train, task.data.task_type)
+
+    def loss_of(weights: dict[str, Tensor], rows: Tensor) -> Tensor:
+        """The task's loss on some rows with these element-wise weights (dropout off)."""
+        batch = encode_rows(base, task.data.train, rows, config.max_length, device)
+        batch["labels"] = labels[rows].to(device)
+        params = {f"{models.prefix}.{name}": w for name, w in weights.items()}
+        model.eval()
+        with autocast_for(device):
+            outputs = torch.func.functional_call(
+                model, {**fixed, **params}, args=(), kwargs=batch, strict=False
+            )
+        return outputs.loss.float()
+
+    draws = range(min(config.candidate_batches, max(1, math.ceil(size / config.batch_size))))
+    scores = candidates.accumulated_gradient_magnitudes(
+        {name: at_current(name) for name in entry_names},
+        loss_of,
+        (rows_for_draw(size, d, config.batch_size, config.seed, index) for d in draws),
+    )
+    return candidates.pick_candidates(scores, taken, count)
+
+
 def new_diff_sets(
     tasks: Sequence[ConsolidationTask],
     models: TaskModels,
     config: ConsolidationConfig,
     generator: torch.Generator,
+    sizes: Sequence[int],
+    *,
+    base: LoadedBase,
+    device: torch.device,
 ) -> dict[str, GatedDiffSet]:
-    """The shared set (zero) and one residual per task (its current diff), in that order."""
-    shapes = {name: tuple(t.shape) for name, t in models.base_tensors.items()}
-
-    def new_set(init: dict[str, Tensor] | None) -> GatedDiffSet:
-        """A gated set over the base tensors, warm-started from `init`."""
-        return new_diff_set(
+    """The shared set (dense, zero) and one sparse residual per task (its current diff plus
+    candidates), in that order; residuals are built one task at a time."""
+    sets = {
+        SHARED: new_diff_set(
             models.base_tensors,
             strategy=config.strategy,
             rank=config.rank,
             alpha_init=config.alpha_init,
-            init=init,
+            init=None,
             generator=generator,
         )
-
-    sets = {SHARED: new_set(None)}
-    for task in tasks:
-        sets[task.name] = new_set(dense_deltas(task.current, shapes))
+    }
+    for index, task in enumerate(tasks):
+        picked = candidate_positions(
+            task, index, models, config, sizes[index], base=base, device=device
+        )
+        sets[task.name] = sparse_diff_set(
+            models.base_tensors,
+            strategy=config.strategy,
+            rank=config.rank,
+            alpha_init=config.alpha_init,
+            current=task.current,
+            candidates=picked,
+            generator=generator,
+        )
     return sets
+
+
+@dataclass
+class Fit:
+    """A consolidation fit ready to step: its tasks, models, labels, plan and state."""
+
+    tasks: Sequence[ConsolidationTask]
+    models: TaskModels
+    labels: list[Tensor]
+    sizes: list[int]
+    plan: PhasePlan
+    state: FitState
+    base: LoadedBase
+    device: torch.device
+
+    def advance(self) -> float:
+        """One step (projecting first when phase 1 is over); the step's task loss."""
+        state = self.state
+        if state.phase == "prune" and state.step >= self.plan.fit_steps:
+            state.project()
+        loss = fit_step(
+            state,
+            self.plan,
+            self.tasks,
+            self.models,
+            self.labels,
+            self.sizes,
+            base=self.base,
+            device=self.device,
+        )
+        state.step += 1
+        return loss
+
+
+def start_fit(
+    tasks: Sequence[ConsolidationTask],
+    config: ConsolidationConfig,
+    *,
+    base: LoadedBase,
+    checkpoint: CheckpointIO | None = None,
+) -> Fit:
+    """Models, plan and state of a fit: from `checkpoint` when it holds one, else new sets."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = resolve_device(config.device)
+    models = build_task_models(tasks, base, device)
+    sizes = [len(t.data.train.texts) for t in tasks]
+    if config.max_train_examples:
+        sizes = [min(n, config.max_train_examples) for n in sizes]
+    labels = [label_tensor(t.data.train, t.data.task_type) for t in tasks]
+    probabilities = torch.tensor(task_sampling_probabilities(sizes, config.temperature))
+    fit_steps = phase_steps(sizes, config.epochs, config.batch_size)
+    fix_steps = phase_steps(sizes, config.fix_epochs, config.batch_size)
+    # Drawn before the sets, so a resumed run (sets from the checkpoint) draws the same plan.
+    choices = torch.multinomial(
+        probabilities, max(1, fit_steps + fix_steps), replacement=True, generator=generator
+    )
+    plan = PhasePlan(fit_steps, fix_steps, choices)
+    saved = load_checkpoint(checkpoint, config, map_location=device)
+    if saved is None:
+        sets = new_diff_sets(tasks, models, config, generator, sizes, base=base, device=device)
+    else:
+        sets = {role: GatedDiffSet.from_state_dict(s) for role, s in saved["sets"].items()}
+    state = FitState(sets, models.heads, config)
+    if saved is not None:
+        state.load_state_dict(saved)
+        del saved
+    return Fit(tasks, models, labels, sizes, plan, state, base, device)
 
 
 def consolidate(
@@ -272,35 +446,12 @@ def consolidate(
 
         return merge_consolidate(tasks, config, base=base, run_id=run_id)
     started = time.monotonic()
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    device = resolve_device(config.device)
-    models = build_task_models(tasks, base, device)
-    sets = new_diff_sets(tasks, models, config, generator)
-    sizes = [len(t.data.train.texts) for t in tasks]
-    if config.max_train_examples:
-        sizes = [min(n, config.max_train_examples) for n in sizes]
-    labels = [label_tensor(t.data.train, t.data.task_type) for t in tasks]
-    probabilities = torch.tensor(task_sampling_probabilities(sizes, config.temperature))
-    fit_steps = phase_steps(sizes, config.epochs, config.batch_size)
-    fix_steps = phase_steps(sizes, config.fix_epochs, config.batch_size)
-    choices = torch.multinomial(
-        probabilities, max(1, fit_steps + fix_steps), replacement=True, generator=generator
-    )
-    plan = PhasePlan(fit_steps, fix_steps, choices)
-    state = FitState(sets, models.heads, config)
-    saved = load_checkpoint(checkpoint, config, map_location=device)
-    if saved is not None:
-        state.load_state_dict(saved)
-        del saved
-
+    fit = start_fit(tasks, config, base=base, checkpoint=checkpoint)
+    state, plan = fit.state, fit.plan
     while state.step < plan.total_steps:
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"consolidation run {run_id} cancelled at step {state.step}")
-        if state.phase == "prune" and state.step >= plan.fit_steps:
-            state.project()
-        loss = fit_step(state, plan, tasks, models, labels, sizes, base=base, device=device)
-        state.step += 1
+        loss = fit.advance()
         if progress is not None:
             progress(
                 Progress(state.step, plan.total_steps, loss, state.expected_nnz(), state.phase)
@@ -310,12 +461,12 @@ def consolidate(
         ):
             save_checkpoint(checkpoint, state.state_dict(), config)
     if state.phase == "prune":  # no phase 2 configured
-        project_to_budget(sets, config.budget, balance_roles=config.balance_roles)
+        project_to_budget(state.sets, config.budget, balance_roles=config.balance_roles)
     return build_result(
         tasks,
-        sets,
-        models.heads,
-        models.base_tensors,
+        state.sets,
+        fit.models.heads,
+        fit.models.base_tensors,
         config,
         run_id=run_id,
         started=started,
@@ -352,9 +503,10 @@ def fit_step(
     phase_total = plan.fit_steps if state.phase == "prune" else plan.fix_steps
     factor = linear_warmup_decay(phase_step, max(1, phase_total), config.warmup)
     set_learning_rates(state.optimizers[0], state.learning_rates(), factor)
-    for optimizer in state.optimizers:
-        optimizer.zero_grad(set_to_none=True)
     total.backward()
     for optimizer in state.optimizers:
         optimizer.step()
+    for optimizer in state.optimizers:  # freed now, not held through the next forward
+        optimizer.zero_grad(set_to_none=True)
+    state.trained(SHARED, tasks[index].name)
     return float(loss.detach())
