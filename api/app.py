@@ -19,7 +19,7 @@ from api.deps import lookup_principal
 from api.errors import install_error_handlers
 from api.guard import RequestGuard
 from api.metrics import ApiMetrics, MetricsMiddleware
-from api.routes import consolidations, datasets, health, jobs, keys, tasks
+from api.routes import consolidations, datasets, health, interference, jobs, keys, tasks
 from api.serving import Predictor
 from registry.settings import Settings, get_settings
 
@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
-    for module in (datasets, jobs, tasks, consolidations, keys):
+    for module in (datasets, jobs, tasks, consolidations, interference, keys):
         app.include_router(module.router, prefix="/v1")
     return app
 

@@ -76,6 +76,7 @@ ACTION_SCOPES = {
     "consolidations.read": "read",
     "consolidations.create": "admin",
     "consolidations.cancel": "admin",
+    "interference.read": "read",
     "keys.manage": "admin",
     "metrics.read": "admin",
 }

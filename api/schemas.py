@@ -585,3 +585,30 @@ class ReadyPublic(BaseModel):
 
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+
+
+# -- interference -----------------------------------------------------------------------
+
+Matrix = list[list[float | None]]
+
+
+class InterferencePublic(BaseModel):
+    """Pairwise interference of task diffs on one base; rows and columns follow `tasks`."""
+
+    base_model: str
+    tasks: list[str]
+    versions: list[int] = Field(description="the active version of each task, compared")
+    n_params: int
+    support: list[int] = Field(description="positions each task's diff changes")
+    shared: list[list[int]] = Field(description="positions both diffs change")
+    jaccard: Matrix = Field(description="support overlap |Si ∩ Sj| / |Si ∪ Sj|")
+    sign_agreement: Matrix = Field(
+        description="fraction of shared positions whose signs agree; null when none is shared"
+    )
+    cosine: Matrix = Field(description="cosine of the diffs over all positions")
+    overlap_lift: Matrix = Field(
+        description="shared positions over what independent random supports would share"
+    )
+    groups: list[list[str]] = Field(
+        description="the consolidation groups the scheduled policy forms among these tasks"
+    )

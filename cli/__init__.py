@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "cli.admin",  # db upgrade, gc, keys create
     "cli.client",  # submit, jobs, job, tasks, pull
     "cli.consolidate",  # consolidate
+    "cli.interference",  # interference
 ]
 
 

@@ -252,6 +252,17 @@ class DiffbankClient:
         """A consolidation run with its state, progress and report."""
         return self._json("GET", f"/v1/consolidations/{run_id}")
 
+    # -- interference ------------------------------------------------------------------
+
+    def interference(
+        self, tasks: Sequence[str] | None = None, *, base_model: str | None = None
+    ) -> dict[str, Any]:
+        """Jaccard, sign agreement and cosine between tasks (default: all on the base)."""
+        names = ",".join(tasks) if tasks is not None else None
+        return self._json(
+            "GET", "/v1/interference", params=_params(tasks=names, base_model=base_model)
+        )
+
 
 def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     consolidation_schedule: str = ""
     consolidation_budget_nnz: int = 0  # policy threshold per tenant and base; 0 = off
     consolidation_tolerance: float = 0.5
+    # The policy's groups (registry/interference.py): every pair overlaps and agrees in sign
+    # beyond chance at this family-wise significance level; at most this many tasks per run.
+    consolidation_group_alpha: float = 0.01
+    consolidation_group_max_tasks: int = 20
+    interference_max_tasks: int = 200  # tasks one GET /v1/interference may compare
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

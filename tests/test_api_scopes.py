@@ -44,6 +44,7 @@ ROUTE_SCOPES = {
     ("GET", "/v1/consolidations"): "read",
     ("GET", "/v1/consolidations/{run_id}"): "read",
     ("POST", "/v1/consolidations/{run_id}/cancel"): "admin",
+    ("GET", "/v1/interference"): "read",
     ("GET", "/v1/keys"): "admin",
     ("POST", "/v1/keys/{key_id}/revoke"): "admin",
 }

@@ -1,16 +1,27 @@
-"""The consolidation budget policy: which task sets to consolidate, and starting their runs.
+"""The consolidation budget policy: which task groups to consolidate, and starting their runs.
 
 At each tick (`worker.beat` schedules it from `consolidation_schedule`) the policy looks at
-every tenant's tasks grouped by base: when their total stored nonzeros (active versions; a
-shared consolidation diff counted once) exceed `consolidation_budget_nnz`, it creates a
-consolidation run of those tasks with that budget (trigger 'schedule') and enqueues it,
-unless a run for the same tenant and base is still queued or running.
+every tenant's tasks grouped by base. When their total stored nonzeros (active versions; a
+shared consolidation diff counted once) exceed `consolidation_budget_nnz`, it reads every
+task's diff (a consolidated version's composed diff), computes their interference
+(`registry.interference`) and forms groups in which every pair of tasks overlaps and agrees in
+sign more than independent random diffs would (null-model tests at the family-wise level
+`consolidation_group_alpha`), at most `consolidation_group_max_tasks` tasks each.
 
-Imports no torch: the beat process loads this module.
+Each group of two or more tasks gets its own run (trigger 'schedule') with its share of the
+threshold as budget: threshold x (the group's stored entries / the tenant's stored entries on
+that base), so every group is asked for the compression the tenant needs as a whole. A task in
+no group keeps its version: a joint re-prune of unrelated diffs has nothing to share, so the
+tenant may stay over the threshold by those tasks. A group is skipped when it already fits its
+share, or when any of its tasks is in a queued or running run (one run per disjoint group).
+
+Imports no torch at module level: the beat process loads this module.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +29,10 @@ from kombu import Connection
 
 from registry.settings import Settings
 from worker.app import broker_url, celery_app, enqueue
+
+log = logging.getLogger(__name__)
+
+StoredEntries = tuple[int, int | None, int]  # own entries, shared artifact id, shared entries
 
 
 @dataclass(frozen=True)
@@ -30,34 +45,73 @@ class PolicyCandidate:
     total_nnz: int
 
 
+@dataclass(frozen=True)
+class GroupRun:
+    """One run the policy starts: a group's tasks, what they store now, and their budget."""
+
+    task_names: tuple[str, ...]
+    stored: int
+    budget: int
+
+
 def over_budget_groups(
     stored: list[tuple[int, str, str, int, int | None, int]], threshold: int
 ) -> list[PolicyCandidate]:
-    """Groups whose stored total exceeds `threshold`.
+    """Task sets (one per tenant and base) whose stored total exceeds `threshold`.
 
     `stored` rows: (tenant_id, base_model, task_name, own_entries, shared_artifact_id,
-    shared_entries) per active version; a shared artifact counts once per group.
+    shared_entries) per active version; a shared artifact counts once per set.
     """
     if threshold <= 0:
         return []
-    groups: dict[tuple[int, str], dict] = {}
-    for tenant_id, base_model, task_name, own, shared_id, shared_entries in stored:
-        group = groups.setdefault((tenant_id, base_model), {"tasks": [], "own": 0, "shared": {}})
-        group["tasks"].append(task_name)
-        group["own"] += int(own)
-        if shared_id is not None:
-            group["shared"][shared_id] = int(shared_entries)
+    sets: dict[tuple[int, str], list[tuple[str, StoredEntries]]] = {}
+    for tenant_id, base_model, task_name, *entries in stored:
+        sets.setdefault((tenant_id, base_model), []).append((task_name, tuple(entries)))
     candidates = []
-    for (tenant_id, base_model), group in sorted(groups.items()):
-        total = group["own"] + sum(group["shared"].values())
+    for (tenant_id, base_model), tasks in sorted(sets.items()):
+        total = stored_total(entries for _, entries in tasks)
         if total > threshold:
-            candidates.append(
-                PolicyCandidate(tenant_id, base_model, tuple(sorted(group["tasks"])), total)
-            )
+            names = tuple(sorted(name for name, _ in tasks))
+            candidates.append(PolicyCandidate(tenant_id, base_model, names, total))
     return candidates
 
 
-def stored_entries_of(version: Any) -> tuple[int, int | None, int]:
+def stored_total(entries: Iterable[StoredEntries]) -> int:
+    """Stored entries of a set of versions' (own, shared id, shared entries), shared once."""
+    own = 0
+    shared: dict[int, int] = {}
+    for entries_own, shared_id, shared_entries in entries:
+        own += int(entries_own)
+        if shared_id is not None:
+            shared[shared_id] = int(shared_entries)
+    return own + sum(shared.values())
+
+
+def plan_group_runs(
+    groups: list[list[str]],
+    stored: dict[str, StoredEntries],
+    *,
+    threshold: int,
+    total: int,
+    busy: set[str],
+) -> list[GroupRun]:
+    """The runs to start: each group's budget is threshold x its stored entries / `total`.
+
+    Groups with a task in `busy` (a run in flight), that already fit their share, or whose
+    share is below one entry start nothing.
+    """
+    runs = []
+    for group in groups:
+        if busy & set(group):
+            continue
+        entries = stored_total(stored[name] for name in group)
+        budget = threshold * entries // max(total, 1)
+        if 1 <= budget < entries:
+            runs.append(GroupRun(tuple(group), entries, budget))
+    return runs
+
+
+def stored_entries_of(version: Any) -> StoredEntries:
     """(own stored entries, shared artifact id or None, the shared part's entries) of a version.
 
     A consolidated version stores its residual's entries (`config["stored_entries"]`) plus a
@@ -75,18 +129,11 @@ def stored_entries_of(version: Any) -> tuple[int, int | None, int]:
 
 def total_stored_entries(versions: list[Any]) -> int:
     """Stored entries of a set of versions, each shared diff counted once."""
-    own = 0
-    shared: dict[int, int] = {}
-    for version in versions:
-        entries, shared_id, shared_entries = stored_entries_of(version)
-        own += entries
-        if shared_id is not None:
-            shared[shared_id] = shared_entries
-    return own + sum(shared.values())
+    return stored_total(stored_entries_of(version) for version in versions)
 
 
-def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]]:
-    """(tenant, base, task, own entries, shared artifact id, shared entries) per active version."""
+def active_versions(session: Any) -> list[tuple[int, str, str, Any]]:
+    """(tenant, base, task, active TaskVersion) of every task with an active version."""
     from sqlalchemy import and_, select
 
     from registry import catalog
@@ -102,41 +149,97 @@ def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]
         .order_by(Task.tenant_id, BaseModel.name, Task.name)
     )
     with catalog.transaction(session):
-        found = session.execute(query).unique().all()
+        return [tuple(row) for row in session.execute(query).unique().all()]
+
+
+def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]]:
+    """(tenant, base, task, own entries, shared artifact id, shared entries) per active version."""
     return [
-        (tenant, base, name, *stored_entries_of(version)) for tenant, base, name, version in found
+        (tenant, base, name, *stored_entries_of(version))
+        for tenant, base, name, version in active_versions(session)
     ]
 
 
+def interference_groups(
+    store: Any, versions: dict[str, Any], settings: Settings
+) -> list[list[str]]:
+    """The consolidation groups among `versions` (task name -> active version) by their diffs.
+
+    A task whose diff cannot be read is left out of every group (and logged).
+    """
+    from registry.artifact import ArtifactError
+    from registry.compose import version_diff
+    from registry.interference import consolidation_groups, pairwise_interference
+    from registry.stores.base import ObjectStoreError
+
+    names, diffs = [], []
+    for name, version in sorted(versions.items()):
+        try:
+            diffs.append(version_diff(store, version))
+        except (ArtifactError, ObjectStoreError) as exc:
+            log.warning("consolidation policy: cannot read task %r (%s); left out", name, exc)
+            continue
+        names.append(name)
+    if len(diffs) < 2:
+        return []
+    matrix = pairwise_interference(diffs, names)
+    return consolidation_groups(
+        matrix,
+        max_size=settings.consolidation_group_max_tasks,
+        alpha=settings.consolidation_group_alpha,
+    )
+
+
 def apply_consolidation_policy(settings: Settings) -> list[int]:
-    """Create and enqueue a scheduled run for every group over the threshold; the new run ids."""
+    """Create and enqueue a scheduled run for every group of an over-threshold task set."""
     from registry import catalog
+    from registry.catalog.consolidation import tasks_in_flight
     from registry.db import get_session_factory
+    from registry.stores import open_store
 
     threshold = settings.consolidation_budget_nnz
     if threshold <= 0:
         return []
     sessions = get_session_factory(settings)
+    store = open_store(settings.store_url, settings)
     created = []
     with sessions() as session, Connection(broker_url(settings)) as connection:
-        for group in over_budget_groups(stored_rows(session), threshold):
-            if catalog.consolidation_in_flight(
-                session, tenant_id=group.tenant_id, base_model=group.base_model
-            ):
-                continue
-            run = catalog.create_consolidation_run(
-                session,
-                tenant_id=group.tenant_id,
-                base_model=group.base_model,
-                budget=threshold,
-                task_names=list(group.task_names),
-                tolerance=settings.consolidation_tolerance,
-                trigger="schedule",
-                max_attempts=settings.job_max_attempts,
+        found = active_versions(session)
+        rows = [(t, b, n, *stored_entries_of(v)) for t, b, n, v in found]
+        for candidate in over_budget_groups(rows, threshold):
+            key = (candidate.tenant_id, candidate.base_model)
+            versions = {n: v for t, b, n, v in found if (t, b) == key}
+            groups = interference_groups(store, versions, settings)
+            busy = tasks_in_flight(
+                session, tenant_id=candidate.tenant_id, base_model=candidate.base_model
             )
-            enqueue(
-                celery_app, "consolidate", job_id=run.job_id, run_id=run.id, connection=connection
+            stored = {n: stored_entries_of(v) for n, v in versions.items()}
+            plan = plan_group_runs(
+                groups, stored, threshold=threshold, total=candidate.total_nnz, busy=busy
             )
-            catalog.mark_enqueued(session, job_id=run.job_id)
-            created.append(run.id)
+            for group in plan:
+                try:
+                    run = catalog.create_consolidation_run(
+                        session,
+                        tenant_id=candidate.tenant_id,
+                        base_model=candidate.base_model,
+                        budget=group.budget,
+                        task_names=list(group.task_names),
+                        tolerance=settings.consolidation_tolerance,
+                        trigger="schedule",
+                        max_attempts=settings.job_max_attempts,
+                    )
+                except (catalog.ConflictError, catalog.InvalidInputError) as exc:
+                    # a run over one of its tasks started meanwhile, or its data is gone
+                    log.warning("consolidation policy: group %s not started: %s", group, exc)
+                    continue
+                enqueue(
+                    celery_app,
+                    "consolidate",
+                    job_id=run.job_id,
+                    run_id=run.id,
+                    connection=connection,
+                )
+                catalog.mark_enqueued(session, job_id=run.job_id)
+                created.append(run.id)
     return created

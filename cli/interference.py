@@ -1,0 +1,142 @@
+"""`diffbank interference`: how task diffs overlap, agree and align, as tables and a heatmap.
+
+    diffbank interference [--tasks a,b,c] [--base-model B] [--plot OUT.png] [--json]
+    diffbank interference A.safetensors B.safetensors ... [--plot OUT.png] [--json]
+
+Without files it asks the server (`GET /v1/interference`) about the caller's tasks; with files
+it reads local artifacts, offline. It prints Jaccard, sign agreement and cosine as task x task
+tables and the consolidation groups among the tasks; `--plot` draws the three as heatmaps side
+by side. With `--json` the last stdout line is one JSON object (`tasks`, `jaccard`,
+`sign_agreement`, `cosine`, `shared`, `support`, `groups`, ...; null where undefined).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from cli.client import add_connection_args, client_from_args, fail, print_json
+
+PANELS = (
+    ("jaccard", "support overlap (Jaccard)", "viridis", 0.0, 1.0),
+    ("sign_agreement", "sign agreement (shared positions)", "RdBu", 0.0, 1.0),
+    ("cosine", "cosine", "RdBu", -1.0, 1.0),
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `interference` command."""
+    p = subparsers.add_parser(
+        "interference", help="support overlap, sign agreement and cosine between task diffs"
+    )
+    p.add_argument(
+        "files", nargs="*", type=Path, help="local .safetensors diffs (default: the server's tasks)"
+    )
+    p.add_argument("--tasks", help="comma-separated server task names (default: all on the base)")
+    p.add_argument(
+        "--base-model", dest="base_model", help="the server's base (default: the tasks')"
+    )
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="draw the matrices as heatmaps")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_connection_args(p)
+    p.set_defaults(func=cmd_interference)
+
+
+def local_report(files: list[Path]) -> dict[str, Any]:
+    """The interference report of local artifact files, named by file stem."""
+    from registry.artifact import load_artifact
+    from registry.interference import consolidation_groups, pairwise_interference
+    from registry.settings import Settings
+
+    stems = [path.stem for path in files]
+    names = stems if len(set(stems)) == len(stems) else [str(path) for path in files]
+    matrix = pairwise_interference([load_artifact(path) for path in files], names)
+    settings = Settings()
+    groups = consolidation_groups(
+        matrix,
+        max_size=settings.consolidation_group_max_tasks,
+        alpha=settings.consolidation_group_alpha,
+    )
+    return {"base_model": None, **matrix.to_json(), "groups": groups}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The three matrices as aligned tables, then the groups."""
+    names = report["tasks"]
+    width = max([len(n) for n in names] + [6])
+    column = max(min(width, 12), 6)
+    lines = []
+    for key, title, *_ in PANELS:
+        lines.append(title)
+        lines.append(" " * width + "".join(f"  {n[:column]:>{column}}" for n in names))
+        for name, row in zip(names, report[key], strict=True):
+            cells = "".join(f"  {_cell(x):>{column}}" for x in row)
+            lines.append(f"{name:<{width}}{cells}")
+        lines.append("")
+    groups = report.get("groups") or []
+    lines.append("consolidation groups: " + ("; ".join(", ".join(g) for g in groups) or "none"))
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def plot_interference(report: dict[str, Any], out: Path) -> None:
+    """Save the Jaccard, sign-agreement and cosine matrices as three heatmaps (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = report["tasks"]
+    side = max(3.5, 0.3 * len(names) + 2.0)
+    fontsize = max(4.0, min(9.0, 240.0 / max(len(names), 1)))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(side * len(PANELS) + 1.5, side))
+    for ax, (key, title, cmap, low, high) in zip(axes, PANELS, strict=True):
+        grid = np.array([[np.nan if x is None else x for x in row] for row in report[key]])
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=low, vmax=high)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(len(names)), names, fontsize=fontsize)
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    base = report.get("base_model")
+    fig.suptitle(f"interference of {len(names)} task diffs" + (f" on {base}" if base else ""))
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def cmd_interference(args: argparse.Namespace) -> int:
+    """Print (and optionally plot) the interference of local files or of the server's tasks."""
+    if args.files:
+        if args.tasks or args.base_model:
+            return fail(ValueError("--tasks and --base-model name server tasks; not with files"))
+        try:
+            report = local_report(args.files)
+        except ValueError as exc:  # ArtifactError, InterferenceError
+            return fail(exc)
+    else:
+        from cli.http_client import DiffbankError
+
+        tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+        with client_from_args(args) as client:
+            try:
+                report = client.interference(tasks, base_model=args.base_model)
+            except DiffbankError as exc:
+                return fail(exc)
+    if args.plot:
+        try:
+            plot_interference(report, args.plot)
+        except OSError as exc:
+            return fail(exc)
+        report["plot"] = str(args.plot)
+    if args.json:
+        print_json(report)
+        return 0
+    print(format_report(report))
+    if args.plot:
+        print(f"\nplot written to {args.plot}")
+    return 0
