@@ -412,6 +412,9 @@ class ConsolidationCreate(BaseModel):
     temperature: float | None = Field(default=None, gt=0.0, le=100.0)
     rank: int | None = Field(default=None, ge=1, le=256)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    merge_weight: float | None = Field(default=None, gt=0.0, le=100.0, description="merges' λ")
+    ties_density: float | None = Field(default=None, gt=0.0, le=1.0)
+    dare_drop: float | None = Field(default=None, ge=0.0, lt=1.0)
 
     @field_validator("base_model")
     @classmethod

@@ -420,3 +420,26 @@ def test_a_base_only_another_tenant_uses_answers_as_one_nobody_uses(world):
         error = response.json()["error"]
         answers.append((error["code"], error["message"].replace(name, "NAME")))
     assert answers[0] == answers[1] == ("unknown_base_model", "base model 'NAME' has no tasks here")
+
+
+def test_a_merge_run_takes_its_hyperparameters_and_refuses_impossible_ones(world):
+    response = world.client.post(
+        "/v1/consolidations",
+        headers=world.headers("admin"),
+        json={"tasks": ["t1", "t2"], "budget": 500, "strategy": "ties", "ties_density": 0.5},
+    )
+    assert response.status_code == 202, response.text
+    run = response.json()
+    assert run["strategy"] == "ties"
+    with world.session_factory() as session:
+        job = catalog.load_job(session, job_id=run["job_id"])
+    assert job.params == {"ties_density": 0.5}
+    world.client.post(f"/v1/consolidations/{run['id']}/cancel", headers=world.headers("admin"))
+    runs, jobs, queued = _started(world)
+    refused = world.client.post(
+        "/v1/consolidations",
+        headers=world.headers("admin"),
+        json={"tasks": ["t1", "t2"], "budget": 500, "strategy": "dare", "dare_drop": 1.0},
+    )
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "dare_drop"
+    assert _started(world) == (runs, jobs, queued)

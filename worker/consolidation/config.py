@@ -57,8 +57,9 @@ class ConsolidationConfig(MethodConfig):
     merge_weight: float = option(
         1.0, "lambda, the scale of the merged diff (ties, dare, task_arithmetic)"
     )
+    # 1.0: a diff is already its task's top-k entries (the trainer's projection is TIES's trim step).
     ties_density: float = option(
-        0.2, "ties: fraction of each task's entries kept (top magnitudes) before the sign vote"
+        1.0, "ties: fraction of each task's entries kept (top magnitudes) before the sign vote"
     )
     dare_drop: float = option(
         0.9, "dare: probability of dropping each entry; survivors are rescaled by 1/(1 - p)"
