@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,14 @@ def fitted_metrics(data: Any, base: Any, diff: Any) -> dict[str, Any]:
         num_labels=data.num_labels,
         max_length=diff.meta.max_length,
     )
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Runs of an earlier `--out` file (a JSON list) or of its `.partial.jsonl` (one run per line)."""
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
 
 
 def planned_runs(args: argparse.Namespace, tasks: list[str]) -> list[tuple[str, str, float, int]]:
@@ -390,7 +399,8 @@ def main() -> None:
         type=Path,
         action="append",
         default=[],
-        help="add the runs of an earlier --out file (e.g. other seeds) to the tables",
+        help="add the runs of an earlier --out file or its .partial.jsonl (e.g. other seeds, "
+        "or a stopped sweep) to the tables; runs already there are not run again",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
@@ -433,7 +443,11 @@ def main() -> None:
     shared += ["--train-metric"] if args.train_metric else []
     tasks = [t for t in args.tasks.split(",") if t]
     heldout = [t for t in args.heldout_tasks.split(",") if t]
-    runs = planned_runs(args, tasks + heldout)
+    included = [r for path in args.include for r in read_results(path)]
+    done = {(r["task"], r["method"], float(r["lr"]), int(r["seed"])) for r in included}
+    runs = [plan for plan in planned_runs(args, tasks + heldout) if plan not in done]
+    partial = args.out.with_suffix(".partial.jsonl") if args.out else None
+    lock = threading.Lock()
 
     def run(plan: tuple[str, str, float, int]) -> dict[str, Any]:
         task, method, lr, seed = plan
@@ -447,12 +461,14 @@ def main() -> None:
             f"({r['train_seconds']:.0f} s)",
             flush=True,
         )
+        if partial is not None:  # each finished run at once, so a stopped sweep can --include it
+            with lock, partial.open("a") as handle:
+                handle.write(json.dumps(r, sort_keys=True) + "\n")
         return r
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(run, runs))
-    for path in args.include:
-        results += json.loads(path.read_text())
+    results += included
     seeds = sorted({r["seed"] for r in results})
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
