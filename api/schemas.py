@@ -325,7 +325,7 @@ class LineagePublic(BaseModel):
 class TaskVersionPublic(BaseModel):
     """One published version of a task's diff."""
 
-    # `active` and `lineage` need more than the row: the route sets them.
+    # `active`, `lineage` and a composed-on-request version's digest: the route sets them.
 
     model_config = ConfigDict(from_attributes=True)
 
@@ -336,11 +336,14 @@ class TaskVersionPublic(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     sha256: str | None = Field(
-        default=None, validation_alias=AliasChoices("sha256", AliasPath("artifact", "sha256"))
+        default=None,
+        validation_alias=AliasChoices("sha256", AliasPath("artifact", "sha256")),
+        description="sha256 of what the version's diff download returns (its ETag)",
     )
     size_bytes: int | None = Field(
         default=None,
         validation_alias=AliasChoices("size_bytes", AliasPath("artifact", "size_bytes")),
+        description="bytes of what the version's diff download returns",
     )
     lineage: LineagePublic = Field(default_factory=LineagePublic)
     created_at: datetime | None = None

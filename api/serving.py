@@ -170,7 +170,8 @@ class Predictor:
         try:
             decoded = held.mixed.decode(diff)
         except UnsupportedDiffError:
-            kept = diff.nnz * 12 + (head.nbytes if head else 0)
+            param = next(held.model.base_model.parameters())
+            kept = applied_nbytes(diff, param.dtype, param.device) + (head.nbytes if head else 0)
             return ResidentDiff(meta, None, head, diff, kept)
         nbytes = decoded.nbytes + (head.nbytes if head else 0)
         return ResidentDiff(meta, decoded, head, None, nbytes)
@@ -418,6 +419,35 @@ class Predictor:
                 applied.revert()
                 _swap_head(held.model, saved_head)
         return _decode(torch.cat(logits), meta.task_type, meta.label_names)
+
+
+def applied_nbytes(diff: SparseDiff, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes a diff served by apply/revert holds: its tensors plus its apply plan's.
+
+    Per changed tensor the plan (registry.apply) keeps a delta in the parameter dtype (a
+    factored tensor's whole U Vᵀ + entries, else its values) and a same-sized buffer for the
+    overwritten base values, and the indices on the device.
+    """
+    import math
+
+    import torch
+
+    def size(tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
+
+    own = sum(size(t) for t in (*diff.indices.values(), *diff.values.values()))
+    own += sum(size(u) + size(v) for u, v in diff.factors.values())
+    item = torch.empty((), dtype=dtype).element_size()
+    plan = 0
+    for name in diff.tensor_names:
+        if name in diff.factors:
+            plan += 2 * math.prod(diff.shapes[name]) * item
+            continue
+        values, indices = diff.values[name], diff.indices[name]
+        cast = values.dtype != dtype or values.device != device  # else the delta is `values`
+        plan += values.numel() * item * (2 if cast else 1)
+        plan += size(indices) if indices.device != device else 0
+    return own + plan
 
 
 def _swap_head(model: Any, head: dict[str, Any]) -> dict[str, Any]:

@@ -1,13 +1,16 @@
 """`diffbank interference`: how task diffs overlap, agree and align, as tables and a heatmap.
 
     diffbank interference [--tasks a,b,c] [--base-model B] [--plot OUT.png] [--json]
-    diffbank interference A.safetensors B.safetensors ... [--plot OUT.png] [--json]
+    diffbank interference A.safetensors B.safetensors ... [--group-max-tasks N]
+        [--group-alpha A] [--min-sign-agreement S] [--min-overlap-lift L] [--plot OUT.png] [--json]
 
-Without files it asks the server (`GET /v1/interference`) about the caller's tasks; with files
-it reads local artifacts, offline. It prints Jaccard, sign agreement and cosine as task x task
-tables and the consolidation groups among the tasks; `--plot` draws the three as heatmaps side
-by side. With `--json` the last stdout line is one JSON object (`tasks`, `jaccard`,
-`sign_agreement`, `cosine`, `shared`, `support`, `groups`, ...; null where undefined).
+Without files it asks the server (`GET /v1/interference`) about the caller's tasks (grouped by
+the server's settings); with files it reads local artifacts, offline, and groups them by the
+grouping options (defaults: those of the server's settings). It prints Jaccard, sign agreement
+and cosine as task x task tables and the consolidation groups among the tasks; `--plot` draws
+the three as heatmaps side by side. With `--json` the last stdout line is one JSON object
+(`tasks`, `jaccard`, `sign_agreement`, `cosine`, `shared`, `support`, `groups`, ...; null where
+undefined).
 """
 
 from __future__ import annotations
@@ -17,7 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from cli.client import add_connection_args, client_from_args, fail, print_json
+from registry.settings import Settings
 
+# option -> (Settings field whose default it takes, type, what it sets)
+GROUP_OPTIONS = {
+    "group_max_tasks": ("consolidation_group_max_tasks", int, "at most this many tasks in a group"),
+    "group_alpha": ("consolidation_group_alpha", float, "family-wise significance level"),
+    "min_sign_agreement": (
+        "consolidation_group_min_sign_agreement",
+        float,
+        "least sign agreement of a grouped pair (0.5 = chance)",
+    ),
+    "min_overlap_lift": (
+        "consolidation_group_min_overlap_lift",
+        float,
+        "least overlap of a grouped pair, in multiples of chance",
+    ),
+}
 PANELS = (
     ("jaccard", "support overlap (Jaccard)", "viridis", 0.0, 1.0),
     ("sign_agreement", "sign agreement (shared positions)", "RdBu", 0.0, 1.0),
@@ -37,26 +56,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--base-model", dest="base_model", help="the server's base (default: the tasks')"
     )
+    for dest, (setting, kind, what) in GROUP_OPTIONS.items():
+        default = Settings.model_fields[setting].default
+        p.add_argument(
+            "--" + dest.replace("_", "-"),
+            dest=dest,
+            type=kind,
+            default=None,
+            help=f"local files: {what} (default {default})",
+        )
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="draw the matrices as heatmaps")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     add_connection_args(p)
     p.set_defaults(func=cmd_interference)
 
 
-def local_report(files: list[Path]) -> dict[str, Any]:
-    """The interference report of local artifact files, named by file stem."""
+def group_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The grouping options given, Settings defaults for the rest; ValueError naming a bad one."""
+    chosen = {}
+    for dest, (setting, _, _) in GROUP_OPTIONS.items():
+        value = getattr(args, dest, None)
+        chosen[dest] = Settings.model_fields[setting].default if value is None else value
+    if chosen["group_max_tasks"] < 1:
+        raise ValueError("--group-max-tasks must be at least 1")
+    if not 0.0 < chosen["group_alpha"] <= 1.0:
+        raise ValueError("--group-alpha must be in (0, 1]")
+    if not 0.0 <= chosen["min_sign_agreement"] <= 1.0:
+        raise ValueError("--min-sign-agreement must be in [0, 1]")
+    if chosen["min_overlap_lift"] < 0.0:
+        raise ValueError("--min-overlap-lift must be non-negative")
+    return chosen
+
+
+def local_report(files: list[Path], options: dict[str, Any]) -> dict[str, Any]:
+    """The interference report of local artifact files, named by file stem, grouped by `options`."""
     from registry.artifact import load_artifact
     from registry.interference import consolidation_groups, pairwise_interference
-    from registry.settings import Settings
 
     stems = [path.stem for path in files]
     names = stems if len(set(stems)) == len(stems) else [str(path) for path in files]
     matrix = pairwise_interference([load_artifact(path) for path in files], names)
-    settings = Settings()
     groups = consolidation_groups(
         matrix,
-        max_size=settings.consolidation_group_max_tasks,
-        alpha=settings.consolidation_group_alpha,
+        max_size=options["group_max_tasks"],
+        alpha=options["group_alpha"],
+        min_sign_agreement=options["min_sign_agreement"],
+        min_overlap_lift=options["min_overlap_lift"],
     )
     return {"base_model": None, **matrix.to_json(), "groups": groups}
 
@@ -115,10 +160,16 @@ def cmd_interference(args: argparse.Namespace) -> int:
         if args.tasks or args.base_model:
             return fail(ValueError("--tasks and --base-model name server tasks; not with files"))
         try:
-            report = local_report(args.files)
-        except ValueError as exc:  # ArtifactError, InterferenceError
+            report = local_report(args.files, group_options(args))
+        except ValueError as exc:  # ArtifactError, InterferenceError, a bad grouping option
             return fail(exc)
     else:
+        given = [d for d in GROUP_OPTIONS if getattr(args, d, None) is not None]
+        if given:
+            flags = ", ".join("--" + d.replace("_", "-") for d in given)
+            return fail(
+                ValueError(f"{flags}: for local files; the server's settings group its tasks")
+            )
         from cli.http_client import DiffbankError
 
         tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None

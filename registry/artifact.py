@@ -32,6 +32,7 @@ import math
 import re
 import struct
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ VALUES_KEY = "diff.values"
 HEAD_PREFIX = "head."
 FACTOR_PREFIX = "factor."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# m·n of one factored matrix in a diff read without its base: 2**26 (256 MiB as fp32) is 16x
+# BERT-large's largest linear layer (4096 x 1024).
+MAX_UNCHECKED_FACTORED = 2**26
 
 
 class ArtifactError(ValueError):
@@ -149,6 +153,44 @@ class SparseDiff:
         if name in self.indices:
             dense.index_add_(0, self.indices[name].cpu(), self.values[name].cpu().float())
         return dense.view(shape)
+
+    def sparse_entries(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted flat int64 positions, fp32 values) of one tensor's diff, never densified whole.
+
+        An entry-only tensor gives its stored entries. A factored tensor (m x n, rank r) gives
+        the r·(m + n) largest-magnitude nonzeros of U Vᵀ (as many as it stores; ties by
+        position), found a block of rows at a time, plus its own entries; values U Vᵀ + entries.
+        """
+        if name in self.indices:
+            positions = self.indices[name].to(torch.int64)
+            values = self.values[name].float()
+        else:
+            positions, values = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+        if name not in self.factors:
+            return positions, values
+        u, v = (f.detach().cpu().float() for f in self.factors[name])
+        n, keep = v.shape[0], u.shape[1] * (u.shape[0] + v.shape[0])
+        rows = max(1, (1 << 20) // max(n, 1))  # rows of U Vᵀ per block: bounds the product
+        top, top_abs, cutoff = np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0
+        for start in range(0, u.shape[0], rows):
+            block = np.abs((u[start : start + rows] @ v.T).numpy().reshape(-1))
+            # nothing below the block's own keep-th magnitude can enter, nor a zero, nor a value
+            # at or below `cutoff`, the kept set's smallest (a tie with it comes later)
+            kth = block.size - keep
+            floor = np.partition(block, kth)[kth] if 0 < keep < block.size else 0
+            fresh = np.flatnonzero((block > cutoff) & (block >= floor))
+            top = np.concatenate([top, fresh + start * n])
+            top_abs = np.concatenate([top_abs, block[fresh]])
+            if top.size > keep:  # all above the keep-th magnitude, then ties by position
+                cutoff = np.partition(top_abs, top.size - keep)[top.size - keep]
+                chosen = top_abs > cutoff
+                tied = np.flatnonzero(top_abs == cutoff)
+                chosen[tied[: keep - int(chosen.sum())]] = True
+                top, top_abs = top[chosen], top_abs[chosen]
+        union = torch.unique(torch.cat([torch.from_numpy(top), positions.cpu()]))
+        summed = (u[union // n] * v[union % n]).sum(1)
+        summed.index_add_(0, torch.searchsorted(union, positions.cpu()), values.cpu())
+        return union, summed
 
     def prepared(
         self, name: str, dtype: torch.dtype, device: torch.device
@@ -256,10 +298,7 @@ def _check_diff(diff: SparseDiff) -> None:
             raise ArtifactError(f"indices of {name!r} must be sorted and unique")
         if not all_finite(vals):
             raise ArtifactError(f"values of {name!r} contain NaN or infinity")
-    for name, pair in diff.factors.items():
-        if name not in diff.shapes:
-            raise ArtifactError(f"factors of {name!r} have no shape")
-        check_factors(name, pair, diff.shapes[name], value_dtype)
+    check_diff_factors(diff)
     if meta.nnz != diff.nnz:
         raise ArtifactError(f"meta.nnz is {meta.nnz} but the diff holds {diff.nnz} nonzeros")
     if meta.format_version != file_version(diff):
@@ -302,6 +341,41 @@ def check_factors(
         )
     if not u.is_floating_point() or not all_finite(u) or not all_finite(v):
         raise ArtifactError(f"factors of {name!r} contain NaN or infinity")
+
+
+def check_diff_factors(diff: SparseDiff) -> None:
+    """Every factor pair of a diff names a tensor with a shape and is well formed."""
+    value_dtype = VALUE_DTYPES.get(diff.meta.value_dtype)
+    for name, pair in diff.factors.items():
+        if name not in diff.shapes:
+            raise ArtifactError(f"factors of {name!r} have no shape")
+        check_factors(name, pair, diff.shapes[name], value_dtype)
+
+
+def check_base_shapes(
+    shapes: Iterable[tuple[str, tuple[int, ...]]], base_shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Every (name, shape) of a diff's tensors exists in the base with that shape."""
+    for name, shape in shapes:
+        if name not in base_shapes:
+            raise ArtifactError(f"diff tensor {name!r} does not exist in the base")
+        if tuple(base_shapes[name]) != tuple(shape):
+            raise ArtifactError(
+                f"shape of {name!r} is {tuple(shape)} in the diff but {tuple(base_shapes[name])} "
+                "in the base"
+            )
+
+
+def check_factored_sizes(factored: Iterable[tuple[str, tuple[int, ...]]]) -> None:
+    """Without a base to check shapes against: no factored matrix above MAX_UNCHECKED_FACTORED."""
+    # U Vᵀ of a claimed shape is what dense() allocates; a small file must not claim 2**40 floats.
+    for name, (m, n) in factored:
+        if m * n > MAX_UNCHECKED_FACTORED:
+            raise ArtifactError(
+                f"factors of {name!r} claim a {m}x{n} matrix ({m * n} entries), more than the "
+                f"{MAX_UNCHECKED_FACTORED} a diff read without its base may have; read it with "
+                "the base to check its shapes"
+            )
 
 
 def factor_key(name: str, which: str) -> str:
@@ -647,17 +721,14 @@ def loads_artifact(
             f"{expected_fingerprint[:12]}…"
         )
     if base_shapes is not None:
-        for name, shape, _ in [*layout, *factor_layout]:
-            if name not in base_shapes:
-                raise ArtifactError(f"diff tensor {name!r} does not exist in the base")
-            if tuple(base_shapes[name]) != shape:
-                raise ArtifactError(
-                    f"shape of {name!r} is {shape} in the diff but {tuple(base_shapes[name])} "
-                    "in the base"
-                )
+        check_base_shapes(
+            [(name, shape) for name, shape, _ in [*layout, *factor_layout]], base_shapes
+        )
         base_n = sum(math.prod(s) for s in base_shapes.values())
         if meta.n_params != base_n:
             raise ArtifactError(f"meta.n_params is {meta.n_params}, the base has {base_n}")
+    else:
+        check_factored_sizes((name, shape) for name, shape, _ in factor_layout)
 
     tensors = _load_tensors(data)
     expected = {INDEX_LOW_KEY, INDEX_HIGH_KEY, VALUES_KEY}

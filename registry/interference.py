@@ -1,5 +1,6 @@
 """Interference between task diffs on one base: support overlap, sign agreement, cosine; the
-null model that says which pairs overlap and agree more than chance; consolidation groups.
+null model and effect-size minimums that say which pairs overlap and agree beyond chance;
+consolidation groups.
 
 Definitions, for diffs i and j with supports S (stored positions: tensor and flat index) and
 values v:
@@ -10,14 +11,21 @@ values v:
 - `cosine` = vi · vj / (|vi| |vj|) of the diffs as vectors over all positions;
 - on the diagonal all three are 1 (NaN for an empty diff).
 
-A factored tensor (format v2, U Vᵀ) counts as dense: every position of that tensor where
-U Vᵀ plus its entries is nonzero is in the support.
+A factored tensor (format v2, U Vᵀ of rank r, m x n) counts by its sparse view
+(`SparseDiff.sparse_entries`): the r·(m + n) largest-magnitude positions of U Vᵀ, as many as
+it stores, plus its own entries. Counting every nonzero of U Vᵀ would make each rank diff's
+support whole matrices, and the Jaccard of any two rank diffs about 1 by construction.
 
 Computed on the sorted indices without densifying: each tensor's positions are cut into
 chunks of `CHUNK_POSITIONS`; in a chunk, the tasks' slices are sorted together by (position,
 entry) packed in one int64 (in cache), so the entries of one position sit side by side, and
 every pair of tasks at one position adds to the three T x T sums. Work is O(entries log
 entries-per-chunk + shared pairs); memory O(entries). `bench/interference.py` times it.
+
+A pair is constructive (may share a consolidation group) when it beats the null model at the
+family-wise level `alpha` and reaches both effect-size minimums: sign agreement >= 0.55 and
+overlap lift >= 2 by default (the `consolidation_group_*` Settings fields). With 10^5 shared
+positions a 50.8% agreement is significant over 100 tasks, so the tests alone barely filter.
 """
 
 from __future__ import annotations
@@ -29,13 +37,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from registry.settings import Settings
+
 if TYPE_CHECKING:
     from registry.artifact import SparseDiff
 
 CHUNK_POSITIONS = 1 << 18
 _ENTRY_BITS = 32  # a chunk's entry ids (< 2**32) sit below its positions in one sort key
 _ENTRY_MASK = (1 << _ENTRY_BITS) - 1
-DEFAULT_ALPHA = 0.01
+# The group thresholds' defaults are the Settings fields' (`consolidation_group_*`).
+_GROUP_FIELDS = Settings.model_fields
+DEFAULT_ALPHA = _GROUP_FIELDS["consolidation_group_alpha"].default
+DEFAULT_MIN_SIGN_AGREEMENT = _GROUP_FIELDS["consolidation_group_min_sign_agreement"].default
+DEFAULT_MIN_OVERLAP_LIFT = _GROUP_FIELDS["consolidation_group_min_overlap_lift"].default
 
 
 class InterferenceError(ValueError):
@@ -147,13 +161,16 @@ def _check_one_base(diffs: Sequence[SparseDiff], names: list[str]) -> dict[str, 
 
 
 def _tensor_entries(diff: SparseDiff) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per tensor: sorted flat positions (int64) and values (float16 or float32), no copies."""
+    """Per tensor: sorted flat positions (int64) and values; a factored tensor's sparse view.
+
+    A factored tensor gives `SparseDiff.sparse_entries` (its r·(m + n) largest entries of
+    U Vᵀ plus its own entries); an entry-only tensor is read in place, without an fp32 copy.
+    """
     entries = {}
     for tensor in diff.tensor_names:
         if tensor in diff.factors:
-            dense = diff.dense(tensor).reshape(-1).numpy()
-            index = np.flatnonzero(dense)
-            entries[tensor] = (index, dense[index])
+            index, values = diff.sparse_entries(tensor)
+            entries[tensor] = (index.numpy(), values.numpy())
             continue
         entries[tensor] = (diff.indices[tensor].numpy(), _numpy_values(diff.values[tensor]))
     return entries
@@ -177,7 +194,10 @@ def _sums(
     squares = np.zeros(count, np.float64)
     keys, products = [], []
     for tensor, numel in numels.items():
-        holders = [(t, e[tensor]) for t, e in enumerate(entries) if tensor in e]
+        # a holder without entries (U Vᵀ == 0) would make reduceat read its neighbour's sum
+        holders = [
+            (t, e[tensor]) for t, e in enumerate(entries) if tensor in e and e[tensor][0].size
+        ]
         if numel <= CHUNK_POSITIONS:
             chunks = [(0, holders)]
         else:  # each holder's slice of each chunk of positions
@@ -249,13 +269,21 @@ def _same_position_pairs(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 # ---------------------------------------------------------------- null model and groups
 
 
-def constructive_pairs(matrix: InterferenceMatrix, *, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
-    """(T, T) bool: pairs that overlap more than chance and agree in sign more than chance.
+def constructive_pairs(
+    matrix: InterferenceMatrix,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    min_sign_agreement: float = DEFAULT_MIN_SIGN_AGREEMENT,
+    min_overlap_lift: float = DEFAULT_MIN_OVERLAP_LIFT,
+) -> np.ndarray:
+    """(T, T) bool: pairs that overlap and agree in sign beyond chance, by a margin.
 
     Null model: independent uniformly random supports of the observed sizes (the shared count
     is hypergeometric) and independent signs (agreeing positions are Binomial(shared, 1/2)).
     A pair passes when both upper-tail p-values are below `alpha` over the number of pairs
-    (Bonferroni), so the thresholds come from the null model, not from constants.
+    (Bonferroni) and both effects are large enough: sign agreement >= `min_sign_agreement`
+    and overlap lift (shared / expected shared) >= `min_overlap_lift`. Significance alone
+    barely filters large diffs: with 10^5 shared positions, 50.8% agreement passes for T = 100.
     """
     from scipy.stats import binom, hypergeom
 
@@ -265,14 +293,22 @@ def constructive_pairs(matrix: InterferenceMatrix, *, alpha: float = DEFAULT_ALP
     overlap_p = hypergeom.sf(matrix.shared - 1, matrix.n_params, k[:, None], k[None, :])
     agreement_p = binom.sf(matrix.agreeing - 1, matrix.shared, 0.5)
     passed = (overlap_p < alpha / pairs) & (agreement_p < alpha / pairs) & (matrix.shared > 0)
+    with np.errstate(invalid="ignore"):  # NaN (nothing shared) passes no minimum
+        passed &= matrix.sign_agreement >= min_sign_agreement
+        passed &= matrix.overlap_lift >= min_overlap_lift
     np.fill_diagonal(passed, False)
     return passed
 
 
 def consolidation_groups(
-    matrix: InterferenceMatrix, *, max_size: int, alpha: float = DEFAULT_ALPHA
+    matrix: InterferenceMatrix,
+    *,
+    max_size: int,
+    alpha: float = DEFAULT_ALPHA,
+    min_sign_agreement: float = DEFAULT_MIN_SIGN_AGREEMENT,
+    min_overlap_lift: float = DEFAULT_MIN_OVERLAP_LIFT,
 ) -> list[list[str]]:
-    """Groups of >= 2 tasks in which every pair overlaps and agrees beyond chance.
+    """Groups of >= 2 tasks in which every pair overlaps and agrees beyond chance, by a margin.
 
     Complete linkage with a size cap: pairs are taken strongest first (Jaccard discounted by
     sign conflicts, J·(2a - 1)), and two groups merge only when every cross pair passes
@@ -281,7 +317,12 @@ def consolidation_groups(
     """
     if max_size < 2:
         return []
-    passed = constructive_pairs(matrix, alpha=alpha)
+    passed = constructive_pairs(
+        matrix,
+        alpha=alpha,
+        min_sign_agreement=min_sign_agreement,
+        min_overlap_lift=min_overlap_lift,
+    )
     strength = matrix.jaccard * (2 * matrix.sign_agreement - 1)
     candidates = sorted(
         (-strength[i, j], i, j) for i, j in zip(*np.nonzero(np.triu(passed)), strict=True)
@@ -309,6 +350,8 @@ def interference_vs_acceptance(
     *,
     max_size: int | None = None,
     alpha: float = DEFAULT_ALPHA,
+    min_sign_agreement: float = DEFAULT_MIN_SIGN_AGREEMENT,
+    min_overlap_lift: float = DEFAULT_MIN_OVERLAP_LIFT,
 ) -> dict[str, Any]:
     """Whether interference predicts which tasks a consolidation accepts (for bench tables).
 
@@ -317,7 +360,13 @@ def interference_vs_acceptance(
     overlap J·(2a - 1) as a score for acceptance (0.5 = no signal; None without both outcomes).
     """
     names = matrix.names
-    groups = consolidation_groups(matrix, max_size=max_size or len(names), alpha=alpha)
+    groups = consolidation_groups(
+        matrix,
+        max_size=max_size or len(names),
+        alpha=alpha,
+        min_sign_agreement=min_sign_agreement,
+        min_overlap_lift=min_overlap_lift,
+    )
     group_of = {name: g for g, group in enumerate(groups) for name in group}
     off_diagonal = ~np.eye(len(names), dtype=bool)
     signed = matrix.jaccard * (2 * matrix.sign_agreement - 1)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session
 
 from registry import catalog
+from registry.compose import COMPOSED_SHA256_KEY, COMPOSED_SIZE_KEY, compose_artifact_bytes
 from registry.models import Dataset, TaskVersion
 from registry.stores.base import Data, ObjectIntegrityError, ObjectStore, StoredObject, check_digest
 
@@ -161,14 +162,28 @@ def publish_consolidated_version(
     density: float,
     metrics: dict[str, Any],
     config: dict[str, Any],
+    shared_bytes: bytes | None = None,
     **version_fields: Any,
 ) -> TaskVersion:
     """Upload + verify a consolidated task's residual, its only blob, then publish the version.
 
     The version references the run's shared artifact (stored once for all its tasks); its
-    composed diff is built on request (`registry.compose`). `version_fields`: as for
-    `publish_version` (consolidation_run_id, parent_version_id, activate, ...).
+    composed diff is built on request (`registry.compose`), and its sha256 and size are
+    recorded in `config` now, so listings and downloads agree without composing.
+    `shared_bytes`: the shared blob if the caller holds it (checked against the artifact), else
+    it is read from the store. `version_fields`: as for `publish_version`
+    (consolidation_run_id, parent_version_id, activate, ...).
     """
+    shared = catalog.get_artifact(session, artifact_id=shared_artifact_id)
+    if shared_bytes is None:
+        shared_bytes = store.get(shared.object_key, sha256=shared.sha256)
+    else:
+        check_digest(shared.object_key, shared.sha256, hashlib.sha256(shared_bytes).hexdigest())
+    composed = compose_artifact_bytes(shared_bytes, residual_bytes)
+    recorded = {
+        COMPOSED_SHA256_KEY: hashlib.sha256(composed).hexdigest(),
+        COMPOSED_SIZE_KEY: len(composed),
+    }
     residual = upload_verified(store, residual_bytes, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
     version = catalog.publish_task_version(
         session,
@@ -177,7 +192,7 @@ def publish_consolidated_version(
         nnz=nnz,
         density=density,
         metrics=metrics,
-        config=config,
+        config={**config, **recorded},
         shared_artifact_id=shared_artifact_id,
         composed_on_request=True,
         **version_fields,

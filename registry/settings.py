@@ -85,6 +85,21 @@ class Settings(BaseSettings):
     # beyond chance at this family-wise significance level; at most this many tasks per run.
     consolidation_group_alpha: float = 0.01
     consolidation_group_max_tasks: int = 20
+    # Effect sizes a grouped pair must also reach: with 10^5 shared positions a 50.8% sign
+    # agreement is significant over 100 tasks, so significance alone barely filters.
+    consolidation_group_min_sign_agreement: float = Field(
+        0.55,
+        ge=0.0,
+        le=1.0,
+        description="A grouped pair agrees in sign on at least this fraction of its shared "
+        "positions (0.5 = chance, so 0.55 asks for 5 points beyond it; 0 = no minimum).",
+    )
+    consolidation_group_min_overlap_lift: float = Field(
+        2.0,
+        ge=0.0,
+        description="A grouped pair shares at least this many times the positions two "
+        "independent random supports of their sizes would (1 = chance; 0 = no minimum).",
+    )
     interference_max_tasks: int = 200  # tasks one GET /v1/interference may compare
 
     @model_validator(mode="after")

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from registry.artifact import VALUE_DTYPES, ArtifactError, SparseDiff, check_factors
+from registry.artifact import (
+    ArtifactError,
+    SparseDiff,
+    check_base_shapes,
+    check_diff_factors,
+)
 
 if TYPE_CHECKING:
     from registry.basemodel import LoadedBase
@@ -32,10 +37,7 @@ def output_rows(head: dict) -> int | None:
 def check_artifact(diff: SparseDiff, base: LoadedBase | None = None) -> None:
     """Raise ArtifactError unless the meta fits the head (and, given a base, the base)."""
     meta = diff.meta
-    for name, pair in diff.factors.items():
-        if name not in diff.shapes:
-            raise ArtifactError(f"factors of {name!r} have no shape")
-        check_factors(name, pair, diff.shapes[name], VALUE_DTYPES.get(meta.value_dtype))
+    check_diff_factors(diff)
     rows = output_rows(diff.head)
     if rows is not None and rows != meta.num_labels:
         if meta.task_type == "regression":
@@ -53,15 +55,7 @@ def check_artifact(diff: SparseDiff, base: LoadedBase | None = None) -> None:
             f"wrong base: the diff was made for {meta.base_name!r} "
             f"({meta.base_fingerprint[:12]}…), not {base.name!r} ({base.fingerprint[:12]}…)"
         )
-    base_shapes = base.shapes
-    for name in diff.tensor_names:
-        if name not in base_shapes:
-            raise ArtifactError(f"diff tensor {name!r} does not exist in the base")
-        if tuple(base_shapes[name]) != tuple(diff.shapes[name]):
-            raise ArtifactError(
-                f"shape of {name!r} is {tuple(diff.shapes[name])} in the diff but "
-                f"{tuple(base_shapes[name])} in the base"
-            )
+    check_base_shapes([(name, diff.shapes[name]) for name in diff.tensor_names], base.shapes)
     expected = base.head_shapes(meta.task_type, meta.num_labels) if diff.head else {}
     if set(diff.head) != set(expected):  # a consolidation's shared part has no head at all
         raise ArtifactError(

@@ -8,7 +8,13 @@ import json
 import pytest
 import redis
 
-from tests.api_support import SENTIMENT_ROWS, jsonl, register_base
+from tests.api_support import (
+    SENTIMENT_ROWS,
+    jsonl,
+    publish_artifact,
+    random_artifact,
+    register_base,
+)
 from tests.api_support import world as world  # noqa: F401  (module-scoped fixture)
 from tests.fixtures.models import make_tiny_bert
 
@@ -174,6 +180,24 @@ def test_job_for_a_task_on_another_base_is_a_conflict(world, tmp_path):
     )
     assert accepted.status_code == 202
     assert accepted.json()["base_model"] == "other-base"  # its name, not the server's path
+
+
+def test_interference_over_a_diff_that_cannot_be_read_is_a_conflict_naming_the_task(
+    world, tmp_path
+):
+    other_dir = make_tiny_bert(tmp_path / "elsewhere", seed=8)
+    world.publish_version("bob", "fits", seed=31)
+    foreign = random_artifact(
+        other_dir, seed=32, task_type="classification", labels=("neg", "pos"), density=0.02
+    )  # made on another base, published for a task on this one
+    publish_artifact(
+        world, "bob", "foreign", foreign, task_type="classification", labels=["neg", "pos"]
+    )
+    response = world.client.get("/v1/interference?tasks=fits,foreign", headers=world.headers("bob"))
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "artifact_mismatch" and error["field"] == "tasks"
+    assert "'foreign'" in error["message"] and "wrong base" in error["message"]
 
 
 def test_task_versions_list_metrics_and_lineage_and_the_active_one(world):

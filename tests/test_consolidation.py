@@ -8,7 +8,9 @@ Current versions are random sparse diffs with random heads (the algorithm only n
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import random
 from pathlib import Path
 
@@ -16,7 +18,13 @@ import pytest
 import torch
 
 from registry.apply import apply_diff
-from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact, loads_artifact
+from registry.artifact import (
+    ArtifactMeta,
+    diff_from_dense,
+    dumps_artifact,
+    loads_artifact,
+    make_meta_consistent,
+)
 from registry.basemodel import load_base
 from worker.consolidation import lowrank
 from worker.consolidation.artifacts import evaluate_diff
@@ -419,6 +427,45 @@ def test_a_rank_residual_has_small_factors_and_sparse_entry_tensors(tasks, base)
     current = _current_count(tasks[0], residual.entry_names())
     support = sum(int(residual.positions[n].numel()) for n in residual.entry_names())
     assert support <= current + candidate_count(current, 1.0)
+
+
+def _rank_version(diff, base, *, rank: int, seed: int):
+    """`diff` plus random rank-`rank` factors on every factored matrix (a rank run's version)."""
+    generator = torch.Generator().manual_seed(seed)
+    factors = {
+        name: (
+            torch.randn(shape[0], rank, generator=generator) * 0.05,
+            torch.randn(shape[1], rank, generator=generator) * 0.05,
+        )
+        for name, shape in base.shapes.items()
+        if lowrank.is_factored(name, shape)
+    }
+    shapes = {**diff.shapes, **{name: base.shapes[name] for name in factors}}
+    return make_meta_consistent(dataclasses.replace(diff, factors=factors, shapes=shapes))
+
+
+@pytest.mark.parametrize("strategy", ["elementwise", "rank"])
+def test_a_residual_started_from_a_rank_version_holds_its_stored_entries_plus_candidates(
+    strategy, tasks, base
+):
+    rank_tasks = [
+        ConsolidationTask(task.name, task.data, _rank_version(task.current, base, rank=2, seed=i))
+        for i, task in enumerate(tasks)
+    ]
+    fit = start_fit(rank_tasks, _config(strategy=strategy, candidate_ratio=1.0), base=base)
+    for task in rank_tasks:
+        current = task.current
+        whole = sum(math.prod(base.shapes[name]) for name in current.factors)
+        for name, (u, v) in current.factors.items():
+            assert int(torch.count_nonzero(current.dense(name))) == math.prod(base.shapes[name])
+            own = int(current.indices[name].numel()) if name in current.indices else 0
+            stored = u.shape[1] * (u.shape[0] + v.shape[0]) + own
+            assert current_entries(current, name)[0].numel() <= stored
+        residual = fit.state.sets[task.name]
+        support = sum(int(residual.positions[n].numel()) for n in residual.entry_names())
+        assert support <= current.nnz + candidate_count(current.nnz, 1.0)
+        if strategy == "elementwise":
+            assert support < whole  # the factored matrices are not taken whole
 
 
 def test_candidates_are_the_largest_gradient_magnitudes_outside_the_current_diff():

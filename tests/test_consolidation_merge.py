@@ -16,7 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from registry import catalog
-from registry.artifact import ArtifactMeta, SparseDiff, diff_from_dense, dumps_artifact
+from registry.artifact import (
+    ArtifactMeta,
+    SparseDiff,
+    diff_from_dense,
+    dumps_artifact,
+    make_meta_consistent,
+)
 from registry.basemodel import load_base
 from registry.db import get_session_factory
 from registry.publish import publish_version
@@ -242,6 +248,25 @@ def test_every_task_keeps_its_head_with_an_empty_residual_and_the_shared_diff(
         assert dumps_artifact(outcome.residual) and dumps_artifact(outcome.composed)
 
 
+@pytest.mark.parametrize("strategy", MERGES)
+def test_a_rank_version_merges_as_its_largest_entries_not_its_whole_matrix(base, data, strategy):
+    generator = torch.Generator().manual_seed(3)
+    u, v = torch.randn(32, 2, generator=generator), torch.randn(32, 2, generator=generator)
+    rank = _diff(_meta(base, data), {BIAS: {4: 0.25}, QUERY: {5: 1.0}})
+    rank.factors[QUERY] = (u, v)
+    make_meta_consistent(rank)
+    product = (u @ v.T).reshape(-1)
+    assert int(torch.count_nonzero(product)) == 32 * 32  # U Vᵀ is a whole matrix
+    top = torch.topk(product.abs(), 2 * (32 + 32)).indices
+    positions = torch.unique(torch.cat([top, torch.tensor([5])]))
+    config = _config(strategy, ties_density=1.0, dare_drop=0.0)
+    merged = merge_entries([rank], config)
+    assert torch.equal(merged[QUERY][0], positions)  # r·(m + n) of U Vᵀ, plus its own entry
+    expected = product[positions] + (positions == 5).float()
+    torch.testing.assert_close(merged[QUERY][1], expected)
+    assert sum(int(idx.numel()) for idx, _ in merged.values()) <= rank.nnz
+
+
 def test_consolidate_dispatches_merge_strategies_without_training(three_tasks, base):
     config = _config("ties", ties_density=0.4)
     via_fit = consolidate(three_tasks, config, base=base)
@@ -456,7 +481,7 @@ def test_a_ties_run_through_the_runner_publishes_accepted_versions_and_a_full_re
     for row in report["tasks"]:
         assert row["accepted"] is True and row["nnz"] == 0
         assert row["composed_nnz"] == report["shared_nnz"]
-        assert {"metric_before", "metric_after", "bytes", "residual_bytes"} <= row.keys()
+        assert {"metric_before", "metric_after", "bytes"} <= row.keys()
         new = versions[row["task"]][-1]
         assert row["version_after"] == new.number == 2
         assert new.consolidation_run_id == run.id

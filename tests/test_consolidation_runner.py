@@ -10,6 +10,7 @@ each task's dataset the way it does in production.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -288,6 +289,16 @@ def test_blobs_a_run_publishes_hold_at_most_the_budget_with_the_shared_part_stor
         assert row["bytes"] == version.artifact.size_bytes  # what the task stores: its residual
 
 
+def test_a_published_version_records_the_sha256_and_size_its_download_returns(accepted_run, world):
+    from registry.compose import download_digest, version_diff_bytes
+
+    for name in TASKS:  # each accepted by the run
+        new = _versions(world, name)[-1]
+        data = version_diff_bytes(world["store"], new)  # composed from the stored parts
+        assert download_digest(new) == (hashlib.sha256(data).hexdigest(), len(data))
+        assert download_digest(new).sha256 != new.artifact.sha256  # not the residual's
+
+
 def test_gc_keeps_the_shared_and_residual_blobs_a_version_references(accepted_run, world):
     from registry.compose import version_diff_bytes
     from registry.gc import gc
@@ -330,8 +341,16 @@ def test_schedule_policy_fires_only_above_the_threshold(
     assert apply_consolidation_policy(at_threshold) == []
     assert runs() == before and queue.llen("consolidate") == 0
 
-    # Both tasks now compose the run's shared diff: they overlap and agree, so they form one group.
-    below = settings.model_copy(update={"consolidation_budget_nnz": total - 1})
+    # Grouping as permissive as it gets (any shared position groups), so only the threshold decides;
+    # tests/test_interference.py specifies which tasks group.
+    below = settings.model_copy(
+        update={
+            "consolidation_budget_nnz": total - 1,
+            "consolidation_group_alpha": 1.0,
+            "consolidation_group_min_sign_agreement": 0.0,
+            "consolidation_group_min_overlap_lift": 0.0,
+        }
+    )
     started = apply_consolidation_policy(below)
     assert len(started) == 1 and runs() == before + 1
     assert queue.llen("consolidate") == 1

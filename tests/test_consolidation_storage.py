@@ -13,7 +13,10 @@ import hashlib
 import json
 import math
 import random
+import re
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from safetensors.torch import load as load_tensors
 
 from registry.apply import apply_diff, build_task_model
 from registry.artifact import (
+    MAX_UNCHECKED_FACTORED,
     VALUE_DTYPES,
     ArtifactError,
     ArtifactMeta,
@@ -191,99 +195,136 @@ def repack(data: bytes, *, tensors=None, drop=(), metadata=None, drop_metadata=(
 FACTOR_NAME = "encoder.layer.0.intermediate.dense.weight"  # 64 x 32
 
 
-def corrupted_factor_files(base: LoadedBase) -> dict[str, tuple[bytes, str]]:
-    """Each way a factor tensor or its metadata can be broken, and the words of the error."""
-    diff = factored_diff(base, seed=2, value_dtype="float16")
-    good = dumps_artifact(diff)
-    metadata = header_of(good)["__metadata__"]
-    u, v = diff.factors[FACTOR_NAME]
-    u_key, v_key = factor_key(FACTOR_NAME, "u"), factor_key(FACTOR_NAME, "v")
-    factors = json.loads(metadata["factors"])
-    meta = json.loads(metadata["meta"])
-    bigger_rank = [[n, s, r + 1 if n == FACTOR_NAME else r] for n, s, r in factors]
-    one_d = [[n, [s[0]] if n == FACTOR_NAME else s, r] for n, s, r in factors]
-    nan_v, inf_u = v.clone(), u.clone()
-    nan_v[3, 1] = float("nan")
-    inf_u[0, 0] = float("inf")
-    return {
-        "U with a row too many": (
-            repack(good, tensors={u_key: torch.zeros(65, 2, dtype=torch.float16)}),
-            f"factors of {FACTOR_NAME!r} have shapes U (65, 2)",
-        ),
-        "V of another rank": (
-            repack(good, tensors={v_key: torch.zeros(32, 3, dtype=torch.float16)}),
-            "needs U (64, r) and V (32, r)",
-        ),
-        "rank in the metadata disagrees": (
-            repack(good, metadata={"factors": json.dumps(bigger_rank)}),
-            "meta.nnz",
-        ),
-        "NaN in V": (repack(good, tensors={v_key: nan_v}), "NaN or infinity"),
-        "infinity in U": (repack(good, tensors={u_key: inf_u}), "NaN or infinity"),
-        "factors of another dtype": (
-            repack(good, tensors={u_key: u.float(), v_key: v.float()}),
-            "must be float16",
-        ),
-        "a factor tensor missing": (repack(good, drop=[v_key]), "missing"),
-        "factors of a 1-D tensor": (
-            repack(good, metadata={"factors": json.dumps(one_d)}),
-            "bad factors entry",
-        ),
-        "version 2 without factors metadata": (
-            repack(good, drop_metadata=["factors"]),
-            "missing 'factors'",
-        ),
-        "factors metadata in a version 1 file": (
-            repack(
-                good,
-                metadata={
-                    "format_version": "1",
-                    "meta": json.dumps(dict(meta, format_version=1)),
-                },
-            ),
-            "version 1 artifact has no 'factors'",
-        ),
-        "meta.nnz without the factor values": (
-            repack(good, metadata={"meta": json.dumps(dict(meta, nnz=diff.entry_count))}),
-            "meta.nnz",
-        ),
-        "an unlisted factor tensor": (
-            repack(good, tensors={factor_key("pooler.dense.bias", "u"): torch.zeros(1)}),
-            "unexpected",
-        ),
-    }
+@dataclass
+class FactorFile:
+    """A good factored artifact and the parts of it a corruption changes."""
+
+    diff: SparseDiff
+    good: bytes
+    factors: list  # the `factors` metadata: [[name, [m, n], r], ...]
+    meta: dict  # the `meta` metadata
+    u_key: str = factor_key(FACTOR_NAME, "u")
+    v_key: str = factor_key(FACTOR_NAME, "v")
+
+    @property
+    def u(self) -> torch.Tensor:
+        return self.diff.factors[FACTOR_NAME][0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.diff.factors[FACTOR_NAME][1]
+
+    def with_factors(self, edit: Callable[[str, list, int], list]) -> bytes:
+        """The file with each `factors` entry replaced by edit(name, shape, rank)."""
+        entries = [edit(n, s, r) if n == FACTOR_NAME else [n, s, r] for n, s, r in self.factors]
+        return repack(self.good, metadata={"factors": json.dumps(entries)})
 
 
-CORRUPTIONS = [
-    "U with a row too many",
-    "V of another rank",
-    "rank in the metadata disagrees",
-    "NaN in V",
-    "infinity in U",
-    "factors of another dtype",
-    "a factor tensor missing",
-    "factors of a 1-D tensor",
-    "version 2 without factors metadata",
-    "factors metadata in a version 1 file",
-    "meta.nnz without the factor values",
-    "an unlisted factor tensor",
-]
+def _with_value(tensor: torch.Tensor, where: tuple[int, int], value: float) -> torch.Tensor:
+    changed = tensor.clone()
+    changed[where] = value
+    return changed
+
+
+# Each way a factor tensor or its metadata can be broken, and the words of the error.
+CORRUPTIONS: dict[str, tuple[Callable[[FactorFile], bytes], str]] = {
+    "U with a row too many": (
+        lambda f: repack(f.good, tensors={f.u_key: torch.zeros(65, 2, dtype=torch.float16)}),
+        f"factors of {FACTOR_NAME!r} have shapes U (65, 2)",
+    ),
+    "V of another rank": (
+        lambda f: repack(f.good, tensors={f.v_key: torch.zeros(32, 3, dtype=torch.float16)}),
+        "needs U (64, r) and V (32, r)",
+    ),
+    "rank in the metadata disagrees": (
+        lambda f: f.with_factors(lambda n, s, r: [n, s, r + 1]),
+        "meta.nnz",
+    ),
+    "NaN in V": (
+        lambda f: repack(f.good, tensors={f.v_key: _with_value(f.v, (3, 1), float("nan"))}),
+        "NaN or infinity",
+    ),
+    "infinity in U": (
+        lambda f: repack(f.good, tensors={f.u_key: _with_value(f.u, (0, 0), float("inf"))}),
+        "NaN or infinity",
+    ),
+    "factors of another dtype": (
+        lambda f: repack(f.good, tensors={f.u_key: f.u.float(), f.v_key: f.v.float()}),
+        "must be float16",
+    ),
+    "a factor tensor missing": (lambda f: repack(f.good, drop=[f.v_key]), "missing"),
+    "factors of a 1-D tensor": (
+        lambda f: f.with_factors(lambda n, s, r: [n, [s[0]], r]),
+        "bad factors entry",
+    ),
+    "version 2 without factors metadata": (
+        lambda f: repack(f.good, drop_metadata=["factors"]),
+        "missing 'factors'",
+    ),
+    "factors metadata in a version 1 file": (
+        lambda f: repack(
+            f.good,
+            metadata={"format_version": "1", "meta": json.dumps(dict(f.meta, format_version=1))},
+        ),
+        "version 1 artifact has no 'factors'",
+    ),
+    "meta.nnz without the factor values": (
+        lambda f: repack(
+            f.good, metadata={"meta": json.dumps(dict(f.meta, nnz=f.diff.entry_count))}
+        ),
+        "meta.nnz",
+    ),
+    "an unlisted factor tensor": (
+        lambda f: repack(f.good, tensors={factor_key("pooler.dense.bias", "u"): torch.zeros(1)}),
+        "unexpected",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
-def corrupted(base) -> dict[str, tuple[bytes, str]]:
-    return corrupted_factor_files(base)
+def factor_file(base) -> FactorFile:
+    diff = factored_diff(base, seed=2, value_dtype="float16")
+    good = dumps_artifact(diff)
+    metadata = header_of(good)["__metadata__"]
+    return FactorFile(diff, good, json.loads(metadata["factors"]), json.loads(metadata["meta"]))
 
 
-@pytest.mark.parametrize("case", CORRUPTIONS)
-def test_corrupted_factor_tensors_are_rejected_with_a_clear_error(corrupted, case):
-    data, words = corrupted[case]
-    with pytest.raises(ArtifactError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        loads_artifact(data)
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupted_factor_tensors_are_rejected_with_a_clear_error(factor_file, case):
+    corrupt, words = CORRUPTIONS[case]
+    with pytest.raises(ArtifactError, match=re.escape(words)):
+        loads_artifact(corrupt(factor_file))
 
 
-def test_every_factor_corruption_is_tested(corrupted):
-    assert sorted(corrupted) == sorted(CORRUPTIONS)
+def huge_factored_file(m: int, n: int) -> bytes:
+    """A v2 file whose one factored tensor claims an m x n matrix (rank 1, no base)."""
+    meta = ArtifactMeta(
+        base_name="claims",
+        base_fingerprint="0" * 64,
+        n_params=m * n,
+        task_type="classification",
+        label_names=["neg", "pos"],
+    )
+    u, v = torch.full((m, 1), 1e-3, dtype=torch.float16), torch.ones(n, 1, dtype=torch.float16)
+    diff = SparseDiff({}, {}, {"huge.weight": (m, n)}, {}, meta, {"huge.weight": (u, v)})
+    return dumps_artifact(make_meta_consistent(diff))
+
+
+def test_a_small_file_claiming_a_huge_factored_matrix_is_refused_without_its_base(tmp_path, capsys):
+    from cli import main
+
+    claims = huge_factored_file(2**20, 2**20)  # 4 MB of factors, 2**40 entries as a product
+    assert len(claims) < 5 * 2**20
+    with pytest.raises(ArtifactError, match="claim a 1048576x1048576 matrix"):
+        loads_artifact(claims)
+    with pytest.raises(ArtifactError, match="does not exist in the base"):
+        loads_artifact(claims, base_shapes={"other.weight": (2, 2)})  # a base decides by shapes
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(claims)
+    assert main(["interference", str(path)]) == 1
+    assert "claim a 1048576x1048576 matrix" in capsys.readouterr().err
+    side = math.isqrt(MAX_UNCHECKED_FACTORED)
+    assert loads_artifact(huge_factored_file(side, side)).shapes["huge.weight"] == (side, side)
 
 
 def test_factors_that_do_not_fit_the_base_are_rejected_on_read_and_by_check_artifact(base):
@@ -611,6 +652,103 @@ def test_downloading_a_new_layout_version_returns_the_composed_diff(served):
     ranged = world.client.get("/v1/tasks/ranked/diff", headers={**headers, "Range": "bytes=8-99"})
     assert ranged.status_code == 206 and ranged.content == composed[8:100]
     assert ranged.headers["Content-Range"] == f"bytes 8-99/{len(composed)}"
+
+
+def test_the_listing_gives_each_version_the_sha256_and_size_its_download_returns(served):
+    world = served["world"]
+    headers = world.headers("reader")
+    items = world.client.get("/v1/tasks/ranked/versions", headers=headers).json()["items"]
+    assert [item["number"] for item in items] == [1, 2, 3]
+    for item in items:
+        number = item["number"]
+        download = world.client.get(f"/v1/tasks/ranked/diff?version={number}", headers=headers)
+        assert download.status_code == 200, download.text
+        assert download.headers["ETag"] == f'"{item["sha256"]}"'
+        assert int(download.headers["Content-Length"]) == item["size_bytes"]
+        assert len(download.content) == item["size_bytes"]
+        assert hashlib.sha256(download.content).hexdigest() == item["sha256"]
+    composed = served["composed"]  # version 3 is composed on request: not its residual's digest
+    assert items[2]["sha256"] == hashlib.sha256(composed).hexdigest()
+    assert items[2]["size_bytes"] == len(composed) != len(served["residual"])
+
+
+def _publish_composed_on_request(served, base, *, seed: int, config: dict):
+    """A version of `ranked` composed on request from the run's shared diff and a new residual
+    (not activated), published with `config` as given: the residual's bytes and the row."""
+    from registry import catalog
+    from registry.publish import ARTIFACTS_KIND, DIFF_SUFFIX, upload_verified
+
+    world, version = served["world"], served["version"]
+    data = dumps_artifact(factored_diff(base, seed=seed, rank=1))
+    residual = upload_verified(world.store, data, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
+    with world.session_factory() as session:
+        row = catalog.publish_task_version(
+            session,
+            task_id=version.task_id,
+            diff=residual,
+            nnz=1,
+            density=0.0,
+            metrics={},
+            config=config,
+            shared_artifact_id=version.shared_artifact_id,
+            consolidation_run_id=version.consolidation_run_id,
+            composed_on_request=True,
+            activate=False,
+        )
+    return data, row
+
+
+def test_a_version_composed_on_request_before_digests_were_recorded_lists_none_and_downloads(
+    served, base
+):
+    from api.routes.tasks import COMPOSED
+
+    world = served["world"]
+    residual, row = _publish_composed_on_request(served, base, seed=25, config={})
+    headers = world.headers("reader")
+    listed = world.client.get("/v1/tasks/ranked/versions", headers=headers).json()["items"]
+    assert [(v["sha256"], v["size_bytes"]) for v in listed if v["number"] == row.number] == [
+        (None, None)
+    ]
+    composed = dumps_artifact(
+        compose_diffs(loads_artifact(served["shared"]), loads_artifact(residual))
+    )
+    download = world.client.get(f"/v1/tasks/ranked/diff?version={row.number}", headers=headers)
+    assert download.status_code == 200 and download.content == composed
+    assert download.headers["ETag"] == f'"{hashlib.sha256(composed).hexdigest()}"'
+    parts = (served["version"].shared_artifact.sha256, hashlib.sha256(residual).hexdigest())
+    assert COMPOSED.get(parts) == composed  # ranges and repeats reuse it
+
+
+def test_a_composed_version_answers_304_from_its_recorded_digest_and_refuses_other_bytes(
+    served, base
+):
+    world = served["world"]
+    recorded = {"composed_sha256": "ab" * 32, "composed_size_bytes": 123}
+    _, row = _publish_composed_on_request(served, base, seed=26, config=recorded)
+    headers = world.headers("reader")
+    url = f"/v1/tasks/ranked/diff?version={row.number}"
+    # the ETag is the recorded digest: a 304 needs no composing (which would not match it)
+    cached = world.client.get(url, headers={**headers, "If-None-Match": f'"{"ab" * 32}"'})
+    assert cached.status_code == 304 and cached.headers["ETag"] == f'"{"ab" * 32}"'
+    body = world.client.get(url, headers=headers)
+    assert body.status_code == 409, body.text
+    assert body.json()["error"]["code"] == "artifact_mismatch"
+    assert "were recorded" in body.json()["error"]["message"]
+
+
+def test_the_composed_cache_keeps_the_most_recently_used_within_its_bytes():
+    from registry.compose import ComposedCache
+
+    cache = ComposedCache(max_bytes=10)
+    cache.put(("s", "a"), b"aaaa")
+    cache.put(("s", "b"), b"bbbb")
+    assert cache.get(("s", "a")) == b"aaaa"  # now the most recently used
+    cache.put(("s", "c"), b"cccc")  # 12 bytes: the least recently used (b) goes
+    assert cache.get(("s", "b")) is None
+    assert (cache.get(("s", "a")), cache.get(("s", "c"))) == (b"aaaa", b"cccc")
+    cache.put(("s", "d"), b"d" * 11)  # larger than the whole cache: not kept, nothing dropped
+    assert cache.get(("s", "d")) is None and len(cache) == 2 and cache.nbytes == 8
 
 
 def test_the_parts_of_a_new_layout_version_are_its_stored_shared_and_residual(served):

@@ -68,16 +68,28 @@ def _random_dense(rng: np.random.Generator, density: float) -> dict[str, np.ndar
 
 
 def _as_vector(diff: SparseDiff) -> np.ndarray:
-    """The diff as one dense float64 vector, tensors in sorted-name order (the test's oracle)."""
+    """The diff as one dense float64 vector, tensors in sorted-name order (the test's oracle);
+    a factored tensor as its r·(m + n) largest entries of U Vᵀ, picked here by a full sort."""
     parts = []
     for name in sorted(SHAPES):
         flat = np.zeros(math.prod(SHAPES[name]))
         if name in diff.factors:
-            flat = diff.dense(name).reshape(-1).double().numpy()
+            product = diff.dense(name).reshape(-1).double().numpy()
+            u, v = diff.factors[name]
+            keep = u.shape[1] * (u.shape[0] + v.shape[0])
+            top = np.argsort(-np.abs(product), kind="stable")[:keep]
+            flat[top] = product[top]
         elif name in diff.indices:
             flat[diff.indices[name].numpy()] = diff.values[name].float().numpy()
         parts.append(flat)
     return np.concatenate(parts)
+
+
+def _factored(diff: SparseDiff, name: str, u: torch.Tensor, v: torch.Tensor) -> SparseDiff:
+    """`diff` with factors U, V on tensor `name` (format v2)."""
+    diff.factors[name] = (u, v)
+    diff.shapes[name] = SHAPES[name]
+    return make_meta_consistent(diff)
 
 
 def _families(rng: np.random.Generator, sizes: dict[str, int], unrelated: int, density: float):
@@ -162,21 +174,60 @@ def test_diffs_on_different_bases_are_refused_naming_both():
         pairwise_interference([ours, ours], ["same", "same"])
 
 
-def test_a_factored_tensor_counts_as_dense_positions():
+def test_a_factored_tensor_counts_its_stored_size_of_largest_entries_not_every_nonzero():
     rng = np.random.default_rng(3)
     sparse = _diff(_random_dense(rng, 0.02))
-    factored = _diff({"bias": rng.standard_normal(40).astype(np.float32)})
-    u = torch.randn(60, 2).to(torch.float16)
-    v = torch.randn(50, 2).to(torch.float16)
-    factored.factors["small"] = (u, v)
-    factored.shapes["small"] = SHAPES["small"]
-    make_meta_consistent(factored)
+    factored = _factored(
+        _diff({"bias": rng.standard_normal(40).astype(np.float32)}),
+        "small",
+        torch.randn(60, 2).to(torch.float16),
+        torch.randn(50, 2).to(torch.float16),
+    )
+    assert np.count_nonzero(factored.dense("small")) == 60 * 50  # U Vᵀ is dense
     matrix = pairwise_interference([sparse, factored], ["sparse", "factored"])
-    assert matrix.support[1] == 40 + np.count_nonzero(factored.dense("small"))
+    assert matrix.support[1] == 40 + 2 * (60 + 50)  # what it stores: r·(m + n) per matrix
     vectors = np.stack([_as_vector(sparse), _as_vector(factored)])
     expected = vectors[0] @ vectors[1] / np.linalg.norm(vectors, axis=1).prod()
     assert matrix.cosine[0, 1] == pytest.approx(expected, abs=1e-6)
     assert matrix.shared[0, 1] == np.count_nonzero((vectors[0] != 0) & (vectors[1] != 0))
+
+
+def test_two_unrelated_rank_diffs_do_not_overlap_by_construction():
+    generator = torch.Generator().manual_seed(8)
+    diffs = [
+        _factored(
+            _diff({}),
+            "small",
+            torch.randn(60, 2, generator=generator),
+            torch.randn(50, 2, generator=generator),
+        )
+        for _ in range(2)
+    ]
+    matrix = pairwise_interference(diffs, ["left", "right"])
+    np.testing.assert_array_equal(matrix.support, [220, 220])
+    # whole matrices would give Jaccard 1; two random 220 of 3000 positions give about 0.04
+    assert matrix.jaccard[0, 1] < 0.1
+    assert consolidation_groups(matrix, max_size=10) == []
+
+
+@pytest.mark.parametrize("zero_first", [True, False])
+def test_a_factored_tensor_whose_product_is_zero_changes_nothing(zero_first):
+    rng = np.random.default_rng(9)
+    zero = _factored(
+        _diff({"bias": rng.standard_normal(40).astype(np.float32)}),
+        "small",
+        torch.zeros(60, 1),
+        torch.randn(50, 1),
+    )
+    others = [_diff(_random_dense(rng, 0.3)) for _ in range(2)]
+    diffs = [zero, *others] if zero_first else [*others, zero]  # last: reduceat's edge
+    matrix = pairwise_interference(diffs)
+    vectors = np.stack([_as_vector(d) for d in diffs])
+    norms = np.linalg.norm(vectors, axis=1)
+    np.testing.assert_array_equal(matrix.support, (vectors != 0).sum(1))
+    np.testing.assert_allclose(
+        matrix.cosine, vectors @ vectors.T / np.outer(norms, norms), rtol=1e-5, atol=1e-9
+    )
 
 
 # ---------------------------------------------------------------- null model and groups
@@ -192,6 +243,28 @@ def test_groups_are_the_families_that_overlap_and_agree_not_the_unrelated_tasks(
     capped = consolidation_groups(matrix, max_size=2)
     assert all(len(g) == 2 for g in capped) and len(capped) == 2
     assert all(g[0][0] == g[1][0] for g in capped)  # never across families
+
+
+def _pair_on_big(rng: np.random.Generator, density: float, agreement: float):
+    """Two diffs on one support of `density` of `big`, signs agreeing on `agreement` of it."""
+    shape = SHAPES["big"]
+    values = np.where(rng.random(shape) < density, rng.standard_normal(shape), 0.0)
+    other = np.where(rng.random(shape) < agreement, values, -values)
+    diffs = [_diff({"big": values.astype(np.float32)}), _diff({"big": other.astype(np.float32)})]
+    return pairwise_interference(diffs, ["x", "y"])
+
+
+def test_significant_pairs_below_the_effect_size_minimums_form_no_group():
+    rng = np.random.default_rng(10)
+    weak_signs = _pair_on_big(rng, 0.3, 0.52)  # 10^5 shared positions: 52% is significant
+    assert 0.5 < weak_signs.sign_agreement[0, 1] < 0.55 and weak_signs.overlap_lift[0, 1] > 2
+    assert consolidation_groups(weak_signs, max_size=2) == []
+    assert consolidation_groups(weak_signs, max_size=2, min_sign_agreement=0.5) == [["x", "y"]]
+    # supports of 60% of the base cannot share more than 1/0.6 times chance
+    dense = _pair_on_big(rng, 0.6, 1.0)
+    assert dense.sign_agreement[0, 1] == 1.0 and 1 < dense.overlap_lift[0, 1] < 2
+    assert consolidation_groups(dense, max_size=2) == []
+    assert consolidation_groups(dense, max_size=2, min_overlap_lift=1.0) == [["x", "y"]]
 
 
 def test_interference_vs_acceptance_scores_grouped_and_ungrouped_tasks():
@@ -436,3 +509,81 @@ def test_scheduled_policy_starts_one_run_per_group_not_one_of_everything(
         ]
     assert len(runs) == 2 and not {"solo0", "solo1"} & {n for r in runs for n in r.task_names}
     queue.delete("consolidate")
+
+
+def test_a_task_on_another_base_fingerprint_is_left_out_and_later_tenants_still_get_runs(
+    tmp_path, redis_server, tiny_base_dir, artifacts
+):
+    import dataclasses
+
+    import redis
+
+    from registry.artifact import loads_artifact
+    from registry.models import ConsolidationRun
+    from worker.schedule import apply_consolidation_policy, stored_rows
+
+    policy_world = make_world(tmp_path, redis_server.url, tiny_base_dir)
+    labels = {"task_type": "classification", "labels": ["neg", "pos"]}
+    for name in ("a0", "a1", "a2", "b0", "b1", "b2"):
+        publish_artifact(policy_world, "alice", name, artifacts[name], **labels)
+    stale = loads_artifact(artifacts["solo0"])  # as if trained before the base was re-registered
+    stale.meta = dataclasses.replace(stale.meta, base_fingerprint="e" * 64)
+    publish_artifact(policy_world, "alice", "stale", dumps_artifact(stale), **labels)
+    for name in ("a0", "a1"):
+        publish_artifact(policy_world, "bob", name, artifacts[name], **labels)
+    bob = policy_world.tenant_ids["bob"]
+    with policy_world.session_factory() as session:
+        bob_total = sum(row[3] for row in stored_rows(session) if row[0] == bob)
+    queue = redis.Redis.from_url(redis_server.url)
+    queue.delete("consolidate")
+    settings = policy_world.settings.model_copy(update={"consolidation_budget_nnz": bob_total - 1})
+
+    started = apply_consolidation_policy(settings)
+    with policy_world.session_factory() as session, session.begin():
+        runs = session.scalars(select(ConsolidationRun).order_by(ConsolidationRun.id)).all()
+        started_runs = [(r.tenant_id, sorted(r.task_names)) for r in runs]
+    assert [r.id for r in runs] == started
+    alice = policy_world.tenant_ids["alice"]
+    assert started_runs == [
+        (alice, ["a0", "a1", "a2"]),
+        (alice, ["b0", "b1", "b2"]),
+        (bob, ["a0", "a1"]),
+    ]
+    queue.delete("consolidate")
+
+
+def _alice_versions(world) -> dict:
+    from worker.schedule import active_versions
+
+    with world.session_factory() as session:
+        rows = active_versions(session)
+    return {name: v for tenant, _, name, v in rows if tenant == world.tenant_ids["alice"]}
+
+
+def test_policy_groups_are_cached_by_the_versions_so_an_unchanged_tick_reads_no_diff(
+    world, tmp_path
+):
+    from registry.stores import open_store
+    from worker.schedule import interference_groups
+
+    versions = _alice_versions(world)
+    groups = interference_groups(world.store, versions, world.settings)
+    assert groups == [["a0", "a1", "a2"], ["b0", "b1", "b2"]]
+    empty = open_store((tmp_path / "empty").resolve().as_uri(), world.settings)
+    assert interference_groups(empty, versions, world.settings) == groups  # no diff read
+    # the group settings are part of the key: new thresholds read the diffs again
+    stricter = world.settings.model_copy(update={"consolidation_group_min_overlap_lift": 1e9})
+    assert interference_groups(empty, versions, stricter) == []  # every read fails: no group
+    assert interference_groups(world.store, versions, stricter) == []
+
+
+def test_the_policy_compares_no_busy_task_and_at_most_the_cap_storing_the_most(world):
+    from worker.schedule import compared_tasks, stored_entries_of
+
+    versions = _alice_versions(world)
+    compared = compared_tasks(versions, {"a0"}, 3)
+    assert len(compared) == 3 and "a0" not in compared
+    own = {name: stored_entries_of(version)[0] for name, version in versions.items()}
+    rest = set(versions) - set(compared) - {"a0"}
+    assert min(own[n] for n in compared) >= max(own[n] for n in rest)
+    assert compared_tasks(versions, set(), 100) == versions

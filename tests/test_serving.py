@@ -179,3 +179,38 @@ def test_an_artifact_for_another_base_cannot_be_served(tiny_base_dir, tmp_path):
     )
     with pytest.raises(ArtifactError, match="wrong base"):
         Predictor().predict_artifact(data, ["hello"], base=str(tiny_base_dir))
+
+
+def test_a_diff_served_by_apply_and_revert_is_charged_what_its_apply_plan_holds(tiny_base_dir):
+    from registry.artifact import ArtifactMeta, SparseDiff, dumps_artifact, make_meta_consistent
+
+    base = load_base(str(tiny_base_dir))
+    name = "embeddings.word_embeddings.weight"  # factors on an embedding: not corrected per row
+    m, n = base.shapes[name]
+    generator = torch.Generator().manual_seed(5)
+    factors = {
+        name: (torch.randn(m, 1, generator=generator), torch.randn(n, 1, generator=generator))
+    }
+    hidden = base.config.hidden_size
+    head = {"classifier.weight": torch.randn(2, hidden), "classifier.bias": torch.zeros(2)}
+    meta = ArtifactMeta(
+        base_name=base.name,
+        base_fingerprint=base.fingerprint,
+        n_params=base.n_params,
+        task_type="classification",
+        label_names=["n", "p"],
+        value_dtype="float32",
+    )
+    data = dumps_artifact(
+        make_meta_consistent(SparseDiff({}, {}, {name: (m, n)}, head, meta, factors))
+    )
+    predictor = Predictor()
+    key = str(tiny_base_dir)
+    resident = predictor.resolve(key, "embedding-factors", lambda: data)
+    assert resident.decoded is None and resident.diff is not None
+    predictor.predict(base=key, diff_key="embedding-factors", fetch=lambda: data, inputs=["hi"])
+    (plan,) = resident.diff._plans.values()  # built by the prediction: U Vᵀ and saved values
+    held = sum(t.numel() * t.element_size() for t in (*plan.deltas, *plan.buffers))
+    assert held >= 2 * m * n * 4
+    stored = sum(u.numel() * 4 + v.numel() * 4 for u, v in resident.diff.factors.values())
+    assert resident.nbytes >= held + stored + resident.head.nbytes

@@ -54,7 +54,6 @@ class LoadedTask:
     task_id: int
     version: TaskVersion
     diff: Any  # SparseDiff: what the version stands for (composed for a consolidated one)
-    diff_bytes: int  # artifact bytes of `diff` (its bytes per stored entry convert a bytes budget)
     data: Any  # TaskData
     stored_bytes: int = 0  # the version's own stored blob
 
@@ -75,8 +74,8 @@ def _load_tasks(
     session: Session, store: ObjectStore, run: ConsolidationRun, base: Any, settings: Settings
 ) -> list[LoadedTask]:
     """Every task of the run with its active version's diff and its training data."""
-    from registry.artifact import ArtifactError, dumps_artifact
-    from registry.compose import composed_on_request, version_diff
+    from registry.artifact import ArtifactError
+    from registry.compose import version_diff
     from registry.stores import ObjectIntegrityError, ObjectNotFound
 
     loaded = []
@@ -98,10 +97,19 @@ def _load_tasks(
             data = load_job_data(session, store, job, settings, seed=seed)
         except JobFailure as exc:
             raise JobFailure(exc.code, f"task {name!r}: {exc.message}") from exc
-        stored = int(version.artifact.size_bytes)
-        size = len(dumps_artifact(diff)) if composed_on_request(version) else stored
-        loaded.append(LoadedTask(name, task.id, version, diff, size, data, stored))
+        loaded.append(
+            LoadedTask(name, task.id, version, diff, data, int(version.artifact.size_bytes))
+        )
     return loaded
+
+
+def _download_bytes(task: LoadedTask) -> int:
+    """Artifact bytes of a task's current diff as downloaded: recorded, else serialised once."""
+    from registry.artifact import dumps_artifact
+    from registry.compose import download_digest
+
+    digest = download_digest(task.version)
+    return digest.size_bytes if digest is not None else len(dumps_artifact(task.diff))
 
 
 def _config_for(
@@ -127,7 +135,7 @@ def _budget_entries(run: ConsolidationRun, tasks: list[LoadedTask]) -> int:
     if run.budget_kind == "nnz":
         return int(run.budget)
     entries = sum(t.diff.nnz for t in tasks)
-    size = sum(t.diff_bytes for t in tasks)
+    size = sum(_download_bytes(t) for t in tasks)
     bytes_per_entry = size / max(1, entries)
     return max(1, int(run.budget // bytes_per_entry))
 
@@ -162,10 +170,13 @@ def _publish(
     accepted = [row for row in rows if row["accepted"]]
     if not accepted:
         return None
+    shared_bytes: bytes | None = blobs[""]
     with sessions() as session:
         shared_id = catalog.load_consolidation_run(session, run_id=run.id).shared_artifact_id
-        if shared_id is None:  # a resumed run keeps the shared artifact it already published
+        if shared_id is None:
             shared_id = publish_shared_diff(session, store, run_id=run.id, data=blobs[""])
+        else:  # a resumed run keeps the shared artifact it already published, read from the store
+            shared_bytes = None
     outcomes = {o.name: o for o in result.tasks}
     for task, row in zip(tasks, rows, strict=True):
         if not row["accepted"]:
@@ -180,6 +191,7 @@ def _publish(
                     task_id=task.task_id,
                     residual_bytes=blobs[task.name],
                     shared_artifact_id=shared_id,
+                    shared_bytes=shared_bytes,
                     nnz=outcome.composed.nnz,
                     density=float(outcome.composed.meta.density),
                     metrics=row["metrics_after"],
@@ -234,7 +246,6 @@ def _report(
                 "composed_nnz": outcome.composed.nnz,
                 "bytes_before": task.stored_bytes,
                 "bytes": len(blobs[task.name]),
-                "residual_bytes": len(blobs[task.name]),
                 "accepted": accept(
                     metrics_before["metric"], metrics_after["metric"], run.tolerance
                 ),
@@ -250,7 +261,6 @@ def _report(
         "tolerance": run.tolerance,
         "config": config.to_dict(),
         "shared_nnz": result.shared_nnz,
-        "shared_stored_entries": result.shared.nnz,
         "shared_bytes": len(blobs[""]),
         "published_entries": (result.shared.nnz if shared_published else 0)
         + sum(row["stored_entries"] for row in accepted),

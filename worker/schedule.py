@@ -15,12 +15,21 @@ no group keeps its version: a joint re-prune of unrelated diffs has nothing to s
 tenant may stay over the threshold by those tasks. A group is skipped when it already fits its
 share, or when any of its tasks is in a queued or running run (one run per disjoint group).
 
+Tasks in a queued or running run are dropped before any diff is read, and at most
+`interference_max_tasks` tasks per tenant and base are compared (those storing the most own
+entries). Groups are cached by the compared versions' artifact digests and the group settings,
+so a tick over an unchanged task set reads no diff. A pair must also reach the effect-size
+minimums `consolidation_group_min_sign_agreement` and `consolidation_group_min_overlap_lift`.
+A task on another base fingerprint, or diffs that cannot be compared, form no group (logged);
+they never stop the tick for later tenants.
+
 Imports no torch at module level: the beat process loads this module.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +42,8 @@ from worker.app import broker_url, celery_app, enqueue
 log = logging.getLogger(__name__)
 
 StoredEntries = tuple[int, int | None, int]  # own entries, shared artifact id, shared entries
+GROUPS_CACHE_SIZE = 256  # task sets whose groups are remembered (least recently used out)
+_GROUPS_CACHE: OrderedDict[tuple, list[list[str]]] = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -117,8 +128,10 @@ def stored_entries_of(version: Any) -> StoredEntries:
     A consolidated version stores its residual's entries (`config["stored_entries"]`) plus a
     share of the run's shared diff; any other version stores its diff's nonzeros.
     """
+    from registry.compose import SINGLE, layout_of
+
     config = version.config or {}
-    if version.shared_artifact_id is not None and "stored_entries" in config:
+    if layout_of(version) != SINGLE and "stored_entries" in config:
         return (
             int(config["stored_entries"]),
             int(version.shared_artifact_id),
@@ -160,34 +173,87 @@ def stored_rows(session: Any) -> list[tuple[int, str, str, int, int | None, int]
     ]
 
 
+def compared_tasks(versions: dict[str, Any], busy: set[str], limit: int) -> dict[str, Any]:
+    """The tasks the policy compares: none in a run in flight, and at most `limit` of them,
+    those storing the most own entries first (ties by name)."""
+    free = {name: version for name, version in versions.items() if name not in busy}
+    ranked = sorted(free, key=lambda name: (-stored_entries_of(free[name])[0], name))
+    return {name: free[name] for name in sorted(ranked[: max(limit, 0)])}
+
+
+def _groups_key(versions: dict[str, Any], fingerprint: str | None, settings: Settings) -> tuple:
+    """What a set's groups depend on: its versions' artifact digests and the group settings."""
+    digests = tuple(
+        sorted(
+            (name, v.artifact.sha256, v.shared_artifact.sha256 if v.shared_artifact else None)
+            for name, v in versions.items()
+        )
+    )
+    return (
+        digests,
+        fingerprint,
+        settings.consolidation_group_alpha,
+        settings.consolidation_group_max_tasks,
+        settings.consolidation_group_min_sign_agreement,
+        settings.consolidation_group_min_overlap_lift,
+    )
+
+
 def interference_groups(
-    store: Any, versions: dict[str, Any], settings: Settings
+    store: Any,
+    versions: dict[str, Any],
+    settings: Settings,
+    *,
+    base_fingerprint: str | None = None,
 ) -> list[list[str]]:
     """The consolidation groups among `versions` (task name -> active version) by their diffs.
 
-    A task whose diff cannot be read is left out of every group (and logged).
+    A task whose diff cannot be read, or is on another fingerprint than `base_fingerprint`, is
+    left out of every group; diffs that cannot be compared form no group; both are logged.
+    Groups are cached by `_groups_key`, so a tick over an unchanged task set reads no diff
+    (not cached when the store failed: that may pass).
     """
     from registry.artifact import ArtifactError
     from registry.compose import version_diff
-    from registry.interference import consolidation_groups, pairwise_interference
+    from registry.interference import (
+        InterferenceError,
+        consolidation_groups,
+        pairwise_interference,
+    )
     from registry.stores.base import ObjectStoreError
 
-    names, diffs = [], []
+    key = _groups_key(versions, base_fingerprint, settings)
+    if key in _GROUPS_CACHE:
+        _GROUPS_CACHE.move_to_end(key)
+        return [list(group) for group in _GROUPS_CACHE[key]]
+    names, diffs, store_failed = [], [], False
     for name, version in sorted(versions.items()):
         try:
-            diffs.append(version_diff(store, version))
+            diffs.append(version_diff(store, version, expected_fingerprint=base_fingerprint))
         except (ArtifactError, ObjectStoreError) as exc:
+            store_failed |= isinstance(exc, ObjectStoreError)
             log.warning("consolidation policy: cannot read task %r (%s); left out", name, exc)
             continue
         names.append(name)
-    if len(diffs) < 2:
-        return []
-    matrix = pairwise_interference(diffs, names)
-    return consolidation_groups(
-        matrix,
-        max_size=settings.consolidation_group_max_tasks,
-        alpha=settings.consolidation_group_alpha,
-    )
+    groups: list[list[str]] = []
+    if len(diffs) >= 2:
+        try:
+            matrix = pairwise_interference(diffs, names)
+        except InterferenceError as exc:
+            log.warning("consolidation policy: cannot compare tasks %s (%s); no group", names, exc)
+        else:
+            groups = consolidation_groups(
+                matrix,
+                max_size=settings.consolidation_group_max_tasks,
+                alpha=settings.consolidation_group_alpha,
+                min_sign_agreement=settings.consolidation_group_min_sign_agreement,
+                min_overlap_lift=settings.consolidation_group_min_overlap_lift,
+            )
+    if not store_failed:
+        _GROUPS_CACHE[key] = [list(group) for group in groups]
+        while len(_GROUPS_CACHE) > GROUPS_CACHE_SIZE:
+            _GROUPS_CACHE.popitem(last=False)
+    return groups
 
 
 def apply_consolidation_policy(settings: Settings) -> list[int]:
@@ -209,10 +275,22 @@ def apply_consolidation_policy(settings: Settings) -> list[int]:
         for candidate in over_budget_groups(rows, threshold):
             key = (candidate.tenant_id, candidate.base_model)
             versions = {n: v for t, b, n, v in found if (t, b) == key}
-            groups = interference_groups(store, versions, settings)
             busy = tasks_in_flight(
                 session, tenant_id=candidate.tenant_id, base_model=candidate.base_model
             )
+            compared = compared_tasks(versions, busy, settings.interference_max_tasks)
+            free = len(set(versions) - busy)
+            if len(compared) < free:
+                log.info(
+                    "consolidation policy: tenant %s on %s: comparing the %d of %d tasks that "
+                    "store the most",
+                    candidate.tenant_id,
+                    candidate.base_model,
+                    len(compared),
+                    free,
+                )
+            fingerprint = catalog.get_base_model(session, name=candidate.base_model).fingerprint
+            groups = interference_groups(store, compared, settings, base_fingerprint=fingerprint)
             stored = {n: stored_entries_of(v) for n, v in versions.items()}
             plan = plan_group_runs(
                 groups, stored, threshold=threshold, total=candidate.total_nnz, busy=busy

@@ -3,7 +3,8 @@
 Support overlap (Jaccard), sign agreement on shared positions and cosine between the active
 versions of the named tasks (default: every task of the caller on the base), a consolidated
 version counted as its composed diff; plus the groups the scheduled consolidation policy would
-form among them. Definitions and the null model: registry/interference.py.
+form among them. Definitions and the null model: registry/interference.py. A diff that cannot be
+read, or diffs that do not fit one base, answer 409 `artifact_mismatch` naming `tasks`.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def get_interference(
     base_model: BaseModelQuery = None,
 ) -> InterferencePublic:
     """Jaccard, sign agreement and cosine of every pair of tasks, and the policy's groups."""
-    from registry.compose import version_diff
-    from registry.interference import consolidation_groups, pairwise_interference
+    from registry.interference import (
+        InterferenceError,
+        consolidation_groups,
+        pairwise_interference,
+    )
 
     limit = settings.interference_max_tasks
     names = parse_task_names(tasks, limit) if tasks is not None else None
@@ -70,12 +74,22 @@ def get_interference(
         catalog.get_task_version(session, tenant_id=principal.tenant_id, name=task.name)
         for task in rows
     ]
-    diffs = [version_diff(store, v, expected_fingerprint=fingerprint) for v in versions]
-    matrix = pairwise_interference(diffs, [task.name for task in rows])
+    diffs = [
+        _read_diff(store, task.name, version, fingerprint)
+        for task, version in zip(rows, versions, strict=True)
+    ]
+    try:
+        matrix = pairwise_interference(diffs, [task.name for task in rows])
+    except InterferenceError as exc:
+        raise ApiError(
+            409, "artifact_mismatch", f"the diffs cannot be compared: {exc}", field="tasks"
+        ) from None
     groups = consolidation_groups(
         matrix,
         max_size=settings.consolidation_group_max_tasks,
         alpha=settings.consolidation_group_alpha,
+        min_sign_agreement=settings.consolidation_group_min_sign_agreement,
+        min_overlap_lift=settings.consolidation_group_min_overlap_lift,
     )
     return InterferencePublic(
         base_model=public_base_name(base),
@@ -83,6 +97,22 @@ def get_interference(
         groups=groups,
         **matrix.to_json(),
     )
+
+
+def _read_diff(store, name: str, version, fingerprint: str):
+    """The diff a task's version stands for; 409 naming `tasks` if it cannot be read."""
+    from registry.artifact import ArtifactError
+    from registry.compose import version_diff
+
+    try:
+        return version_diff(store, version, expected_fingerprint=fingerprint)
+    except ArtifactError as exc:
+        raise ApiError(
+            409,
+            "artifact_mismatch",
+            f"task {name!r} version {version.number} cannot be read: {exc}",
+            field="tasks",
+        ) from None
 
 
 def parse_task_names(raw: str, limit: int) -> list[str]:

@@ -21,6 +21,7 @@ from api.errors import ApiError
 from api.schemas import ROUTE_ERRORS, PredictionPublic, PredictionsPublic, PredictRequest
 from api.serving import PredictionInputError, Predictor, PreparedRequest
 from registry import catalog
+from registry.compose import SINGLE, layout_of
 
 # Mounted under /tasks by the tasks router (api/routes/tasks.py).
 router = APIRouter(tags=["predictions"])
@@ -123,11 +124,10 @@ async def predict(
 
 def _prepare(predictor: Predictor, store, base: str, row, inputs) -> PreparedRequest:
     """The version's resident diffs (shared first for a consolidated one) and tokenised inputs."""
-    shared, residual = row.shared_artifact, row.residual_artifact
-    if shared is not None and residual is not None:
-        artifacts = [shared, residual]
-    else:
+    if layout_of(row) == SINGLE:
         artifacts = [row.artifact]
+    else:
+        artifacts = [row.shared_artifact, row.residual_artifact]
     diffs = [
         predictor.resolve(base, a.sha256, lambda a=a: store.get(a.object_key, sha256=a.sha256))
         for a in artifacts

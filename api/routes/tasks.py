@@ -5,7 +5,9 @@ version, diff download (Range, ETag, presign), stats, a consolidated version's p
 `GET /v1/tasks/{name}/diff` returns a consolidated version's composed diff by default: a version
 of a current run stores only its residual beside the run's shared diff, so the composed artifact
 is built on request (`registry.compose`; deterministic bytes, so its sha256 / ETag and byte
-ranges are stable); an older run's version stored its composed blob, which is streamed. The
+ranges are stable). Its sha256 and size were recorded at publish: listings, ETags and 304s need
+no composing, and composed bytes stay in a small in-process LRU (`COMPOSED`) for ranges and
+repeats. An older run's version stored its composed blob, which is streamed. The
 parts — the run's shared diff and the task's residual — are listed by
 `GET /v1/tasks/{name}/versions/{n}/parts` (also what `GET /v1/tasks/{name}/diff?layout=factored`
 answers): JSON with a download URL per part, to be applied in the listed order.
@@ -44,6 +46,15 @@ from api.schemas import (
 )
 from api.streaming import parse_range, started, wants_range
 from registry import catalog
+from registry.compose import (
+    COMPOSED_ON_REQUEST,
+    SINGLE,
+    ComposedCache,
+    Digest,
+    download_digest,
+    layout_of,
+    version_diff_bytes,
+)
 from registry.models import Artifact, TaskVersion
 
 router = APIRouter(prefix="/tasks")
@@ -57,17 +68,28 @@ TaskNamePath = Annotated[str, Path(max_length=128)]
 VersionNumberPath = Annotated[int, Path(ge=1)]
 VersionQuery = Annotated[int | None, Query(ge=1, description="version number (default: active)")]
 PRESIGN_EXPIRES_S = 900
+COMPOSED = ComposedCache()  # composed artifacts by their parts' sha256s, shared by every request
 
 
 def version_public(
     version: TaskVersion, *, active: int | None, parents: dict[int, int]
 ) -> TaskVersionPublic:
-    """The API view of a task version row; `parents` maps version ids to numbers."""
+    """The API view of a task version row; `parents` maps version ids to numbers.
+
+    `sha256` and `size_bytes` are those of what the version's download returns (null for a
+    version composed on request published before its composed digest was recorded).
+    """
     lineage = LineagePublic.model_validate(version).model_copy(
         update={"parent_version": parents.get(version.parent_version_id)}
     )
+    digest = download_digest(version)
     return TaskVersionPublic.model_validate(version).model_copy(
-        update={"active": version.number == active, "lineage": lineage}
+        update={
+            "active": version.number == active,
+            "lineage": lineage,
+            "sha256": digest.sha256 if digest else None,
+            "size_bytes": digest.size_bytes if digest else None,
+        }
     )
 
 
@@ -179,8 +201,6 @@ def download_diff(
     With `presign=1` an S3 store answers 307 to a presigned URL; a file store cannot presign,
     and a diff composed on request has no stored blob, so those are streamed as without it.
     """
-    from registry.compose import composed_on_request
-
     row = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=version
     )
@@ -189,12 +209,12 @@ def download_diff(
             version_parts(row, name=name, session=session, store=store).model_dump()
         )
     read: Callable[[int | None, int | None], Iterator[bytes]]
-    if composed_on_request(row):
-        data = _composed_bytes(store, row, name=name)
-        sha256, size, presigned = hashlib.sha256(data).hexdigest(), len(data), None
+    if layout_of(row) == COMPOSED_ON_REQUEST:
+        sha256, size = _composed_digest(store, row, name=name)
+        presigned = None
 
         def read(start: int | None, end: int | None) -> Iterator[bytes]:
-            return iter([data[start:end]])
+            return iter([_composed_bytes(store, row, name=name)[start:end]])
     else:
         artifact = row.artifact
         sha256, size, presigned = artifact.sha256, artifact.size_bytes, artifact.object_key
@@ -241,13 +261,21 @@ def download_diff(
     return StreamingResponse(body, headers=headers, media_type="application/octet-stream")
 
 
+def _composed_digest(store, version: TaskVersion, *, name: str) -> Digest:
+    """sha256 and size of a version's composed artifact: recorded at publish, else composed."""
+    recorded = download_digest(version)
+    if recorded is not None:
+        return recorded
+    data = _composed_bytes(store, version, name=name)
+    return Digest(hashlib.sha256(data).hexdigest(), len(data))
+
+
 def _composed_bytes(store, version: TaskVersion, *, name: str) -> bytes:
-    """A version's composed artifact, built from its shared and residual parts (409 if unusable)."""
+    """A version's composed artifact, from the LRU or built from its parts (409 if unusable)."""
     from registry.artifact import ArtifactError
-    from registry.compose import version_diff_bytes
 
     try:
-        return version_diff_bytes(store, version)
+        return version_diff_bytes(store, version, cache=COMPOSED)
     except ArtifactError as exc:
         raise ApiError(
             409,
@@ -320,7 +348,7 @@ def activate_version(
 
 def _require_parts(version: TaskVersion, *, name: str) -> None:
     """409 unless the version is a consolidated one with shared and residual parts."""
-    if version.shared_artifact_id is None or version.residual_artifact_id is None:
+    if layout_of(version) == SINGLE:
         raise ApiError(
             409,
             "not_factored",
@@ -332,22 +360,16 @@ def _require_parts(version: TaskVersion, *, name: str) -> None:
 
 def version_parts(version: TaskVersion, *, name: str, session, store) -> VersionPartsPublic:
     """The factored layout of a consolidated version; 409 for a version that has no parts."""
-    from registry.compose import composed_on_request
-
     _require_parts(version, name=name)
     with catalog.transaction(session):
         shared = session.get(Artifact, version.shared_artifact_id)
         residual = session.get(Artifact, version.residual_artifact_id)
     base_url = f"/v1/tasks/{name}/versions/{version.number}/parts"
-    if composed_on_request(version):
-        composed_sha256 = hashlib.sha256(_composed_bytes(store, version, name=name)).hexdigest()
-    else:
-        composed_sha256 = version.artifact.sha256
     return VersionPartsPublic(
         task=name,
         version=version.number,
         consolidation_run_id=version.consolidation_run_id,
-        composed_sha256=composed_sha256,
+        composed_sha256=_composed_digest(store, version, name=name).sha256,
         parts=[
             VersionPartPublic(
                 role=role, sha256=part.sha256, size_bytes=part.size_bytes, url=f"{base_url}/{role}"

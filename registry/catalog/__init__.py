@@ -7,10 +7,10 @@ from registry.catalog.artifacts import (
     artifact_is_referenced,
     delete_blob_if_unused,
     delete_blobs_if_unused,
+    get_artifact,
     release_artifacts,
 )
 from registry.catalog.consolidation import (
-    consolidation_in_flight,
     create_consolidation_run,
     get_consolidation_run,
     get_consolidation_run_for_job,
@@ -84,7 +84,6 @@ __all__ = [
     "create_dataset",
     "active_jobs",
     "training_job_of",
-    "consolidation_in_flight",
     "create_job",
     "delete_blob_if_unused",
     "delete_blobs_if_unused",
@@ -92,6 +91,7 @@ __all__ = [
     "delete_task_version",
     "find_lost_jobs",
     "finish_job",
+    "get_artifact",
     "get_base_model",
     "get_consolidation_run",
     "get_consolidation_run_for_job",

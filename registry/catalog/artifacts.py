@@ -8,7 +8,7 @@ from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
 from registry.catalog._tx import lock_object_key, transaction
-from registry.catalog.errors import InvalidInputError
+from registry.catalog.errors import InvalidInputError, NotFoundError
 from registry.models import ARTIFACT_KINDS, ARTIFACT_REFERENCES, Artifact
 from registry.stores.base import ObjectStore, StoredObject
 
@@ -23,6 +23,15 @@ def add_artifact(session: Session, *, stored: StoredObject, kind: str) -> Artifa
     row = Artifact(object_key=stored.key, sha256=stored.sha256, size_bytes=stored.size, kind=kind)
     session.add(row)
     session.flush()
+    return row
+
+
+def get_artifact(session: Session, *, artifact_id: int) -> Artifact:
+    """One artifact row by id (NotFoundError naming `artifact_id` if there is none)."""
+    with transaction(session):
+        row = session.get(Artifact, artifact_id)
+    if row is None:
+        raise NotFoundError(f"artifact {artifact_id} not found", field="artifact_id")
     return row
 
 

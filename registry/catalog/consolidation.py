@@ -247,14 +247,6 @@ def record_report(
     return run
 
 
-def consolidation_in_flight(
-    session: Session, *, tenant_id: int, base_model: str
-) -> ConsolidationRun | None:
-    """The tenant's queued or running consolidation on `base_model`, if there is one."""
-    with transaction(session):
-        return session.scalar(_runs_in_flight(tenant_id, base_model).limit(1))
-
-
 def tasks_in_flight(session: Session, *, tenant_id: int, base_model: str) -> set[str]:
     """Names of the tenant's tasks on `base_model` in a queued or running consolidation."""
     with transaction(session):

@@ -35,30 +35,18 @@ from worker.kit.model import resolve_device
 Factors = dict[str, tuple[Tensor, Tensor]]
 
 
-def entry_names(diff_set: GatedDiffSet) -> list[str]:
-    """The set's element-wise tensors (`entry_names()` where the set has it, else its `w`)."""
-    named = getattr(diff_set, "entry_names", None)
-    return list(named()) if callable(named) else list(diff_set.w)
-
-
-def factor_names(diff_set: GatedDiffSet) -> list[str]:
-    """The set's factored tensors (`factor_names()` where the set has it, else its `u`)."""
-    named = getattr(diff_set, "factor_names", None)
-    return list(named()) if callable(named) else list(diff_set.u)
-
-
 def materialise(diff_set: GatedDiffSet) -> tuple[dict[str, Tensor], dict[str, Tensor], Factors]:
     """A projected set as stored: (positions, fp32 values) per entry tensor, (U, V) per factored one."""
     indices: dict[str, Tensor] = {}
     values: dict[str, Tensor] = {}
     factors: Factors = {}
     with torch.no_grad():
-        for name in entry_names(diff_set):
+        for name in diff_set.entry_names():
             positions, kept = diff_set.kept_entries(name)
             if positions.numel():
                 indices[name] = positions.detach().to("cpu", torch.int64)
                 values[name] = kept.detach().to("cpu", torch.float32)
-        for name in factor_names(diff_set):
+        for name in diff_set.factor_names():
             u, v = diff_set.kept_factors(name)
             if u.shape[1]:
                 factors[name] = (

@@ -10,10 +10,13 @@ with λ = `merge_weight`:
   survivors by 1 / (1 - p), sum, times λ.
 
 The math runs tensor by tensor on the sorted sparse supports (concatenate, unique, index_add),
-never densifying a task. Positions whose merged value is exactly zero are not stored. The merged
-diff is projected to the budget (largest magnitudes, ties by position); every task keeps its
-head, its residual is empty, and its composed diff is the shared diff with its head, which the
-runner scores for acceptance as it does for trained strategies.
+never densifying a task (a rank-strategy version's factored tensor is read by its sparse view,
+`SparseDiff.sparse_entries`). With λ = 1, task arithmetic and DARE add an earlier
+consolidation's shared part once per task (see docs/consolidation.md); TIES counts it once.
+Positions whose merged value is exactly zero are not stored. The merged diff is projected to
+the budget (largest magnitudes, ties by position); every task keeps its head, its residual is
+empty, and its composed diff is the shared diff with its head, which the runner scores for
+acceptance as it does for trained strategies.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from worker.consolidation.config import (
     TaskOutcome,
     validate_request,
 )
-from worker.consolidation.state import current_entries
 from worker.diffprune.projection import global_topk
 
 # tensor name -> (sorted flat int64 indices, fp32 values)
@@ -44,8 +46,9 @@ Entries = dict[str, tuple[Tensor, Tensor]]
 
 
 def entries_of(diff: SparseDiff) -> Entries:
-    """A diff's per-tensor (indices, fp32 values); low-rank factors (a rank-strategy version) densified."""
-    entries = {name: current_entries(diff, name) for name in diff.tensor_names}
+    """A diff's per-tensor (indices, fp32 values), its sparse view: a factored tensor (a
+    rank-strategy version) gives its r·(m + n) largest entries of U Vᵀ plus its own entries."""
+    entries = {name: diff.sparse_entries(name) for name in diff.tensor_names}
     return {name: pair for name, pair in entries.items() if pair[0].numel()}
 
 

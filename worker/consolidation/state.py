@@ -255,14 +255,13 @@ def new_diff_set(
 
 
 def current_entries(diff: SparseDiff, name: str) -> tuple[Tensor, Tensor]:
-    """(sorted flat positions, fp32 values) of a diff's nonzeros in one tensor (factors densified)."""
-    if name in diff.factors:
-        dense = diff.dense(name).reshape(-1)
-        positions = torch.nonzero(dense).flatten()
-        return positions, dense[positions]
-    if name in diff.indices:
-        return diff.indices[name].to(torch.int64), diff.values[name].float()
-    return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    """(sorted flat positions, fp32 values) of one tensor of a current diff: its sparse view.
+
+    A factored tensor gives its r·(m + n) largest entries of U Vᵀ plus its own entries
+    (`SparseDiff.sparse_entries`), so a residual started from a rank-strategy version holds
+    at most that version's stored entries plus its candidates, never whole matrices.
+    """
+    return diff.sparse_entries(name)
 
 
 def sparse_diff_set(
