@@ -37,10 +37,12 @@ GROUP_OPTIONS = {
         "least overlap of a grouped pair, in multiples of chance",
     ),
 }
+# (key, title, colour map, symmetric around the panel's neutral value, fixed range or None: the
+# off-diagonal data's own range, since between tasks the values sit far below the diagonal's 1).
 PANELS = (
-    ("jaccard", "support overlap (Jaccard)", "viridis", 0.0, 1.0),
-    ("sign_agreement", "sign agreement (shared positions)", "RdBu", 0.0, 1.0),
-    ("cosine", "cosine", "RdBu", -1.0, 1.0),
+    ("jaccard", "support overlap (Jaccard)", "viridis", None),
+    ("sign_agreement", "sign agreement (shared positions; 0.5 = chance)", "RdBu", (0.0, 1.0)),
+    ("cosine", "cosine", "RdBu", None),
 )
 
 
@@ -128,6 +130,16 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _data_range(grid: Any, *, symmetric: bool) -> tuple[float, float]:
+    """Colour limits from the finite values: [0, max] or, when symmetric, [-max|x|, max|x|]."""
+    import numpy as np
+
+    finite = grid[np.isfinite(grid)]
+    top = float(np.abs(finite).max()) if finite.size else 1.0
+    top = top or 1.0
+    return (-top, top) if symmetric else (0.0, top)
+
+
 def plot_interference(report: dict[str, Any], out: Path) -> None:
     """Save the Jaccard, sign-agreement and cosine matrices as three heatmaps (PNG)."""
     import matplotlib
@@ -140,8 +152,10 @@ def plot_interference(report: dict[str, Any], out: Path) -> None:
     side = max(3.5, 0.3 * len(names) + 2.0)
     fontsize = max(4.0, min(9.0, 240.0 / max(len(names), 1)))
     fig, axes = plt.subplots(1, len(PANELS), figsize=(side * len(PANELS) + 1.5, side))
-    for ax, (key, title, cmap, low, high) in zip(axes, PANELS, strict=True):
-        grid = np.array([[np.nan if x is None else x for x in row] for row in report[key]])
+    for ax, (key, title, cmap, fixed) in zip(axes, PANELS, strict=True):
+        grid = np.array([[np.nan if x is None else x for x in row] for row in report[key]], float)
+        np.fill_diagonal(grid, np.nan)  # a task against itself: 1 by definition, left blank
+        low, high = fixed or _data_range(grid, symmetric=key == "cosine")
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=low, vmax=high)
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=fontsize)
         ax.set_yticks(range(len(names)), names, fontsize=fontsize)
