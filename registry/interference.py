@@ -344,6 +344,17 @@ def consolidation_groups(
     ]
 
 
+def settings_groups(matrix: InterferenceMatrix, settings: Settings) -> list[list[str]]:
+    """`consolidation_groups` with the grouping limits of `settings` (the API's and the policy's)."""
+    return consolidation_groups(
+        matrix,
+        max_size=settings.consolidation_group_max_tasks,
+        alpha=settings.consolidation_group_alpha,
+        min_sign_agreement=settings.consolidation_group_min_sign_agreement,
+        min_overlap_lift=settings.consolidation_group_min_overlap_lift,
+    )
+
+
 def interference_vs_acceptance(
     matrix: InterferenceMatrix,
     accepted: Mapping[str, bool],

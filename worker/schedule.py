@@ -217,8 +217,8 @@ def interference_groups(
     from registry.compose import version_diff
     from registry.interference import (
         InterferenceError,
-        consolidation_groups,
         pairwise_interference,
+        settings_groups,
     )
     from registry.stores.base import ObjectStoreError
 
@@ -242,13 +242,7 @@ def interference_groups(
         except InterferenceError as exc:
             log.warning("consolidation policy: cannot compare tasks %s (%s); no group", names, exc)
         else:
-            groups = consolidation_groups(
-                matrix,
-                max_size=settings.consolidation_group_max_tasks,
-                alpha=settings.consolidation_group_alpha,
-                min_sign_agreement=settings.consolidation_group_min_sign_agreement,
-                min_overlap_lift=settings.consolidation_group_min_overlap_lift,
-            )
+            groups = settings_groups(matrix, settings)
     if not store_failed:
         _GROUPS_CACHE[key] = [list(group) for group in groups]
         while len(_GROUPS_CACHE) > GROUPS_CACHE_SIZE:

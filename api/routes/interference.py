@@ -55,8 +55,8 @@ def get_interference(
     """Jaccard, sign agreement and cosine of every pair of tasks, and the policy's groups."""
     from registry.interference import (
         InterferenceError,
-        consolidation_groups,
         pairwise_interference,
+        settings_groups,
     )
 
     limit = settings.interference_max_tasks
@@ -84,13 +84,7 @@ def get_interference(
         raise ApiError(
             409, "artifact_mismatch", f"the diffs cannot be compared: {exc}", field="tasks"
         ) from None
-    groups = consolidation_groups(
-        matrix,
-        max_size=settings.consolidation_group_max_tasks,
-        alpha=settings.consolidation_group_alpha,
-        min_sign_agreement=settings.consolidation_group_min_sign_agreement,
-        min_overlap_lift=settings.consolidation_group_min_overlap_lift,
-    )
+    groups = settings_groups(matrix, settings)
     return InterferencePublic(
         base_model=public_base_name(base),
         versions=[v.number for v in versions],
