@@ -608,60 +608,54 @@ def _check_counts(meta: ArtifactMeta, diff_entries: int) -> None:
         raise ArtifactError(f"meta.density {meta.density} does not equal nnz / n_params")
 
 
-def _layout_from_json(raw: Any) -> list[tuple[str, tuple[int, ...], int]]:
-    """Validate the decoded `layout`: sorted unique names, shapes, 1 <= nnz <= numel."""
+def _named_entries(
+    raw: Any, field: str, *, min_dim: int, ndim: int | None, min_count: int, usage: str
+) -> list[tuple[str, tuple[int, ...], int]]:
+    """Validate a decoded list of [name, shape, count] triples with sorted unique names."""
     if not isinstance(raw, list):
-        raise ArtifactError("metadata 'layout' must be a JSON list")
-    layout = []
-    previous = None
+        raise ArtifactError(f"metadata {field!r} must be a JSON list")
+    entries: list[tuple[str, tuple[int, ...], int]] = []
     for entry in raw:
         ok = (
             isinstance(entry, list)
             and len(entry) == 3
             and isinstance(entry[0], str)
             and isinstance(entry[1], list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[1])
+            and (ndim is None or len(entry[1]) == ndim)
+            and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= min_dim for d in entry[1]
+            )
             and isinstance(entry[2], int)
             and not isinstance(entry[2], bool)
+            and entry[2] >= min_count
         )
         if not ok:
-            raise ArtifactError(f"bad layout entry {entry!r}: expected [name, shape, nnz]")
-        name, shape, nnz = entry[0], tuple(entry[1]), entry[2]
-        if previous is not None and name <= previous:
-            raise ArtifactError(f"layout tensor names must be sorted and unique at {name!r}")
+            raise ArtifactError(f"bad {field} entry {entry!r}: expected {usage}")
+        name = entry[0]
+        if entries and name <= entries[-1][0]:
+            raise ArtifactError(f"{field} tensor names must be sorted and unique at {name!r}")
+        entries.append((name, tuple(entry[1]), entry[2]))
+    return entries
+
+
+def _layout_from_json(raw: Any) -> list[tuple[str, tuple[int, ...], int]]:
+    """Validate the decoded `layout`: sorted unique names, shapes, 1 <= nnz <= numel."""
+    layout = _named_entries(
+        raw, "layout", min_dim=0, ndim=None, min_count=0, usage="[name, shape, nnz]"
+    )
+    for name, shape, nnz in layout:
         if not 1 <= nnz <= math.prod(shape):
             raise ArtifactError(f"layout gives {name!r} {nnz} nonzeros for shape {shape}")
-        previous = name
-        layout.append((name, shape, nnz))
     return layout
 
 
-def _factors_from_json(raw: Any) -> list[tuple[str, tuple[int, int], int]]:
+def _factors_from_json(raw: Any) -> list[tuple[str, tuple[int, ...], int]]:
     """Validate the decoded `factors`: sorted unique names, 2-D shapes, rank >= 1."""
-    if not isinstance(raw, list) or not raw:
+    if raw == []:
         raise ArtifactError("metadata 'factors' must be a non-empty JSON list")
-    factors = []
-    previous = None
-    for entry in raw:
-        ok = (
-            isinstance(entry, list)
-            and len(entry) == 3
-            and isinstance(entry[0], str)
-            and isinstance(entry[1], list)
-            and len(entry[1]) == 2
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in entry[1])
-            and isinstance(entry[2], int)
-            and not isinstance(entry[2], bool)
-            and entry[2] >= 1
-        )
-        if not ok:
-            raise ArtifactError(f"bad factors entry {entry!r}: expected [name, [m, n], rank >= 1]")
-        name, shape, rank = entry[0], (entry[1][0], entry[1][1]), entry[2]
-        if previous is not None and name <= previous:
-            raise ArtifactError(f"factors tensor names must be sorted and unique at {name!r}")
-        previous = name
-        factors.append((name, shape, rank))
-    return factors
+    return _named_entries(
+        raw, "factors", min_dim=1, ndim=2, min_count=1, usage="[name, [m, n], rank >= 1]"
+    )
 
 
 def _load_tensors(data: bytes) -> dict[str, torch.Tensor]:
