@@ -137,8 +137,13 @@ def version_diff(
     *,
     expected_fingerprint: str | None = None,
     base_shapes: dict[str, tuple[int, ...]] | None = None,
+    cache: ComposedCache | None = None,
 ) -> SparseDiff:
-    """The diff a version stands for: its stored blob, or its shared + residual composed."""
+    """The diff a version stands for: its stored blob, or its shared + residual composed.
+
+    With `cache`, a composed diff is read through the download's bytes (`version_diff_bytes`),
+    so repeated reads of one version compose once.
+    """
     from registry.artifact import loads_artifact
 
     def read(artifact: Any) -> SparseDiff:
@@ -151,6 +156,12 @@ def version_diff(
 
     if layout_of(version) != COMPOSED_ON_REQUEST:
         return read(version.artifact)
+    if cache is not None:
+        return loads_artifact(
+            version_diff_bytes(store, version, cache=cache),
+            expected_fingerprint=expected_fingerprint,
+            base_shapes=base_shapes,
+        )
     return compose_diffs(read(version.shared_artifact), read(version.artifact))
 
 
@@ -172,9 +183,9 @@ def version_diff_bytes(
             store.get(shared.object_key, sha256=shared.sha256),
             store.get(residual.object_key, sha256=residual.sha256),
         )
-        _check_recorded_digest(version, data)
         if cache is not None:
             cache.put(key, data)
+    _check_recorded_digest(version, data)  # also on a hit: another version may share the parts
     return data
 
 

@@ -720,6 +720,20 @@ def test_a_version_composed_on_request_before_digests_were_recorded_lists_none_a
     assert COMPOSED.get(parts) == composed  # ranges and repeats reuse it
 
 
+def test_stats_of_a_composed_version_compose_it_once_into_the_download_cache(served, base):
+    from api.routes.tasks import COMPOSED
+
+    world = served["world"]
+    residual, row = _publish_composed_on_request(served, base, seed=27, config={})
+    parts = (served["version"].shared_artifact.sha256, hashlib.sha256(residual).hexdigest())
+    assert COMPOSED.get(parts) is None
+    headers = world.headers("reader")
+    stats = world.client.get(f"/v1/tasks/ranked/stats?version={row.number}", headers=headers)
+    composed = compose_diffs(loads_artifact(served["shared"]), loads_artifact(residual))
+    assert stats.status_code == 200 and stats.json()["nnz"] == composed.nnz
+    assert COMPOSED.get(parts) == dumps_artifact(composed)  # the download reuses these bytes
+
+
 def test_a_composed_version_answers_304_from_its_recorded_digest_and_refuses_other_bytes(
     served, base
 ):
@@ -735,6 +749,18 @@ def test_a_composed_version_answers_304_from_its_recorded_digest_and_refuses_oth
     assert body.status_code == 409, body.text
     assert body.json()["error"]["code"] == "artifact_mismatch"
     assert "were recorded" in body.json()["error"]["message"]
+
+
+def test_a_cached_composition_is_still_checked_against_each_versions_recorded_digest(served, base):
+    world = served["world"]
+    headers = world.headers("reader")
+    _, first = _publish_composed_on_request(served, base, seed=28, config={})
+    warm = world.client.get(f"/v1/tasks/ranked/diff?version={first.number}", headers=headers)
+    assert warm.status_code == 200  # the parts' composition is now cached
+    wrong = {"composed_sha256": "cd" * 32, "composed_size_bytes": 7}
+    _, second = _publish_composed_on_request(served, base, seed=28, config=wrong)  # same parts
+    body = world.client.get(f"/v1/tasks/ranked/diff?version={second.number}", headers=headers)
+    assert body.status_code == 409 and "were recorded" in body.json()["error"]["message"]
 
 
 def test_the_composed_cache_keeps_the_most_recently_used_within_its_bytes():

@@ -95,11 +95,12 @@ def get_interference(
 
 def _read_diff(store, name: str, version, fingerprint: str):
     """The diff a task's version stands for; 409 naming `tasks` if it cannot be read."""
+    from api.routes.tasks import COMPOSED
     from registry.artifact import ArtifactError
     from registry.compose import version_diff
 
     try:
-        return version_diff(store, version, expected_fingerprint=fingerprint)
+        return version_diff(store, version, expected_fingerprint=fingerprint, cache=COMPOSED)
     except ArtifactError as exc:
         raise ApiError(
             409,

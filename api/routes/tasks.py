@@ -308,7 +308,7 @@ def task_stats(
         session, tenant_id=principal.tenant_id, name=name, number=version
     )
     try:
-        diff = version_diff(store, row)
+        diff = version_diff(store, row, cache=COMPOSED)
     except ArtifactError as exc:
         raise ApiError(
             409,
