@@ -4,6 +4,7 @@
     python -m bench.serving --tasks 1,8 --seconds 5      # a smoke
     python -m bench.serving --device cuda                # the server (and PEFT) on a GPU
     python -m bench.serving --kernels                    # the sparse-kernel choice of api/mixed.py
+    python -m bench.serving --forward                    # one batch in-process: mixed vs merged
 
 Each request is 1-4 sentences for a task drawn uniformly from T tasks on all-MiniLM-L6-v2;
 tasks are RANDOM 0.5% sparse diffs with random heads (timing does not depend on the values).
@@ -405,13 +406,23 @@ def bench_kernels(args: argparse.Namespace) -> None:
     ]
     print_table(
         f"x·Δᵀ at density {DENSITY}, µs per call, {args.threads} thread(s), {device}",
-        ["Δ shape", "rows", "dense base", "CSR int32", "CSR int64", "COO", "gather+index_add_"],
+        [
+            "Δ shape",
+            "rows",
+            "dense base",
+            "CSR int32",
+            "CSR int64",
+            "COO",
+            "gather+index_add_",
+            "CSR rows as embedding_bag",
+        ],
         rows,
     )
 
 
 def _kernel_row(out_f: int, in_f: int, tokens: int, device: str, timed) -> list[Any]:
-    """One shape's timings: dense base product, CSR (int32, int64), COO, gather + index_add_."""
+    """One shape's timings: dense base product, CSR (int32, int64), COO, gather + index_add_,
+    and the CSR rows as `embedding_bag` sums over the columns of xᵀ."""
     import torch
 
     nnz = int(DENSITY * out_f * in_f)
@@ -435,7 +446,74 @@ def _kernel_row(out_f: int, in_f: int, tokens: int, device: str, timed) -> list[
         timed(lambda: torch.sparse.mm(csr, x.t()).t()),
         timed(lambda: torch.sparse.mm(coo, x.t()).t()),
         timed(lambda: torch.zeros(tokens, out_f, device=device).index_add_(1, r, x[:, c] * v)),
+        timed(
+            lambda: torch.nn.functional.embedding_bag(
+                csr.col_indices(),
+                x.t().contiguous(),
+                csr.crow_indices()[:-1],
+                mode="sum",
+                per_sample_weights=csr.values(),
+            ).t()
+        ),
     ]
+
+
+def bench_forward(args: argparse.Namespace) -> None:
+    """One batch of 16 requests (1-4 sentences) in-process: merged forward vs mixed forward over
+    G distinct tasks, median ms; what the corrections cost without HTTP or batching."""
+    import torch
+
+    from api.mixed import MixedEncoder, Segment
+    from registry.artifact import loads_artifact
+    from registry.basemodel import build_model, load_base, resolve_base_path
+
+    torch.set_num_threads(args.threads)
+    base = load_base(str(resolve_base_path("all-MiniLM-L6-v2")))
+    model = build_model(base, task_type="classification", num_labels=2).to(args.device).eval()
+    model.requires_grad_(False)
+    probe = {
+        k: v.to(args.device) for k, v in base.encode(SENTENCES[:2], None, max_length=16).items()
+    }
+    mixed = MixedEncoder(model.base_model, probe_inputs=probe)
+    decoded = [mixed.decode(loads_artifact(a)) for a in make_artifacts(base, 16, seed=1)]
+    rng = random.Random(0)
+    requests = [[rng.choice(SENTENCES) for _ in range(rng.randint(1, 4))] for _ in range(16)]
+    encoded = base.encode([t for r in requests for t in r], None, max_length=64)
+    inputs = {k: v.to(args.device) for k, v in encoded.items()}
+
+    def median_ms(segments: list[Any]) -> float:
+        mixed.forward(inputs, segments)
+        times = []
+        for _ in range(9):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            mixed.forward(inputs, segments)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000
+
+    merged = median_ms([])
+    rows = []
+    for distinct in (1, 4, 16):
+        segments, start = [], 0
+        for i, request in enumerate(requests):  # requests of one task are adjacent, as served
+            task = i * distinct // len(requests)
+            if segments and segments[-1].diff is decoded[task]:
+                segments[-1].stop += len(request)
+            else:
+                segments.append(Segment(decoded[task], start, start + len(request)))
+            start += len(request)
+        ms = median_ms(segments)
+        rows.append([distinct, merged, ms, merged / ms])
+    print_table(
+        f"One batch of 16 requests ({inputs['input_ids'].shape[0]} sentences, "
+        f"{inputs['input_ids'].shape[1]} tokens) in-process, {args.threads} thread(s), "
+        f"{args.device}: merged vs mixed forward",
+        ["distinct tasks", "merged ms", "mixed ms", "merged / mixed"],
+        rows,
+    )
 
 
 # ---------------------------------------------------------------- main
@@ -450,6 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--kernels", action="store_true")
+    parser.add_argument("--forward", action="store_true")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peft-tasks", type=int, default=0, help=argparse.SUPPRESS)
@@ -464,6 +543,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.kernels:
         bench_kernels(args)
+        return
+    if args.forward:
+        bench_forward(args)
         return
     counts = [int(t) for t in args.tasks.split(",") if t]
     rows = bench_server_rows(args, counts)
