@@ -29,15 +29,18 @@ from bench.common import (
     train_dense,
 )
 
-METHODS = ["full", "prune", "prune-sign", "prune-adamw", "fix"]
+METHODS = ["full", "prune", "prune-sign", "prune-adamw", "prune-dense", "prune-grad", "fix"]
 LABELS = {
     "full": "full finetuning",
     "prune": "diff pruning, phase 1 (gated, SGD on α: the default)",
     "prune-sign": "diff pruning, phase 1 (gated, sign step on α)",
     "prune-adamw": "diff pruning, phase 1 (gated, AdamW on α)",
+    "prune-dense": "phase 1 without gates (dense δ, then the projection)",
+    "prune-grad": "phase 1 of a gradient-magnitude mask (|grad| accumulated, head only)",
     "fix": "diff pruning, phase 2 (mask fixed)",
 }
 ALPHA_OPTIMIZERS = {"prune": "sgd", "prune-sign": "sign", "prune-adamw": "adamw"}
+MASK_METHODS = {"prune-dense": "dense", "prune-grad": "grad"}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -68,6 +71,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.method == "fix":
         config.epochs, config.fix_epochs = 0, steps
     config.alpha_optimizer = ALPHA_OPTIMIZERS.get(args.method, config.alpha_optimizer)
+    config.mask_method = MASK_METHODS.get(args.method, config.mask_method)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     idle = rss_bytes()
     marks: list[float] = []
