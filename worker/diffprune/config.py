@@ -83,7 +83,7 @@ class DiffPruneConfig(MethodConfig):
         cli=True,
         choices=MASK_METHODS,
     )
-    # sgd stays the default: sign steps measured worse (see README, Accuracy; bench/accuracy.py).
+    # sgd stays the default: no α update beat it on the held-out task (README, Gates ablation).
     alpha_optimizer: str = option(
         "sgd",
         "update of the gate logits: sgd (plain; too small to close a gate at the paper's "
