@@ -254,8 +254,11 @@ def _correct_linear(out: torch.Tensor, x: torch.Tensor, rows: slice, d: _LinearD
     target = out[rows]
     if d.weight is not None:
         x_g = x[rows]
-        corr = torch.sparse.mm(d.weight, x_g.reshape(-1, x_g.shape[-1]).t())
-        target.add_(corr.t().reshape(target.shape))
+        corr = torch.sparse.mm(d.weight, x_g.reshape(-1, x_g.shape[-1]).t()).t()
+        if target.is_contiguous():  # add the transposed product in place, no reshaped copy
+            target.view(-1, target.shape[-1]).add_(corr)
+        else:
+            target.add_(corr.reshape(target.shape))
     if d.down is not None and d.up is not None:
         target.add_((x[rows] @ d.down) @ d.up.T)
     if d.bias is not None:
