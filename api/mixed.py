@@ -7,7 +7,8 @@ factors (format version 2; kept as factors, r·(m + n) resident values, never de
 `x̂_g ⊙ Δw + Δb` for a LayerNorm. The base product is computed once for the whole batch.
 A probe forward finds the modules that see the batch on their first dimension; a diff on any
 other tensor is refused here (the predictor applies such a diff in place instead).
-Kernel: per-task CSR `torch.sparse.mm` (fastest of CSR/COO/gather+index_add_ in
+Kernel: each task's CSR rows summed by `embedding_bag` over the rows of xᵀ (fastest on the CPU of
+CSR/COO `torch.sparse.mm`, gather + index_add_ and embedding_bag in
 `python -m bench.serving --kernels`).
 """
 
@@ -254,7 +255,14 @@ def _correct_linear(out: torch.Tensor, x: torch.Tensor, rows: slice, d: _LinearD
     target = out[rows]
     if d.weight is not None:
         x_g = x[rows]
-        corr = torch.sparse.mm(d.weight, x_g.reshape(-1, x_g.shape[-1]).t()).t()
+        # Δ·x_gᵀ as one bag per row of Δ over the rows of x_gᵀ (`python -m bench.serving --kernels`)
+        corr = nn.functional.embedding_bag(
+            d.weight.col_indices(),
+            x_g.reshape(-1, x_g.shape[-1]).t().contiguous(),
+            d.weight.crow_indices()[:-1],
+            mode="sum",
+            per_sample_weights=d.weight.values(),
+        ).t()
         if target.is_contiguous():  # add the transposed product in place, no reshaped copy
             target.view(-1, target.shape[-1]).add_(corr)
         else:
