@@ -378,6 +378,23 @@ def peft_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- kernels
 
 
+def mean_call_seconds(fn: Any, device: str, *, reps: int) -> float:
+    """Mean wall seconds of `reps` calls of `fn` after one warm-up call, CUDA work included."""
+    import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / reps
+
+
 def bench_kernels(args: argparse.Namespace) -> None:
     """x·Δᵀ for one task's rows on MiniLM's matrix shapes: CSR vs COO sparse.mm vs gathers."""
     import warnings
@@ -388,16 +405,8 @@ def bench_kernels(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")
     device = args.device
 
-    def timed(fn, reps=100) -> float:
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / reps * 1e6
+    def timed(fn) -> float:
+        return mean_call_seconds(fn, device, reps=100) * 1e6
 
     rows = [
         _kernel_row(out_f, in_f, tokens, device, timed)
@@ -482,17 +491,12 @@ def bench_forward(args: argparse.Namespace) -> None:
     inputs = {k: v.to(args.device) for k, v in encoded.items()}
 
     def median_ms(segments: list[Any]) -> float:
-        mixed.forward(inputs, segments)
-        times = []
-        for _ in range(9):
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+        def run() -> None:
             mixed.forward(inputs, segments)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000
+
+        return (
+            statistics.median(mean_call_seconds(run, args.device, reps=1) for _ in range(9)) * 1e3
+        )
 
     merged = median_ms([])
     rows = []
