@@ -10,18 +10,20 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from api.batcher import DynamicBatcher
 from api.deps import lookup_principal
 from api.errors import install_error_handlers
 from api.guard import RequestGuard
+from api.head_requests import HeadAsGet
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import consolidations, datasets, health, interference, jobs, keys, tasks
-from api.serving import Predictor
 from registry.settings import Settings, get_settings
+from serving.batcher import DynamicBatcher
+from serving.engine import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,17 @@ Every `/v1` route takes `Authorization: Bearer KEY` (scopes `read`, `submit`, `a
 implies the others). A tenant sees only its own datasets, tasks and jobs: another tenant's ids and
 names answer 404. Every error is `{"error": {"code", "message", "field"}}`.
 """
+
+GUARDED_PREFIXES = ("/v1/", "/metrics")  # behind RequestGuard: key checked, body capped
+# What every guarded route may answer before or beside its own errors: 400 (two Authorization
+# headers, a body that is not JSON), 401 (no or a bad key), 413 (a body over the cap).
+GUARD_STATUSES = (400, 401, 413)
+ERROR_SCHEMA = "#/components/schemas/ErrorPublic"
+# Statuses a route answers that its module does not declare (yet).
+EXTRA_STATUSES = {
+    ("POST", "/v1/tasks/{name}/predict"): (503,),  # the batch queue is full (Retry-After)
+    ("GET", "/metrics"): (403,),  # a key without the admin scope
+}
 
 
 @asynccontextmanager
@@ -90,14 +103,47 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lookup=lookup_principal(app.state.read_session_factory),
         max_json_bytes=settings.max_json_bytes,
         max_upload_bytes=settings.max_upload_bytes,
-        guarded_prefixes=("/v1/", "/metrics"),
+        guarded_prefixes=GUARDED_PREFIXES,
         keyless_clients={"/metrics": frozenset(settings.metrics_hosts)},
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(HeadAsGet)  # outermost: everything inside sees a GET
     app.include_router(health.router)
     for module in (datasets, jobs, tasks, consolidations, interference, keys):
         app.include_router(module.router, prefix="/v1")
+    declare_error_statuses(app)
     return app
+
+
+def declare_error_statuses(app: FastAPI) -> None:
+    """Document in OpenAPI the guard's statuses on guarded routes, and `EXTRA_STATUSES`."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _add_error_statuses(build())  # build() caches the schema it returns
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_error_statuses(schema: dict[str, Any]) -> None:
+    """Add the JSON error response for each status an operation answers but does not list."""
+    from http import HTTPStatus
+
+    for path, operations in schema.get("paths", {}).items():
+        guarded = set(GUARD_STATUSES) if path.startswith(GUARDED_PREFIXES) else set()
+        for method, operation in operations.items():
+            statuses = guarded | set(EXTRA_STATUSES.get((method.upper(), path), ()))
+            responses = operation.setdefault("responses", {})
+            for status in sorted(statuses):
+                responses.setdefault(
+                    str(status),
+                    {
+                        "description": HTTPStatus(status).phrase,
+                        "content": {"application/json": {"schema": {"$ref": ERROR_SCHEMA}}},
+                    },
+                )
 
 
 def _count_jobs_by_state(app: FastAPI) -> dict[str, int]:

@@ -84,6 +84,10 @@ async def _validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # not a JSON document at all: malformed, not invalid
+        reason = (first.get("ctx") or {}).get("error", "a JSON decode error")
+        message = f"the request body is not valid JSON ({reason})"
+        return JSONResponse(error_body("malformed_json", message, "body"), status_code=400)
     field = field_path(first.get("loc", ()))
     message = str(first.get("msg", "invalid request"))
     if field:

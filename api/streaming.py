@@ -40,6 +40,15 @@ def wants_range(header: str | None) -> bool:
     return "," not in value and _RANGE_RE.match(value) is not None
 
 
+def range_applies(if_range: str | None, etag: str) -> bool:
+    """Whether a Range may be served under `If-Range` (RFC 9110 13.1.5): absent, or the ETag.
+
+    Only a strong match counts; a weak tag or an HTTP date never does (no Last-Modified is
+    sent), so the caller answers 200 with the whole current representation.
+    """
+    return if_range is None or if_range.strip() == etag
+
+
 def started(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """Pull the first chunk now, so a missing or corrupt blob fails before the status goes out."""
     first = next(chunks, b"")

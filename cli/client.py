@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cli.outputs import add_force_flag
+
 TRAIN_KNOBS = (
     "density",
     "epochs",
@@ -103,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="file to write (default: TASK-vN.safetensors)")
     p.add_argument("--version", type=int)
     p.add_argument("--json", action="store_true")
+    add_force_flag(p)
     add_connection_args(p)
     p.set_defaults(func=cmd_pull)
 
@@ -297,6 +300,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     import hashlib
 
     from cli.http_client import DiffbankError
+    from cli.outputs import OutputExistsError, check_output_file
 
     with client_from_args(args) as client:
         try:
@@ -304,8 +308,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
             if version is None:
                 version = client.get_task(args.task).get("active_version")
             out = Path(args.output or f"{args.task}-v{version}.safetensors")
+            check_output_file(out, force=args.force, flag="-o")
             data = client.download_diff(args.task, version=version, dest=out)
-        except DiffbankError as exc:
+        except (DiffbankError, OutputExistsError) as exc:
             return fail(exc)
     result = {
         "task": args.task,

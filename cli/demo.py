@@ -155,7 +155,7 @@ def _report(
             score = prediction.get("score")
             print(f"  {shown!s:>9} {'' if score is None else f'({score:.2f})'}  {text}")
     subprocess.run(
-        [sys.executable, "-m", "cli", "inspect", str(artifact), "--plot", plot_path],
+        [sys.executable, "-m", "cli", "inspect", str(artifact), "--plot", plot_path, "--force"],
         check=True,
         stdout=subprocess.DEVNULL,
     )

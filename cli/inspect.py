@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.client import fail, print_json
+from cli.outputs import OutputExistsError, add_force_flag, check_output_dir, check_output_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path, help="a .safetensors diff artifact")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="draw a layer x module heatmap")
+    add_force_flag(p)
     p.set_defaults(func=cmd_inspect)
 
     p = subparsers.add_parser(
@@ -31,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("outdir", type=Path, help="directory to write the model into")
     p.add_argument("--base", help="base model path or name (default: the artifact's base name)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_force_flag(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -130,9 +133,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from registry.validation import check_artifact
 
     try:
+        if args.plot:
+            check_output_file(args.plot, force=args.force, flag="--plot")
         diff = load_artifact(args.file)
         check_artifact(diff)
-    except ArtifactError as exc:
+    except (ArtifactError, OutputExistsError) as exc:
         return fail(exc)
     info = summary(diff, args.file.stat().st_size)
     if args.plot:
@@ -175,8 +180,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from registry.basemodel import load_base
 
     try:
+        check_output_dir(args.outdir, force=args.force)
         diff = load_artifact(args.file)
-    except ArtifactError as exc:
+    except (ArtifactError, OutputExistsError) as exc:
         return fail(exc)
     base_name = args.base or diff.meta.base_name
     try:

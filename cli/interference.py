@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.client import add_connection_args, client_from_args, fail, print_json
+from cli.outputs import OutputExistsError, add_force_flag, check_output_file
 from registry.settings import Settings
 
 # option -> (Settings field whose default it takes, type, what it sets)
@@ -68,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=f"local files: {what} (default {default})",
         )
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="draw the matrices as heatmaps")
+    add_force_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     add_connection_args(p)
     p.set_defaults(func=cmd_interference)
@@ -170,6 +172,11 @@ def plot_interference(report: dict[str, Any], out: Path) -> None:
 
 def cmd_interference(args: argparse.Namespace) -> int:
     """Print (and optionally plot) the interference of local files or of the server's tasks."""
+    if args.plot:
+        try:
+            check_output_file(args.plot, force=args.force, flag="--plot")
+        except OutputExistsError as exc:
+            return fail(exc)
     if args.files:
         if args.tasks or args.base_model:
             return fail(ValueError("--tasks and --base-model name server tasks; not with files"))

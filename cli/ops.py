@@ -53,6 +53,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         factory=True,
         host=args.host or settings.api_host,
         port=args.port or settings.api_port,
+        http="api.http_protocol:GuardedH11Protocol",  # 414/431/408, slow-client time limits
         log_level="info",
     )
     return 0

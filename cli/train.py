@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 
 from cli.client import print_json
+from cli.outputs import OutputExistsError, add_force_flag, check_output_file
 from worker.diffprune.config import DiffPruneConfig
 from worker.kit.config import cli_fields
 
@@ -34,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task-type", choices=TASK_TYPES, help="default: inferred from the labels")
     p.add_argument("--validation", type=Path, help="validation file (default: a seeded split)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_force_flag(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -59,6 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from registry.tabular import ColumnMapping, DatasetError
     from worker.data import load_task_data
 
+    try:
+        check_output_file(args.out, force=args.force, flag="--out")
+    except OutputExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     overrides = {
         spec.name: getattr(args, spec.name)
         for spec in cli_fields(DiffPruneConfig)

@@ -36,6 +36,9 @@ FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
 JOB_KINDS = ("train", "consolidate")
 ARTIFACT_KINDS = ("diff", "shared-diff", "residual-diff", "dataset")
 API_SCOPES = ("read", "submit", "admin")
+# Ids are never handed out twice, even after the newest row is deleted: SQLite reuses the
+# largest rowid + 1 unless the table is AUTOINCREMENT (PostgreSQL sequences never go back).
+AUTOINCREMENT = {"sqlite_autoincrement": True}
 
 
 def utcnow() -> datetime:
@@ -75,6 +78,7 @@ class BaseModel(Base):
     """A pretrained encoder every task of it shares (identified by name and fingerprint)."""
 
     __tablename__ = "base_models"
+    __table_args__ = AUTOINCREMENT
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
@@ -88,6 +92,7 @@ class Tenant(Base):
     """An owner of datasets, tasks and jobs; API keys belong to one."""
 
     __tablename__ = "tenants"
+    __table_args__ = AUTOINCREMENT
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
@@ -98,6 +103,7 @@ class ApiKey(Base):
     """A bearer key of a tenant; only its sha256 is stored, found by its public prefix."""
 
     __tablename__ = "api_keys"
+    __table_args__ = AUTOINCREMENT
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -114,6 +120,7 @@ class Artifact(Base):
     """A content-addressed blob in the object store that some row references."""
 
     __tablename__ = "artifacts"
+    __table_args__ = AUTOINCREMENT
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     object_key: Mapped[str] = mapped_column(String(1024), index=True)
@@ -127,7 +134,7 @@ class Dataset(Base):
     """An uploaded, validated training or validation file of a tenant."""
 
     __tablename__ = "datasets"
-    __table_args__ = (Index("ix_datasets_tenant_id_id", "tenant_id", "id"),)
+    __table_args__ = (Index("ix_datasets_tenant_id_id", "tenant_id", "id"), AUTOINCREMENT)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -154,7 +161,7 @@ class Task(Base):
     """A named task of a tenant on one base model; points at its active version number."""
 
     __tablename__ = "tasks"
-    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "name"), AUTOINCREMENT)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -176,6 +183,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_id_id", "tenant_id", "id"),
         Index("ix_jobs_state", "state"),
+        AUTOINCREMENT,
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -219,7 +227,7 @@ class JobEvent(Base):
     """One state change or progress report of a job, numbered per job from 1."""
 
     __tablename__ = "job_events"
-    __table_args__ = (UniqueConstraint("job_id", "seq"),)
+    __table_args__ = (UniqueConstraint("job_id", "seq"), AUTOINCREMENT)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -233,7 +241,7 @@ class ConsolidationRun(Base):
     """A multitask re-prune of several tasks under one budget (one job each)."""
 
     __tablename__ = "consolidation_runs"
-    __table_args__ = (Index("ix_consolidation_runs_tenant_id_id", "tenant_id", "id"),)
+    __table_args__ = (Index("ix_consolidation_runs_tenant_id_id", "tenant_id", "id"), AUTOINCREMENT)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
@@ -258,7 +266,7 @@ class TaskVersion(Base):
     """One published diff of a task; numbers grow by one per task and are never reused."""
 
     __tablename__ = "task_versions"
-    __table_args__ = (UniqueConstraint("task_id", "number"),)
+    __table_args__ = (UniqueConstraint("task_id", "number"), AUTOINCREMENT)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     base_model: str = DEFAULT_BASE_MODEL
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Slow clients (api/http_protocol.py): the whole request head must arrive within this
+    # time; a request body may pause at most this long between bytes (408 / connection cut).
+    api_header_timeout_s: float = 30.0
+    api_body_idle_timeout_s: float = 60.0
 
     # Limits on what users may submit.
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -47,7 +51,9 @@ class Settings(BaseSettings):
 
     # Jobs. Per-tenant limits on what is queued or running (over them: 429).
     tenant_max_active_jobs: int = 10
-    tenant_max_active_work: int = 5_000_000  # rows trained on (rows x epochs), over the jobs
+    # Training steps (batches: ceil(rows / batch_size) x epochs, both phases), over the jobs;
+    # 5M rows x epochs at the default batch size of 32.
+    tenant_max_active_work: int = 156_250
     job_max_attempts: int = 3
     job_soft_time_limit_s: int = 6 * 3600
     job_hard_time_limit_s: int = 6 * 3600 + 300

@@ -47,6 +47,8 @@ ERROR_CODES = {
     "too_few_rows": "too few rows to carve a validation split",
     "unknown_label": "a validation label never seen in training",
     "invalid_task_type": "task_type is not one of classification, pair-classification, regression",
+    "field_conflict": "two of text_field, text_pair_field and label_field name the same column",
+    "unused_text_pair": "a text_pair_field for a task type that takes single texts",
     "missing_file": "a dataset directory has no train.* file",
     "ambiguous_file": "a dataset directory has more than one train.* (or validation.*) file",
 }
@@ -241,6 +243,7 @@ def read_table(
             file=name,
             field="text_pair_field",
         )
+    _check_mapping(mapping, task_type, name)
     if not data.strip():
         raise DatasetError("empty_file", "the file is empty", file=name)
 
@@ -264,6 +267,36 @@ def read_table(
         label_names=label_names,
         sha256=hashlib.sha256(data).hexdigest(),
         from_csv=kind == "csv",
+    )
+
+
+def _check_mapping(mapping: ColumnMapping, task_type: str | None, name: str) -> None:
+    """Refuse a mapping that reads one column twice, or a pair the task type would ignore."""
+    pairs = (
+        ("label_field", mapping.label_field, "text_field", mapping.text_field),
+        ("text_pair_field", mapping.text_pair_field, "text_field", mapping.text_field),
+        ("text_pair_field", mapping.text_pair_field, "label_field", mapping.label_field),
+    )
+    for field_name, column, other_name, other in pairs:
+        if column is not None and column == other:
+            raise DatasetError(
+                "field_conflict",
+                f"{field_name} and {other_name} both name column {column!r}; "
+                "the text and the label must come from different columns",
+                file=name,
+                field=field_name,
+            )
+    if mapping.text_pair_field and task_type in ("classification", "regression"):
+        raise _unused_text_pair(task_type, name)
+
+
+def _unused_text_pair(task_type: str, name: str) -> DatasetError:
+    """A text_pair_field given for a task type that takes single texts."""
+    return DatasetError(
+        "unused_text_pair",
+        f"a {task_type} task takes single texts; drop text_pair_field or use pair-classification",
+        file=name,
+        field="text_pair_field",
     )
 
 
@@ -529,6 +562,8 @@ def _build_table(
 
     if task_type is None:
         task_type = _infer_task_type(raw_labels, mapping, from_csv)
+        if task_type == "regression" and mapping.text_pair_field:
+            raise _unused_text_pair(task_type, name)
     if task_type == "regression":
         labels: list[Any] = [
             _regression_label(value, line, mapping.label_field, error) for line, value in raw_labels

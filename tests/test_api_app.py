@@ -118,6 +118,41 @@ def test_openapi_documents_every_route_with_bearer_auth(world):
     assert "file" in upload["multipart/form-data"]["schema"]["properties"]
 
 
+# Statuses each operation must declare (at least): what the route and the guard answer.
+DECLARED_STATUSES = [
+    ("post", "/v1/jobs", {202, 400, 401, 403, 404, 409, 413, 422, 429}),
+    ("post", "/v1/datasets", {201, 400, 401, 403, 413, 415, 422}),
+    ("get", "/v1/tasks/{name}/diff", {200, 206, 304, 307, 400, 401, 403, 404, 409, 413, 416}),
+    ("post", "/v1/tasks/{name}/predict", {200, 400, 401, 403, 404, 409, 413, 422, 503}),
+    ("post", "/v1/consolidations", {202, 400, 401, 403, 404, 409, 413, 422}),
+    ("get", "/metrics", {200, 400, 401, 403, 413}),
+    ("get", "/readyz", {200, 503}),
+]
+
+
+@pytest.mark.parametrize(
+    "method,path,statuses",
+    [c for c in DECLARED_STATUSES],
+    ids=[f"{m} {p}" for m, p, _ in DECLARED_STATUSES],
+)
+def test_openapi_declares_the_statuses_a_route_answers(world, method, path, statuses):
+    operation = world.client.get("/openapi.json").json()["paths"][path][method]
+    declared = {int(status) for status in operation["responses"]}
+    assert statuses <= declared, sorted(statuses - declared)
+
+
+def test_every_guarded_operation_declares_the_guard_statuses(world):
+    paths = world.client.get("/openapi.json").json()["paths"]
+    for path, operations in paths.items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, operation in operations.items():
+            declared = {int(status) for status in operation["responses"]}
+            assert {400, 401, 403, 413, 422} <= declared, (method, path)
+            error = operation["responses"]["400"]["content"]["application/json"]["schema"]
+            assert error == {"$ref": "#/components/schemas/ErrorPublic"}
+
+
 def test_metrics_need_an_admin_key_and_name_no_task(world):
     world.publish_version("alice", "secret-project-name", seed=5)
     predicted = world.client.post(

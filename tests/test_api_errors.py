@@ -8,6 +8,7 @@ objects, upload temp files and messages in the broker's `train` queue: all must 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -145,6 +146,8 @@ ROWS_WITHOUT_LABEL = [{"text": r["text"]} for r in SENTIMENT_ROWS]
 ONE_CLASS = [{"text": r["text"], "label": "pos"} for r in SENTIMENT_ROWS]
 MALFORMED = jsonl(SENTIMENT_ROWS[:3]) + b'{"text": "broken", "label": \n'
 OVERSIZE = jsonl(SENTIMENT_ROWS * 40)
+PAIR_ROWS = [{**r, "text_pair": "a second text"} for r in SENTIMENT_ROWS]
+SCORED_PAIRS = [{**r, "label": i / 2} for i, r in enumerate(PAIR_ROWS)]
 assert len(OVERSIZE) > MAX_UPLOAD
 
 CASES = [  # at least 15 kinds of bad input, by the brief
@@ -174,6 +177,57 @@ CASES = [  # at least 15 kinds of bad input, by the brief
         422,
         "invalid_task_type",
         "task_type",
+    ),
+    (
+        "text_field_is_the_label_field",
+        upload("t.jsonl", jsonl(SENTIMENT_ROWS), text_field="label"),
+        422,
+        "field_conflict",
+        "label_field",
+    ),
+    (
+        "label_field_is_the_text_field",
+        upload("t.jsonl", jsonl(SENTIMENT_ROWS), label_field="text"),
+        422,
+        "field_conflict",
+        "label_field",
+    ),
+    (
+        "text_pair_field_is_the_text_field",
+        upload("t.jsonl", jsonl(SENTIMENT_ROWS), text_pair_field="text"),
+        422,
+        "field_conflict",
+        "text_pair_field",
+    ),
+    (
+        "text_pair_field_is_the_label_field",
+        upload("t.jsonl", jsonl(SENTIMENT_ROWS), text_pair_field="label"),
+        422,
+        "field_conflict",
+        "text_pair_field",
+    ),
+    (
+        "text_pair_field_for_single_text_classification",
+        upload(
+            "t.jsonl", jsonl(PAIR_ROWS), text_pair_field="text_pair", task_type="classification"
+        ),
+        422,
+        "unused_text_pair",
+        "text_pair_field",
+    ),
+    (
+        "text_pair_field_for_regression",
+        upload("t.jsonl", jsonl(SCORED_PAIRS), text_pair_field="text_pair", task_type="regression"),
+        422,
+        "unused_text_pair",
+        "text_pair_field",
+    ),
+    (
+        "text_pair_field_for_inferred_regression",
+        upload("t.jsonl", jsonl(SCORED_PAIRS), text_pair_field="text_pair"),
+        422,
+        "unused_text_pair",
+        "text_pair_field",
     ),
     (
         "unknown_form_field",
@@ -223,6 +277,14 @@ CASES = [  # at least 15 kinds of bad input, by the brief
     ),
     ("density_zero", post_job(job(density=0.0)), 422, "validation_error", "density"),
     ("density_above_one", post_job(job(density=1.5)), 422, "validation_error", "density"),
+    ("job_body_not_json", post_raw("/v1/jobs", b'{"task": "sent",'), 400, "malformed_json", "body"),
+    (
+        "predict_body_not_json",
+        post_raw("/v1/tasks/sent/predict", b"\x00"),
+        400,
+        "malformed_json",
+        "body",
+    ),
     ("epochs_zero", post_job(job(epochs=0)), 422, "validation_error", "epochs"),
     ("epochs_too_many", post_job(job(epochs=101)), 422, "validation_error", "epochs"),
     ("negative_lr", post_job(job(lr=-0.001)), 422, "validation_error", "lr"),
@@ -442,8 +504,19 @@ def test_bad_request_gets_json_error_and_leaves_nothing_behind(ctx, send, status
     before = ctx.world.counts()
     response = send(ctx)
     assert response.status_code == status, response.text
+    assert status in declared_statuses(ctx.world.app, response.request), "not in the OpenAPI"
     error = response.json()["error"]
     assert error["code"] == code, error
     assert error["field"] == field, error
     assert error["message"]
     assert ctx.world.counts() == before
+
+
+def declared_statuses(app, request) -> set[int]:
+    """The statuses OpenAPI declares for the operation a request went to."""
+    for template, operations in app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        operation = operations.get(request.method.lower())
+        if operation and re.fullmatch(pattern, request.url.path):
+            return {int(status) for status in operation["responses"]}
+    return set()

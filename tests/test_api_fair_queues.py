@@ -57,6 +57,37 @@ def test_a_job_asking_more_work_than_the_tenant_may_hold_gets_429(world):
     assert world.counts() == before
 
 
+# Work counts training steps (batches): ceil(8 rows / batch_size) x (epochs + fix_epochs).
+WORK_CASES = [
+    # (id, batch_size, epochs, fix_epochs, status)
+    ("batch_1_over_the_limit", 1, 100, 100, 429),  # 1,600 steps
+    ("batch_1_one_epoch_over", 1, 51, 50, 429),  # 808 steps
+    ("batch_1_at_the_limit", 1, 50, 50, 202),  # 800 steps
+    ("batch_2_at_the_limit", 2, 100, 100, 202),  # 4 x 200 = 800 steps
+    ("whole_table_per_batch", 8, 100, 100, 202),  # 200 steps
+    ("batch_larger_than_the_table", 32, 100, 100, 202),  # 200 steps
+]
+
+
+@pytest.mark.parametrize(
+    "batch_size,epochs,fix_epochs,status",
+    [c[1:] for c in WORK_CASES],
+    ids=[c[0] for c in WORK_CASES],
+)
+def test_work_counts_training_steps_so_small_batches_cost_more(
+    world, batch_size, epochs, fix_epochs, status
+):
+    dataset = world.upload_ok("alice", SENTIMENT_ROWS)["id"]  # 8 rows
+    before = world.counts()
+    response = _submit(
+        world, "alice", dataset, "t", epochs=epochs, fix_epochs=fix_epochs, batch_size=batch_size
+    )
+    assert response.status_code == status, response.text
+    if status == 429:
+        assert response.json()["error"]["code"] == "too_much_work"
+        assert world.counts() == before
+
+
 def _queued_tenants(world) -> list[str]:
     """Tenants of the waiting train messages in the order a worker takes them."""
     client = redis.Redis.from_url(world.redis_url)

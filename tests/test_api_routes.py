@@ -94,6 +94,16 @@ def test_deleting_a_dataset_removes_its_row_and_blob(world):
     )
 
 
+def test_a_deleted_datasets_id_is_never_handed_out_again(world):
+    deleted = world.upload_ok("alice", SENTIMENT_ROWS + [{"text": "reused?", "label": "neg"}])
+    response = world.client.delete(f"/v1/datasets/{deleted['id']}", headers=world.headers("alice"))
+    assert response.status_code == 204
+    other = world.upload_ok("bob", SENTIMENT_ROWS)
+    assert other["id"] > deleted["id"]
+    gone = world.client.get(f"/v1/datasets/{deleted['id']}", headers=world.headers("alice"))
+    assert gone.status_code == 404
+
+
 def test_creating_a_job_commits_it_then_queues_one_train_message(world):
     dataset = world.upload_ok("alice", SENTIMENT_ROWS)
     queue = redis.Redis.from_url(world.redis_url)
@@ -259,6 +269,77 @@ def test_diff_download_streams_verified_bytes_with_etag_and_ranges(world):
         "/v1/tasks/download-me/diff?presign=1", headers=world.headers("alice")
     )
     assert presigned.status_code == 200 and presigned.content == full.content
+
+
+STALE_ETAG = '"' + "0" * 64 + '"'
+IF_RANGE_CASES = [
+    # (id, If-Range given the current ETag, status): a resume must never stitch two artifacts
+    ("current_etag", lambda etag: etag, 206),
+    ("stale_etag", lambda etag: STALE_ETAG, 200),
+    ("weak_form_of_the_current_etag", lambda etag: f"W/{etag}", 200),
+    ("http_date", lambda etag: "Wed, 21 Oct 2015 07:28:00 GMT", 200),
+]
+
+
+@pytest.mark.parametrize(
+    "if_range,status", [c[1:] for c in IF_RANGE_CASES], ids=[c[0] for c in IF_RANGE_CASES]
+)
+def test_if_range_serves_the_range_only_for_the_current_etag(world, if_range, status):
+    world.publish_version("alice", "resume-me", seed=33)
+    full = world.client.get("/v1/tasks/resume-me/diff", headers=world.headers("alice"))
+    etag = full.headers["etag"]
+    response = world.client.get(
+        "/v1/tasks/resume-me/diff",
+        headers={**world.headers("alice"), "Range": "bytes=0-5", "If-Range": if_range(etag)},
+    )
+    assert response.status_code == status, response.text
+    expected = full.content[:6] if status == 206 else full.content
+    assert response.content == expected
+    assert response.headers["content-length"] == str(len(expected))
+    assert response.headers["etag"] == etag
+
+
+# Every GET route: HEAD answers what GET answers, headers included, without a body.
+HEAD_PATHS = [
+    ("health", "/healthz", "alice"),
+    ("datasets", "/v1/datasets", "alice"),
+    ("jobs", "/v1/jobs", "alice"),
+    ("tasks", "/v1/tasks", "alice"),
+    ("task", "/v1/tasks/head-me", "alice"),
+    ("versions", "/v1/tasks/head-me/versions", "alice"),
+    ("diff", "/v1/tasks/head-me/diff", "alice"),
+    ("diff_version", "/v1/tasks/head-me/diff?version=1", "alice"),
+    ("stats", "/v1/tasks/head-me/stats", "alice"),
+    ("keys", "/v1/keys", "admin"),
+    ("unknown_task", "/v1/tasks/no-such-task/diff", "alice"),
+    ("without_a_key", "/v1/tasks/head-me/diff", None),
+]
+
+
+@pytest.mark.parametrize("path,who", [c[1:] for c in HEAD_PATHS], ids=[c[0] for c in HEAD_PATHS])
+def test_head_answers_like_get_without_a_body(world, path, who):
+    if world.client.get("/v1/tasks/head-me", headers=world.headers("alice")).status_code == 404:
+        world.publish_version("alice", "head-me", seed=35)
+    headers = world.headers(who) if who else {}
+    got = world.client.get(path, headers=headers)
+    head = world.client.head(path, headers=headers)
+    assert head.status_code == got.status_code != 405, head.text
+    assert head.content == b""
+    drop = {"date"}
+    assert {k: v for k, v in head.headers.items() if k not in drop} == {
+        k: v for k, v in got.headers.items() if k not in drop
+    }
+
+
+def test_every_get_route_answers_head(world):
+    paths = [p for p, ops in world.app.openapi()["paths"].items() if "get" in ops]
+    assert len(paths) >= 15
+    for template in paths:
+        path = template.replace("{", "").replace("}", "")  # any value: a 404 or 422 is fine
+        got = world.client.get(path, headers=world.headers("admin"))
+        head = world.client.head(path, headers=world.headers("admin"))
+        assert head.status_code == got.status_code != 405, template
+        assert head.content == b""
 
 
 def test_stats_count_nonzeros_per_layer(world):

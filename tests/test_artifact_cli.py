@@ -117,3 +117,65 @@ def test_inspect_piped_into_a_reader_that_stops_early_ends_without_a_traceback(a
     err = proc.stderr.read()
     assert proc.wait(timeout=60) in (0, 141)
     assert b"Traceback" not in err
+
+
+def _existing(tmp_path: Path, kind: str) -> Path:
+    """`tmp_path/out` as a user file, a directory holding one, or an empty directory."""
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_bytes(b"mine")
+    else:
+        out.mkdir()
+        if kind == "dir":
+            (out / "config.json").write_bytes(b"mine")
+    return out
+
+
+# (id, argv given the artifact, the output path and the base, what is there, exit status)
+OUTPUT_CASES = [
+    ("export_into_a_non_empty_dir", lambda a, o, b: ["export", a, o, "--base", b], "dir", 1),
+    (
+        "export_into_a_non_empty_dir_with_force",
+        lambda a, o, b: ["export", a, o, "--base", b, "--force"],
+        "dir",
+        0,
+    ),
+    ("export_into_an_empty_dir", lambda a, o, b: ["export", a, o, "--base", b], "empty", 0),
+    ("export_onto_a_file", lambda a, o, b: ["export", a, o, "--base", b, "--force"], "file", 1),
+    ("inspect_plot_over_a_file", lambda a, o, b: ["inspect", a, "--plot", o], "file", 1),
+    (
+        "inspect_plot_over_a_file_with_force",
+        lambda a, o, b: ["inspect", a, "--plot", o, "--force"],
+        "file",
+        0,
+    ),
+    ("inspect_plot_onto_a_dir", lambda a, o, b: ["inspect", a, "--plot", o, "--force"], "dir", 1),
+    ("train_out_over_a_file", lambda a, o, b: ["train", a, "--out", o, "--base", b], "file", 2),
+    (
+        "interference_plot_over_a_file",
+        lambda a, o, b: ["interference", a, a, "--plot", o],
+        "file",
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "argv,kind,status", [c[1:] for c in OUTPUT_CASES], ids=[c[0] for c in OUTPUT_CASES]
+)
+def test_commands_replace_existing_outputs_only_with_force(
+    artifact_file, tiny_base_dir, tmp_path, capsys, argv, kind, status
+):
+    out = _existing(tmp_path, kind)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir()) if kind != "file" else None
+    assert main([str(x) for x in argv(artifact_file, out, tiny_base_dir)]) == status
+    err = capsys.readouterr().err
+    if status == 0:
+        return
+    assert err.startswith("error: ") and str(out) in err, err
+    if kind == "file":
+        assert out.read_bytes() == b"mine"
+    else:
+        assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    if "--force" not in [str(x) for x in argv(artifact_file, out, tiny_base_dir)]:
+        assert "--force" in err

@@ -156,10 +156,16 @@ def test_pull_writes_the_verified_artifact_and_predict_agrees_locally_and_remote
     _publish(server, tiny_base_dir, "pulled", seed=5)
     conn = ["--url", server["url"], "--key", server["key"]]
     out = tmp_path / "pulled.safetensors"
+    out.write_bytes(b"mine")  # a user's file: replaced only with --force
+    assert diffbank(["pull", "pulled", "-o", str(out), *conn]) == 1
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    out.unlink()
     assert diffbank(["pull", "pulled", "-o", str(out), "--json", *conn]) == 0
     pulled = _last_json(capsys.readouterr().out)
     assert pulled["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert pulled["version"] == 1 and pulled["bytes"] == out.stat().st_size
+    assert diffbank(["pull", "pulled", "-o", str(out), "--force", *conn]) == 0
+    capsys.readouterr()
 
     texts = ["a wonderful film", "a waste of time"]
     assert diffbank(["predict", "--task", "pulled", *texts, "--json", *conn]) == 0

@@ -112,3 +112,100 @@ def test_database_newer_than_the_code_says_so(empty_engine):
         conn.execute(text("UPDATE alembic_version SET version_num = 'ffffffffffff'"))
     with pytest.raises(SchemaNotCurrentError, match="newer than this code"):
         check_schema_current(empty_engine)
+
+
+# Rows of the tables whose ids users see; each refers to parents with id 1 (see _parents).
+ID_ROWS = {
+    "tenants": lambda n: {"name": f"tenant-{n}"},
+    "artifacts": lambda n: {"object_key": f"k{n}", "sha256": "s", "size_bytes": 1, "kind": "diff"},
+    "api_keys": lambda n: {"tenant_id": 1, "prefix": f"p{n}", "key_hash": "h", "scopes": []},
+    "datasets": lambda n: {
+        "tenant_id": 1,
+        "filename": "f.jsonl",
+        "format": "jsonl",
+        "sha256": "s",
+        "size_bytes": 1,
+        "artifact_id": 1,
+        "rows": 2,
+        "label_names": ["a", "b"],
+        "task_type": "classification",
+        "column_mapping": {},
+    },
+    "tasks": lambda n: {
+        "tenant_id": 1,
+        "name": f"task-{n}",
+        "base_model_id": 1,
+        "task_type": "classification",
+        "label_names": ["a", "b"],
+    },
+    "jobs": lambda n: {"tenant_id": 1, "kind": "train", "base_model": "b", "params": {}},
+    "job_events": lambda n: {"job_id": 1, "seq": n, "kind": "state", "payload": {}},
+    "task_versions": lambda n: {
+        "task_id": 1,
+        "number": n,
+        "metrics": {},
+        "config": {},
+        "nnz": 1,
+        "density": 0.1,
+        "artifact_id": 1,
+    },
+}
+PARENTS = ("tenants", "artifacts", "tasks", "jobs")
+
+
+def _insert(conn, table: str, n: int) -> int:
+    values = ID_ROWS[table](n)
+    if table == "tasks":
+        base = Base.metadata.tables["base_models"]
+        if conn.execute(base.select()).first() is None:
+            conn.execute(base.insert().values(name="b", source="b", fingerprint="f", n_params=1))
+    return conn.execute(Base.metadata.tables[table].insert().values(**values)).inserted_primary_key[
+        0
+    ]
+
+
+@pytest.mark.parametrize("table", sorted(ID_ROWS))
+def test_the_id_of_a_deleted_newest_row_is_never_handed_out_again(empty_engine, table):
+    upgrade(empty_engine)
+    rows = Base.metadata.tables[table]
+    with empty_engine.begin() as conn:
+        for parent in PARENTS:
+            assert _insert(conn, parent, 0) == 1
+        newest = max(_insert(conn, table, 1), _insert(conn, table, 2))
+        conn.execute(rows.delete().where(rows.c.id == newest))
+    with empty_engine.begin() as conn:
+        assert _insert(conn, table, 3) > newest
+
+
+def test_every_sqlite_table_is_autoincrement_after_upgrade(tmp_path):
+    from sqlalchemy import text
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ids.db'}")
+    upgrade(engine)
+    with engine.connect() as conn:
+        query = text("SELECT name, sql FROM sqlite_master WHERE type = 'table'")
+        sql = dict(conn.execute(query).tuples().all())
+    engine.dispose()
+    for table in REGISTRY_TABLES:  # a later batch migration must keep AUTOINCREMENT
+        assert "AUTOINCREMENT" in sql[table], table
+        assert Base.metadata.tables[table].dialect_options["sqlite"]["autoincrement"], table
+
+
+def test_upgrade_to_autoincrement_keeps_rows_and_references(tmp_path):
+    from sqlalchemy import text
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(engine, "0001")
+    with engine.begin() as conn:
+        for parent in PARENTS:
+            _insert(conn, parent, 0)
+        _insert(conn, "datasets", 1)
+        conn.execute(text("UPDATE jobs SET dataset_id = 1"))
+    upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT dataset_id FROM jobs")).all() == [(1,)]
+        assert conn.execute(text("SELECT count(*) FROM tasks")).scalar() == 1
+        assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    check_schema_current(engine)
+    engine.dispose()

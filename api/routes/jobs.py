@@ -28,6 +28,7 @@ from api.schemas import (
     JobPublic,
     JobsPublic,
     JobState,
+    error_responses,
 )
 from registry import catalog
 from registry.basemodel import canonical_base_name
@@ -111,7 +112,11 @@ def _check_task_compatible(
 
 
 @router.post(
-    "", status_code=202, response_model=JobPublic, responses=ERRORS, summary="Queue a training job"
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    responses={**ERRORS, **error_responses(429)},  # too many jobs or too much work in flight
+    summary="Queue a training job",
 )
 def create_job(
     body: JobCreate,
@@ -169,12 +174,16 @@ def create_job(
 
 
 def requested_work(rows: int, params: dict) -> int:
-    """What a training job asks of a worker: rows it will pass through (rows x epochs)."""
+    """What a training job asks of a worker: its batches, ceil(rows / batch_size) x epochs.
+
+    Both phases count, one per micro-batch (an optimizer step when grad_accum is 1): each
+    costs a forward and backward pass whatever its size, so batch_size 1 costs the most.
+    """
     from worker.diffprune.config import config_from_job_params, run_steps
 
     config = config_from_job_params(params)
     prune_steps, fix_steps = run_steps(max(int(rows), 1), config)
-    return (prune_steps + fix_steps) * config.batch_size * config.grad_accum
+    return (prune_steps + fix_steps) * config.grad_accum
 
 
 def _check_density_keeps_entries(session, base: str, density: float | None) -> None:
@@ -216,8 +225,9 @@ def _check_tenant_quota(session, settings, *, tenant_id: int, work: int) -> int:
         raise ApiError(
             429,
             "too_much_work",
-            f"this job asks {work:,} rows x epochs on top of {held:,} in flight (the limit is "
-            f"{settings.tenant_max_active_work:,}); use fewer epochs or wait",
+            f"this job asks {work:,} training steps (batches) on top of {held:,} in flight (the "
+            f"limit is {settings.tenant_max_active_work:,}); use fewer epochs, a larger "
+            "batch_size, or wait",
             field="epochs",
             headers={"Retry-After": "60"},
         )

@@ -44,7 +44,7 @@ from api.schemas import (
     VersionPartPublic,
     VersionPartsPublic,
 )
-from api.streaming import parse_range, started, wants_range
+from api.streaming import parse_range, range_applies, started, wants_range
 from registry import catalog
 from registry.compose import (
     COMPOSED_ON_REQUEST,
@@ -172,6 +172,7 @@ def delete_version(
             "description": "The artifact (safetensors)",
         },
         206: {"description": "The requested byte range"},
+        304: {"description": "Not modified (`If-None-Match` names the current ETag)"},
         307: {"description": "Redirect to a presigned URL (`presign=1` on an S3 store)"},
         416: {"model": ErrorPublic, "description": "Range not satisfiable"},
     },
@@ -188,6 +189,7 @@ def download_diff(
     presign: Annotated[bool, Query(description="redirect to a presigned URL (S3 stores)")] = False,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range")] = None,
     layout: Annotated[
         Literal["composed", "factored"],
         Query(
@@ -197,6 +199,9 @@ def download_diff(
     ] = "composed",
 ) -> Response:
     """The artifact streamed with `ETag` and `X-Diffbank-Sha256`; `Range` answers 206.
+
+    An `If-Range` that does not match the current ETag (an older artifact, or a date: no
+    Last-Modified is sent) makes it 200 with the whole file, so a resume never mixes two.
 
     With `presign=1` an S3 store answers 307 to a presigned URL; a file store cannot presign,
     and a diff composed on request has no stored blob, so those are streamed as without it.
@@ -238,7 +243,7 @@ def download_diff(
             return RedirectResponse(url, status_code=307, headers=headers)
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
-    if wants_range(range_header):
+    if wants_range(range_header) and range_applies(if_range, etag):
         span = parse_range(range_header, size)
         if span is None:
             raise ApiError(

@@ -42,9 +42,21 @@ def run_migrations_online() -> None:
             url = get_settings().database_url
         engine = make_engine(url)
     with engine.connect() as connection:
-        _configure(connection)
-        with context.begin_transaction():
-            context.run_migrations()
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:  # batch rebuilds drop tables: that must not cascade (set outside a transaction)
+            _sqlite_pragma(connection, "PRAGMA foreign_keys=OFF")
+        try:
+            _configure(connection)
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            if sqlite:
+                _sqlite_pragma(connection, "PRAGMA foreign_keys=ON")
+
+
+def _sqlite_pragma(connection: Any, pragma: str) -> None:
+    """Run a PRAGMA on the raw SQLite connection, outside any transaction (else a no-op)."""
+    connection.connection.driver_connection.execute(pragma)
 
 
 if context.is_offline_mode():
