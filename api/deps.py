@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.guard import MISSING_KEY, Principal
-from api.serving import Predictor
 from registry.catalog.pagination import MAX_PAGE_SIZE
 from registry.settings import Settings
 from registry.stores import ObjectStore
+from serving.engine import Predictor
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer KEY`.")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}

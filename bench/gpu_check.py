@@ -104,11 +104,11 @@ def main() -> int:
         return "table above (step x and peak x against full finetuning)"
 
     def mixed_serving() -> str:
-        from api.serving import Predictor
         from bench.service import SENTENCES, random_sparse_diff
         from registry.apply import build_task_model
         from registry.artifact import loads_artifact
         from registry.basemodel import load_base
+        from serving.engine import Predictor
 
         base = load_base("all-MiniLM-L6-v2")
         heads = base.head_shapes("classification", 2)
@@ -145,7 +145,7 @@ def main() -> int:
         return f"2 tasks, budget {budget:,}, shared nnz {result.shared.nnz:,}"
 
     def parity() -> str:
-        from api.serving import Predictor
+        from serving.engine import Predictor
 
         result = trained["minilm"]
         blob = dumps_artifact(result.diff)

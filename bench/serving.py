@@ -138,8 +138,8 @@ def publish(settings: Any, tenant: str, artifacts: list[bytes], prefix: str) -> 
 def apply_revert_app():
     """The API app serving every request by apply -> forward -> revert, one at a time."""
     from api.app import create_app
-    from api.batcher import DynamicBatcher
-    from api.serving import Predictor, ResidentDiff
+    from serving.batcher import DynamicBatcher
+    from serving.engine import Predictor, ResidentDiff
 
     class ApplyRevertPredictor(Predictor):
         """Keeps each diff as a SparseDiff, so every request applies and reverts it."""
@@ -472,9 +472,9 @@ def bench_forward(args: argparse.Namespace) -> None:
     G distinct tasks, median ms; what the corrections cost without HTTP or batching."""
     import torch
 
-    from api.mixed import MixedEncoder, Segment
     from registry.artifact import loads_artifact
     from registry.basemodel import build_model, load_base, resolve_base_path
+    from serving.mixed import MixedEncoder, Segment
 
     torch.set_num_threads(args.threads)
     base = load_base(str(resolve_base_path("all-MiniLM-L6-v2")))

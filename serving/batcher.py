@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from api.serving import Predictor, PreparedRequest
+    from serving.engine import Predictor, PreparedRequest
 
 
 class QueueFullError(RuntimeError):

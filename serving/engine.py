@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from api.heads import HeadRunner, TaskHead
-    from api.mixed import DecodedDiff, MixedEncoder
     from registry.artifact import ArtifactMeta, SparseDiff
     from registry.basemodel import LoadedBase
+    from serving.heads import HeadRunner, TaskHead
+    from serving.mixed import DecodedDiff, MixedEncoder
 
 # A classification head is built once per base; each task's head tensors replace its parameters.
 _PLACEHOLDER_LABELS = 2
@@ -90,11 +90,13 @@ class Predictor:
         cache_bytes: int = 2 * 1024**3,
         device: str = "cpu",
         batch_size: int = 32,
+        kernel: str = "auto",
     ) -> None:
         self.cache_size = max(1, cache_size)
         self.cache_bytes = max(1, cache_bytes)
         self.device = device
         self.batch_size = batch_size
+        self.kernel = kernel
         self._bases: dict[str, _ServingBase] = {}
         self._bases_lock = threading.Lock()
         self._diffs: OrderedDict[str, ResidentDiff] = OrderedDict()
@@ -122,9 +124,9 @@ class Predictor:
             return held
 
     def _load_base(self, path: str) -> _ServingBase:
-        from api.heads import HeadRunner
-        from api.mixed import MixedEncoder
         from registry.basemodel import build_model, load_base
+        from serving.heads import HeadRunner
+        from serving.mixed import MixedEncoder
 
         loaded = load_base(path)
         model = build_model(loaded, task_type="classification", num_labels=_PLACEHOLDER_LABELS)
@@ -136,7 +138,7 @@ class Predictor:
             k: v.to(self.device)
             for k, v in loaded.encode(_PROBE_TEXTS, None, max_length=16).items()
         }
-        mixed = MixedEncoder(encoder, probe_inputs=probe)
+        mixed = MixedEncoder(encoder, probe_inputs=probe, kernel=self.kernel)
 
         def head_model(task_type: str, num_labels: int) -> Any:
             built = build_model(loaded, task_type=task_type, num_labels=num_labels)
@@ -148,10 +150,10 @@ class Predictor:
     def _decode(self, held: _ServingBase, data: bytes) -> ResidentDiff:
         import torch
 
-        from api.heads import TaskHead
-        from api.mixed import UnsupportedDiffError
         from registry.artifact import loads_artifact
         from registry.validation import check_artifact
+        from serving.heads import TaskHead
+        from serving.mixed import UnsupportedDiffError
 
         diff = loads_artifact(
             data, expected_fingerprint=held.loaded.fingerprint, base_shapes=held.base_shapes
@@ -274,7 +276,7 @@ class Predictor:
     def _run_mixed(self, requests: list[PreparedRequest]) -> list[torch.Tensor]:
         import torch
 
-        from api.mixed import Segment
+        from serving.mixed import Segment
 
         held = requests[0].base
         # Requests of one diff side by side, so each diff corrects contiguous rows (a slice).
@@ -321,8 +323,8 @@ class Predictor:
         """Apply the request's diffs in place, run, revert (for diffs that are not row-safe)."""
         import torch
 
-        from api.mixed import Segment
         from registry.apply import apply_diff
+        from serving.mixed import Segment
 
         held, task = request.base, request.task
 

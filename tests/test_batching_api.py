@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from api.batcher import DynamicBatcher
-from api.serving import PredictionInputError, Predictor
+from serving.batcher import DynamicBatcher
+from serving.engine import PredictionInputError, Predictor
 from tests.api_support import make_world, random_artifact
 from tests.api_support import world as world  # noqa: F401  (module-scoped fixture)
 

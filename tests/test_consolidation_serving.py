@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from api.serving import Predictor
 from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact
 from registry.basemodel import load_base
+from serving.engine import Predictor
 
 
 def _sparse(base, *, seed: int, density: float, head: bool):

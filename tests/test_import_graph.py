@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("api", "cli", "registry", "worker")
+PACKAGES = ("api", "cli", "registry", "serving", "worker")
 
 
 def _module_graph() -> dict[str, set[str]]:

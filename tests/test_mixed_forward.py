@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from api.serving import PredictionInputError, Predictor
 from registry.apply import build_task_model
 from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact, loads_artifact
 from registry.basemodel import base_fingerprint, load_base
+from serving.engine import PredictionInputError, Predictor
 from tests.api_support import random_artifact
 from tests.fixtures.models import ENCODER_FAMILIES, make_tiny_family_base
 

@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from api.serving import Predictor
 from cli import main as diffbank
 from registry.basemodel import base_fingerprint, load_base
+from serving.engine import Predictor
 from tests.api_support import random_artifact
 from tests.api_support import world as world  # noqa: F401  (module-scoped fixture)
 

@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.batcher import QueueFullError
 from api.deps import (
     PredictorDep,
     Principal,
@@ -19,9 +18,10 @@ from api.deps import (
 )
 from api.errors import ApiError
 from api.schemas import ROUTE_ERRORS, PredictionPublic, PredictionsPublic, PredictRequest
-from api.serving import PredictionInputError, Predictor, PreparedRequest
 from registry import catalog
 from registry.compose import SINGLE, layout_of
+from serving.batcher import QueueFullError
+from serving.engine import PredictionInputError, Predictor, PreparedRequest
 
 # Mounted under /tasks by the tasks router (api/routes/tasks.py).
 router = APIRouter(tags=["predictions"])
