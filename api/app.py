@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from api.deps import lookup_principal
+from api.cache import EpochCache, EpochWatch
+from api.deps import cached_principals, lookup_principal
 from api.errors import install_error_handlers
 from api.guard import RequestGuard
 from api.head_requests import HeadAsGet
@@ -24,6 +25,7 @@ from api.routes import consolidations, datasets, health, interference, jobs, key
 from registry.settings import Settings, get_settings
 from serving.batcher import DynamicBatcher
 from serving.engine import Predictor
+from serving.stages import StageStats
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cache_bytes=settings.serving_cache_bytes,
         device=settings.serving_device,
     )
+    app.state.stage_stats = StageStats()
+    _install_registry_caches(app, settings)
     app.state.batcher = DynamicBatcher(
         app.state.predictor,
+        stages=app.state.stage_stats,
         max_requests=settings.serving_batch_max_requests,
         max_rows=settings.serving_batch_max_rows,
         max_wait_s=settings.serving_batch_wait_ms / 1000,
@@ -96,11 +101,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ApiMetrics()
     app.state.metrics.watch_jobs(lambda: _count_jobs_by_state(app))
     app.state.metrics.watch_serving(app.state.predictor, app.state.batcher)
+    app.state.metrics.watch_stages(
+        app.state.stage_stats,
+        {"principals": app.state.principals, "versions": app.state.served_versions},
+    )
 
     install_error_handlers(app)
+    peek, lookup = cached_principals(
+        app.state.principals, lookup_principal(app.state.read_session_factory)
+    )
     app.add_middleware(
         RequestGuard,
-        lookup=lookup_principal(app.state.read_session_factory),
+        lookup=lookup,
+        peek=peek,
         max_json_bytes=settings.max_json_bytes,
         max_upload_bytes=settings.max_upload_bytes,
         guarded_prefixes=GUARDED_PREFIXES,
@@ -113,6 +126,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, prefix="/v1")
     declare_error_statuses(app)
     return app
+
+
+def _install_registry_caches(app: FastAPI, settings: Settings) -> None:
+    """Key -> principal and task -> served version caches, both dropped when the epoch moves."""
+    from registry import catalog
+
+    def read_epoch() -> int:
+        with app.state.read_session_factory() as session:
+            return catalog.read_change_epoch(session)
+
+    # One epoch row re-read at most every check_s, rather than TTLs: changes are rare, so
+    # entries live until one happens, and one SELECT per interval serves every key and task.
+    watch = EpochWatch(read_epoch, check_s=settings.registry_cache_check_s)
+    catalog.watch_local_changes(watch)  # this process's own commits apply at once
+    app.state.change_watch = watch
+    app.state.principals = EpochCache(watch, max_entries=settings.registry_cache_entries)
+    app.state.served_versions = EpochCache(watch, max_entries=settings.registry_cache_entries)
 
 
 def declare_error_statuses(app: FastAPI) -> None:

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
 from api.uploads import FRAMING_ALLOWANCE_BYTES
+from serving.stages import mark, since
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,14 @@ class RequestGuard:
         *,
         lookup: Callable[[str], Principal | None],
         max_json_bytes: int,
+        peek: Callable[[str], Principal | None] | None = None,
         max_upload_bytes: int,
         guarded_prefixes: tuple[str, ...] = ("/v1/",),
         keyless_clients: dict[str, frozenset[str]] | None = None,
     ) -> None:
         self.app = app
-        self.lookup = lookup
+        self.lookup = lookup  # may block (database): run in a worker thread
+        self.peek = peek  # a cached principal or None, without blocking: run on the event loop
         self.max_json_bytes = max_json_bytes
         self.max_upload_bytes = max_upload_bytes
         self.guarded_prefixes = guarded_prefixes
@@ -109,11 +112,19 @@ class RequestGuard:
         if key is None:
             await _answer(send, 401, "missing_key", MISSING_KEY, "Authorization", CHALLENGE)
             return
-        principal = await anyio.to_thread.run_sync(self.lookup, key)
+        start = mark()
+        principal = self.peek(key) if self.peek is not None else None
+        if principal is None:
+            principal, cpu = await anyio.to_thread.run_sync(_cpu_timed, self.lookup, key)
+            auth_time = (cpu, since(start)[1])
+        else:
+            auth_time = since(start)
         if principal is None:
             await _answer(send, 401, "invalid_key", _INVALID_KEY, "Authorization", CHALLENGE)
             return
-        scope.setdefault("state", {})["principal"] = principal
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        state["auth_time"] = auth_time  # (CPU, wall) seconds, for the predict stage stats
 
         limit = body_limit(
             scope, max_json_bytes=self.max_json_bytes, max_upload_bytes=self.max_upload_bytes
@@ -156,6 +167,12 @@ class RequestGuard:
                 return
         if cut and not started:
             await _answer(send, 413, "too_large", _too_large(limit), "body")
+
+
+def _cpu_timed(lookup: Callable[[str], Principal | None], key: str):
+    """`lookup(key)` and the CPU seconds this thread spent on it."""
+    start = mark()
+    return lookup(key), since(start)[0]
 
 
 MISSING_KEY = "an API key is required: send `Authorization: Bearer KEY`"

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -46,6 +46,46 @@ class ApiMetrics:
     def watch_serving(self, predictor, batcher) -> None:
         """Expose the decoded-diff cache and the batcher's queue, read at scrape time."""
         self.registry.register(_ServingCollector(predictor, batcher))
+
+    def watch_stages(self, stages, caches: dict) -> None:
+        """Expose per-stage predict time and the registry caches' hits, read at scrape time."""
+        self.registry.register(_StagesCollector(stages, caches))
+
+
+class _StagesCollector:
+    """`diffbank_predict_stage_{cpu,wall}_seconds{stage}` summaries; registry cache counters."""
+
+    def __init__(self, stages, caches: dict) -> None:
+        self._stages = stages
+        self._caches = caches  # name -> EpochCache
+
+    def describe(self) -> list:
+        """No metrics up front: values are read at scrape time."""
+        return []
+
+    def collect(self):
+        """Per stage: requests observed (`_count`) and seconds spent in all (`_sum`)."""
+        snapshot = self._stages.snapshot()
+        for index, kind in ((1, "cpu"), (2, "wall")):
+            family = SummaryMetricFamily(
+                f"diffbank_predict_stage_{kind}_seconds",
+                f"{kind.upper()} seconds of prediction requests by stage (forward and heads: "
+                "each request's share of its batch; queue_wait has no CPU).",
+                labels=["stage"],
+            )
+            for stage, totals in snapshot.items():
+                family.add_metric([stage], count_value=totals[0], sum_value=totals[index])
+            yield family
+        for key, help_text in (
+            ("hits", "Registry cache hits (key -> principal, task -> served version)."),
+            ("misses", "Registry cache misses (answered from the database)."),
+        ):
+            family = CounterMetricFamily(
+                f"diffbank_registry_cache_{key}", help_text, labels=["cache"]
+            )
+            for name, cache in sorted(self._caches.items()):
+                family.add_metric([name], getattr(cache, key))
+            yield family
 
 
 class _ServingCollector:

@@ -5,6 +5,7 @@
     python -m bench.serving --device cuda                # the server (and PEFT) on a GPU
     python -m bench.serving --kernels                    # the sparse-kernel choice of api/mixed.py
     python -m bench.serving --forward                    # one batch in-process: mixed vs merged
+    python -m bench.serving --stages --tasks 8           # per-request CPU/wall time by stage
 
 Each request is 1-4 sentences for a task drawn uniformly from T tasks on all-MiniLM-L6-v2;
 tasks are RANDOM 0.5% sparse diffs with random heads (timing does not depend on the values).
@@ -310,6 +311,105 @@ def bench_server_rows(args: argparse.Namespace, counts: list[int]) -> list[list[
     return rows
 
 
+# ---------------------------------------------------------------- stages
+
+
+def scrape_stages(url: str, key: str) -> dict[str, list[float]]:
+    """From /metrics (admin key): stage -> [requests, CPU s, wall s], and the predict route's
+    HTTP [requests, wall s] under `"total"`."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"})
+    response.raise_for_status()
+    found: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if family.name.startswith("diffbank_predict_stage_"):
+                kind = 1 if "_cpu_" in family.name else 2
+                row = found.setdefault(sample.labels["stage"], [0.0, 0.0, 0.0])
+                if sample.name.endswith("_count"):
+                    row[0] = sample.value
+                elif sample.name.endswith("_sum"):
+                    row[kind] = sample.value
+            elif (
+                family.name == "diffbank_http_request_duration_seconds"
+                and sample.labels.get("method") == "POST"
+                # the template reads /v1/{name}/predict today (the nested /tasks prefix is lost)
+                and sample.labels.get("route", "").endswith("{name}/predict")
+            ):
+                row = found.setdefault("total", [0.0, 0.0, 0.0])
+                if sample.name.endswith("_count"):
+                    row[0] = sample.value
+                elif sample.name.endswith("_sum"):
+                    row[2] = sample.value
+    return found
+
+
+def stage_rows(before: dict[str, list[float]], after: dict[str, list[float]]) -> list[list[Any]]:
+    """Per stage over the run: requests, mean CPU µs and mean wall µs per request."""
+    from serving.stages import STAGES
+
+    rows = []
+    for stage in (*STAGES, "total"):
+        n, cpu, wall = (
+            a - b
+            for a, b in zip(after.get(stage, [0.0] * 3), before.get(stage, [0.0] * 3), strict=True)
+        )
+        if n <= 0:
+            rows.append([stage, 0, "-", "-"])
+            continue
+        cpu_us = "-" if stage in ("queue_wait", "total") else cpu / n * 1e6
+        rows.append([stage, int(n), cpu_us, wall / n * 1e6])
+    return rows
+
+
+def bench_stages(args: argparse.Namespace) -> None:
+    """The mixed path (b) against one uvicorn server: per-request time by stage from /metrics."""
+    from registry.basemodel import load_base, resolve_base_path
+    from tests.fixtures.services import (
+        RedisServer,
+        prepare_registry,
+        service_env_for,
+        settings_from_env,
+    )
+
+    count = int(args.tasks.split(",")[0])
+    base_path = Path(resolve_base_path("all-MiniLM-L6-v2"))
+    base = load_base(str(base_path))
+    work = Path(tempfile.mkdtemp(prefix="diffbank-bench-stages-"))
+    redis_server = RedisServer(work / "redis")
+    redis_server.start()
+    try:
+        env = service_env_for(work / "data", redis_server.url, base_path)
+        env["DIFFBANK_SERVING_DEVICE"] = args.device
+        env["DIFFBANK_SERVING_QUEUE_SIZE"] = str(max(256, 4 * args.clients))
+        settings = settings_from_env(env)
+        key = prepare_registry(settings)  # read, submit and admin: it may read /metrics
+        names = publish(settings, "acme", make_artifacts(base, count, seed=count), "t")
+        server = start_server(env, work, "api.app:create_app", args.threads)
+        try:
+            warm(server.url, key, names, args.clients)
+            before = scrape_stages(server.url, key)
+            result = closed_loop(
+                server.url, key, names, clients=args.clients, seconds=args.seconds, seed=count
+            )
+            after = scrape_stages(server.url, key)
+        finally:
+            server.stop()
+    finally:
+        redis_server.stop()
+    note = MACHINE_NOTE if args.device == "cpu" else f"device {args.device}"
+    print_table(
+        f"Predict path by stage, T={count}, {args.clients} closed-loop clients, "
+        f"{result['sentences_per_s']:.0f} sentences/s, {args.threads} torch thread(s) ({note}); "
+        "forward/heads: each request's share of its batch (heads is counted in forward until "
+        "the engine exposes Predictor.stage_times); queue_wait and total: wall only",
+        ["stage", "requests", "CPU µs/request", "wall µs/request"],
+        stage_rows(before, after),
+    )
+
+
 # ---------------------------------------------------------------- PEFT
 
 
@@ -533,6 +633,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--forward", action="store_true")
+    parser.add_argument(
+        "--stages", action="store_true", help="per-request CPU time by stage (first of --tasks)"
+    )
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peft-tasks", type=int, default=0, help=argparse.SUPPRESS)
@@ -550,6 +653,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.forward:
         bench_forward(args)
+        return
+    if args.stages:
+        bench_stages(args)
         return
     counts = [int(t) for t in args.tasks.split(",") if t]
     rows = bench_server_rows(args, counts)

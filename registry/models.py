@@ -298,6 +298,20 @@ class TaskVersion(Base):
     )
 
 
+# The one row of `change_epochs`: the registry-wide epoch (more rows could scope it later).
+GLOBAL_EPOCH_ID = 1
+
+
+class ChangeEpoch(Base):
+    """A counter that every change to what API processes cache (keys, served versions) bumps."""
+
+    __tablename__ = "change_epochs"
+    __table_args__ = AUTOINCREMENT
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 # Every (table, column) that references an artifact: an artifact none of them names is garbage.
 ARTIFACT_REFERENCES = (
     (Dataset, Dataset.artifact_id),

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     serving_retry_after_s: int = 1  # the Retry-After of that 503
     serving_max_batch: int = 64  # inputs per prediction request
     serving_max_text_chars: int = 4_000  # characters per input text
+    # API processes cache key -> principal and task -> served version; each re-reads the
+    # registry's change epoch at most this often, so revocations and activations made through
+    # any process apply everywhere within it (0: re-read on every request).
+    registry_cache_check_s: float = 0.5
+    registry_cache_entries: int = 100_000  # per cache and process
 
     # Consolidation schedule: "" (off), "every <seconds>", or a 5-field cron line.
     consolidation_schedule: str = ""

@@ -10,11 +10,14 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from serving.stages import mark, since
 
 if TYPE_CHECKING:
     from serving.engine import Predictor, PreparedRequest
+    from serving.stages import StageStats
 
 
 class QueueFullError(RuntimeError):
@@ -29,6 +32,7 @@ class QueueFullError(RuntimeError):
 class _Waiting:
     request: PreparedRequest
     future: Future
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class DynamicBatcher:
@@ -43,6 +47,7 @@ class DynamicBatcher:
         max_wait_s: float = 0.002,
         max_queue: int = 256,
         retry_after_s: int = 1,
+        stages: StageStats | None = None,
     ) -> None:
         self.predictor = predictor
         self.max_requests = max(1, max_requests)
@@ -50,6 +55,7 @@ class DynamicBatcher:
         self.max_wait_s = max(0.0, max_wait_s)
         self.max_queue = max(1, max_queue)
         self.retry_after_s = retry_after_s
+        self.stages = stages  # queue_wait, forward, heads of each request, if given
         self._queue: deque[_Waiting] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -134,6 +140,8 @@ class DynamicBatcher:
         self.batches += 1
         self.batched_requests += len(batch)
         self.batched_rows += sum(item.request.rows for item in batch)
+        start = mark()
+        before = _forward_time(self.predictor)
         try:
             answers: list[Any] = self.predictor.run_batch([item.request for item in batch])
         except Exception as exc:
@@ -147,5 +155,37 @@ class DynamicBatcher:
                 except Exception as alone:
                     item.future.set_exception(alone)
             return
+        if self.stages is not None:
+            self._record(batch, start, before)
         for item, answer in zip(batch, answers, strict=True):
             item.future.set_result(answer)
+
+    def _record(
+        self, batch: list[_Waiting], start: tuple[float, float], before: tuple[float, float] | None
+    ) -> None:
+        """Stage times of a batch run: each request's wait, and the batch's forward and heads."""
+        cpu, wall = since(start)
+        n = len(batch)
+        stages = self.stages
+        assert stages is not None
+        stages.add("queue_wait", 0.0, sum(start[1] - item.queued_at for item in batch), requests=n)
+        after = _forward_time(self.predictor)
+        if before is None or after is None:  # no split exposed: the whole run counts as forward
+            stages.add("forward", cpu, wall, requests=n)
+            return
+        forward_cpu, forward_wall = after[0] - before[0], after[1] - before[1]
+        stages.add("forward", forward_cpu, forward_wall, requests=n)
+        stages.add("heads", max(0.0, cpu - forward_cpu), max(0.0, wall - forward_wall), requests=n)
+
+
+def _forward_time(predictor: Any) -> tuple[float, float] | None:
+    """Cumulative (CPU, wall) seconds of the predictor's encoder forwards, if it exposes them.
+
+    `Predictor.stage_times["forward"]`, when the engine keeps it; the rest of a batch run
+    (heads, decoding the answers) is then counted as heads.
+    """
+    times = getattr(predictor, "stage_times", None)
+    if not times:
+        return None
+    forward = times.get("forward")
+    return (float(forward[0]), float(forward[1])) if forward is not None else None

@@ -97,6 +97,7 @@ class Predictor:
         self.device = device
         self.batch_size = batch_size
         self.kernel = kernel
+        self.stage_times = {"forward": [0.0, 0.0]}  # cumulative (CPU s, wall s) of forwards
         self._bases: dict[str, _ServingBase] = {}
         self._bases_lock = threading.Lock()
         self._diffs: OrderedDict[str, ResidentDiff] = OrderedDict()
@@ -306,7 +307,7 @@ class Predictor:
         bounds = [0]
         for request in ordered:
             bounds.append(bounds[-1] + request.rows)
-        output = held.mixed.forward(encoded, segments)
+        output = self._timed_forward(held, encoded, segments)
         answers: list[torch.Tensor] = [torch.empty(0)] * len(requests)
         for head, members in head_rows.values():
             rows = torch.cat(
@@ -318,6 +319,17 @@ class Predictor:
                 answers[order[k]] = logits[offset : offset + ordered[k].rows]
                 offset += ordered[k].rows
         return answers
+
+    def _timed_forward(self, held: _ServingBase, encoded, segments) -> Any:
+        from serving.stages import mark, since
+
+        start = mark()
+        output = held.mixed.forward(encoded, segments)
+        cpu, wall = since(start)
+        totals = self.stage_times["forward"]
+        totals[0] += cpu
+        totals[1] += wall
+        return output
 
     def _run_applied(self, request: PreparedRequest) -> torch.Tensor:
         """Apply the request's diffs in place, run, revert (for diffs that are not row-safe)."""
@@ -337,7 +349,7 @@ class Predictor:
                     segments.append(Segment(resident.decoded, 0, request.rows))
                 else:
                     applied.append(apply_diff(held.model.base_model, resident.diff))
-            output = held.mixed.forward(request.encoded, segments)
+            output = self._timed_forward(held, request.encoded, segments)
             return held.heads.logits(task.head, request.encoded, output, rows).float().cpu()
         finally:
             for item in reversed(applied):

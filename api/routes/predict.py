@@ -1,27 +1,25 @@
-"""Predictions (`POST /tasks/{name}/predict`): requests of any tasks batched into mixed forwards."""
+"""Predictions (`POST /tasks/{name}/predict`): requests of any tasks batched into mixed forwards.
+
+The cheap path: the key's principal and the task's served version come from the per-process
+registry caches (`api.cache`) without leaving the event loop; one thread-pool hop tokenises (and,
+on a miss, reads the registry and fetches the diff); the answer is serialised once, here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import (
-    PredictorDep,
-    Principal,
-    SessionDep,
-    SettingsDep,
-    StoreDep,
-    require,
-)
+from api.deps import Principal, require
 from api.errors import ApiError
 from api.schemas import ROUTE_ERRORS, PredictionPublic, PredictionsPublic, PredictRequest
 from registry import catalog
-from registry.compose import SINGLE, layout_of
 from serving.batcher import QueueFullError
-from serving.engine import PredictionInputError, Predictor, PreparedRequest
+from serving.engine import PredictionInputError, PreparedRequest
+from serving.stages import mark, since
 
 # Mounted under /tasks by the tasks router (api/routes/tasks.py).
 router = APIRouter(tags=["predictions"])
@@ -69,36 +67,34 @@ async def predict(
     body: PredictRequest,
     request: Request,
     principal: Annotated[Principal, Depends(require("tasks.predict"))],
-    session: SessionDep,
-    store: StoreDep,
-    settings: SettingsDep,
-    predictor: PredictorDep,
     version: Annotated[int | None, Query(ge=1, description="default: the active version")] = None,
-) -> PredictionsPublic:
+) -> Response:
     """Classification answers `{"label", "score"}` per input, regression `{"value"}`."""
     from registry.artifact import ArtifactError
 
+    state = request.app.state
+    settings = state.settings
     _check_limits(
         body, max_batch=settings.serving_max_batch, max_chars=settings.serving_max_text_chars
     )
-    task = await run_in_threadpool(
-        catalog.get_task, session, tenant_id=principal.tenant_id, name=name
+    times: dict[str, tuple[float, float]] = {}
+    auth_time = getattr(request.state, "auth_time", None)
+    if auth_time is not None:
+        times["auth"] = auth_time
+    key = (principal.tenant_id, name, version)
+    start = mark()
+    served = state.served_versions.peek(key)
+    peeked = since(start)
+    # Fetching, verifying and decoding a missing diff runs off the event loop and off the
+    # model runner, so requests for resident tasks keep flowing meanwhile.
+    served, prepared, resolve_time, tokenise_time = await run_in_threadpool(
+        _prepare, state, key, served, body.inputs
     )
-    row = await run_in_threadpool(
-        catalog.get_task_version,
-        session,
-        tenant_id=principal.tenant_id,
-        name=name,
-        number=version,
-    )
+    times["resolve"] = (peeked[0] + resolve_time[0], peeked[1] + resolve_time[1])
+    times["tokenise"] = tokenise_time
     try:
-        # Fetching, verifying and decoding a missing diff runs off the event loop and off the
-        # model runner, so requests for resident tasks keep flowing meanwhile.
-        prepared = await run_in_threadpool(
-            _prepare, predictor, store, task.base_model.source, row, body.inputs
-        )
         try:
-            future = request.app.state.batcher.submit(prepared)
+            future = state.batcher.submit(prepared)
         except QueueFullError as exc:
             raise ApiError(
                 503,
@@ -110,26 +106,64 @@ async def predict(
     except PredictionInputError as exc:
         raise ApiError(422, "invalid_inputs", str(exc), field="inputs") from None
     except ArtifactError as exc:
-        raise ApiError(
-            409,
-            "artifact_mismatch",
-            f"task {name!r} version {row.number} cannot be served: {exc}",
-            field="version",
-        ) from None
-    request.app.state.metrics.predictions.labels(task.task_type).inc(len(predictions))
-    return PredictionsPublic(
-        task=name, version=row.number, predictions=[PredictionPublic(**p) for p in predictions]
+        raise _artifact_mismatch(name, served.number, exc) from None
+    start = mark()
+    state.metrics.predictions.labels(served.task_type).inc(len(predictions))
+    answer = PredictionsPublic(
+        task=name,
+        version=served.number,
+        predictions=[PredictionPublic(**p) for p in predictions],
+    )
+    # Serialised once here (not re-validated by FastAPI), so its cost is the response stage.
+    response = Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
+    times["response"] = since(start)
+    state.stage_stats.add_request(times)
+    return response
+
+
+def _artifact_mismatch(name: str, number: int, exc: Exception) -> ApiError:
+    return ApiError(
+        409,
+        "artifact_mismatch",
+        f"task {name!r} version {number} cannot be served: {exc}",
+        field="version",
     )
 
 
-def _prepare(predictor: Predictor, store, base: str, row, inputs) -> PreparedRequest:
-    """The version's resident diffs (shared first for a consolidated one) and tokenised inputs."""
-    if layout_of(row) == SINGLE:
-        artifacts = [row.artifact]
-    else:
-        artifacts = [row.shared_artifact, row.residual_artifact]
-    diffs = [
-        predictor.resolve(base, a.sha256, lambda a=a: store.get(a.object_key, sha256=a.sha256))
-        for a in artifacts
-    ]
-    return predictor.prepare(base, diffs, inputs)
+def _load_served(state, key: tuple[int, str, int | None]) -> catalog.ServedVersion:
+    tenant_id, name, number = key
+    with state.read_session_factory() as session:
+        return catalog.resolve_served_version(
+            session, tenant_id=tenant_id, name=name, number=number
+        )
+
+
+def _prepare(
+    state, key: tuple[int, str, int | None], served: catalog.ServedVersion | None, inputs
+) -> tuple[catalog.ServedVersion, PreparedRequest, tuple[float, float], tuple[float, float]]:
+    """The served version, its resident diffs (shared first) and tokenised inputs; the
+    (CPU, wall) seconds of resolving and of tokenising."""
+    from registry.artifact import ArtifactError
+
+    predictor, store = state.predictor, state.store
+    start = mark()
+    if served is None:
+        served = state.served_versions.get(key, lambda: _load_served(state, key))
+    try:
+        diffs = [
+            predictor.resolve(
+                served.base_source,
+                sha256,
+                lambda object_key=object_key, sha256=sha256: store.get(object_key, sha256=sha256),
+            )
+            for object_key, sha256 in served.artifacts
+        ]
+    except ArtifactError as exc:
+        raise _artifact_mismatch(key[1], served.number, exc) from None
+    resolved = since(start)
+    start = mark()
+    try:
+        prepared = predictor.prepare(served.base_source, diffs, inputs)
+    except PredictionInputError as exc:
+        raise ApiError(422, "invalid_inputs", str(exc), field="inputs") from None
+    return served, prepared, resolved, since(start)

@@ -21,6 +21,7 @@ from registry.catalog.consolidation import (
     training_job_of,
 )
 from registry.catalog.datasets import create_dataset, delete_dataset, get_dataset, list_datasets
+from registry.catalog.epoch import bump_change_epoch, read_change_epoch, watch_local_changes
 from registry.catalog.errors import CatalogError, ConflictError, InvalidInputError, NotFoundError
 from registry.catalog.jobs import (
     DEFAULT_STALE_AFTER_S,
@@ -41,6 +42,7 @@ from registry.catalog.jobs import (
 from registry.catalog.pagination import MAX_PAGE_SIZE
 from registry.catalog.tasks import (
     TASK_TYPES,
+    ServedVersion,
     activate_version,
     check_task_name,
     delete_task_version,
@@ -50,6 +52,7 @@ from registry.catalog.tasks import (
     list_task_versions,
     list_tasks,
     publish_task_version,
+    resolve_served_version,
 )
 from registry.catalog.tenants import (
     authenticate_api_key,
@@ -72,9 +75,11 @@ __all__ = [
     "ConflictError",
     "InvalidInputError",
     "NotFoundError",
+    "ServedVersion",
     "activate_version",
     "add_artifact",
     "artifact_is_referenced",
+    "bump_change_epoch",
     "authenticate_api_key",
     "check_scopes",
     "check_task_name",
@@ -113,6 +118,8 @@ __all__ = [
     "load_job",
     "mark_enqueued",
     "publish_task_version",
+    "read_change_epoch",
+    "resolve_served_version",
     "record_progress",
     "record_report",
     "register_base_model",
@@ -123,4 +130,5 @@ __all__ = [
     "revoke_api_key",
     "set_shared_artifact",
     "transaction",
+    "watch_local_changes",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -11,9 +12,11 @@ from registry.catalog._ids import get_row, in_id_range
 from registry.catalog._names import is_task_name
 from registry.catalog._tx import get_or_create, transaction
 from registry.catalog.artifacts import add_artifact, delete_blobs_if_unused, release_artifacts
+from registry.catalog.epoch import bump_change_epoch
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from registry.catalog.jobs import record_job_end
 from registry.catalog.pagination import paginate
+from registry.compose import SINGLE, layout_of
 from registry.models import Artifact, BaseModel, Job, Task, TaskVersion
 from registry.stores.base import ObjectStore, StoredObject
 
@@ -113,19 +116,52 @@ def get_task_version(
 ) -> TaskVersion:
     """Version `number` of a task, or its active version when `number` is None."""
     with transaction(session):
-        task = _task(session, tenant_id, name)
-        if number is None:
-            if task.active_version is None:
-                raise NotFoundError(f"task {name!r} has no active version", field="version")
-            number = task.active_version
-        if not in_id_range(number):
-            raise NotFoundError(f"task {name!r} has no version {number}", field="version")
-        version = session.scalar(
-            select(TaskVersion).where(TaskVersion.task_id == task.id, TaskVersion.number == number)
-        )
+        return _version(session, _task(session, tenant_id, name), number)
+
+
+def _version(session: Session, task: Task, number: int | None) -> TaskVersion:
+    if number is None:
+        if task.active_version is None:
+            raise NotFoundError(f"task {task.name!r} has no active version", field="version")
+        number = task.active_version
+    if not in_id_range(number):
+        raise NotFoundError(f"task {task.name!r} has no version {number}", field="version")
+    version = session.scalar(
+        select(TaskVersion).where(TaskVersion.task_id == task.id, TaskVersion.number == number)
+    )
     if version is None:
-        raise NotFoundError(f"task {name!r} has no version {number}", field="version")
+        raise NotFoundError(f"task {task.name!r} has no version {number}", field="version")
     return version
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """What predicting with a task version needs, detached from any session (safe to cache)."""
+
+    task_type: str
+    base_source: str
+    number: int
+    # (object_key, sha256) of each stored diff to apply: the shared one first when consolidated.
+    artifacts: tuple[tuple[str, str], ...]
+
+
+def resolve_served_version(
+    session: Session, *, tenant_id: int, name: str, number: int | None = None
+) -> ServedVersion:
+    """Version `number` (default: the active one) of a task as served, or NotFoundError."""
+    with transaction(session):
+        task = _task(session, tenant_id, name)
+        version = _version(session, task, number)
+        if layout_of(version) == SINGLE:
+            parts = [version.artifact]
+        else:
+            parts = [version.shared_artifact, version.residual_artifact]
+        return ServedVersion(
+            task_type=task.task_type,
+            base_source=task.base_model.source,
+            number=version.number,
+            artifacts=tuple((a.object_key, a.sha256) for a in parts),
+        )
 
 
 def list_task_versions(session: Session, *, tenant_id: int, name: str) -> list[TaskVersion]:
@@ -249,6 +285,7 @@ def publish_task_version(
                 )
         session.flush()
         session.refresh(version)
+        bump_change_epoch(session)  # last: the epoch row stays locked only until commit
     return version
 
 
@@ -266,6 +303,7 @@ def activate_version(session: Session, *, tenant_id: int, name: str, number: int
         if found is None:
             raise NotFoundError(f"task {name!r} has no version {number}", field="version")
         task.active_version = number
+        bump_change_epoch(session)
     return task
 
 
@@ -300,5 +338,6 @@ def delete_task_version(
                 select(func.max(TaskVersion.number)).where(TaskVersion.task_id == task.id)
             )
         keys = release_artifacts(session, artifact_ids)
+        bump_change_epoch(session)
     delete_blobs_if_unused(session, store, keys)
     return task

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from registry import keys as keylib
 from registry.catalog._ids import get_row
 from registry.catalog._tx import get_or_create, transaction
+from registry.catalog.epoch import bump_change_epoch
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from registry.models import API_SCOPES, ApiKey, BaseModel, Tenant, utcnow
 
@@ -130,4 +131,5 @@ def revoke_api_key(session: Session, *, tenant_id: int | None, key_id: int) -> A
             raise NotFoundError(f"API key {key_id} not found", field="key_id")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
+            bump_change_epoch(session)
     return row
