@@ -31,7 +31,9 @@ def extension() -> Any:
             from torch.utils.cpp_extension import load
 
             _extension = load(
-                name="diffbank_segmented", sources=[str(SOURCE)], extra_cflags=["-O3"]
+                name="diffbank_segmented",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native"],
             )
         return _extension
 

@@ -161,7 +161,7 @@ template <typename V>
 void correct_tile(float* out, const float* x, int64_t width_out, int64_t width_in, int64_t t0,
                   int64_t count, const int32_t* blocks, const uint16_t* lows, const V* vals,
                   float* xt) {
-  for (int64_t c = 0; c < width_in * TILE; ++c) xt[c] = 0.f;
+  if (count < TILE) std::fill(xt, xt + width_in * TILE, 0.f);
   for (int64_t j = 0; j < count; ++j) {
     const float* row = x + (t0 + j) * width_in;
     for (int64_t c = 0; c < width_in; ++c) xt[c * TILE + j] = row[c];
