@@ -12,3 +12,10 @@ pytest_plugins = [
     "tests.fixtures.backends",  # sqlite/postgres engines, file/S3 object stores
     "tests.fixtures.services",  # redis server, celery worker process, API server
 ]
+
+
+def pytest_sessionstart(session):
+    """Build the serving kernel's C++ extension once, before any server process needs it."""
+    from serving.kernels import compiled
+
+    compiled.extension()

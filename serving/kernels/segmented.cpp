@@ -326,7 +326,16 @@ void segmented_forward(int64_t kind, torch::Tensor out, torch::Tensor x, torch::
     }
     auto target = out.narrow(0, a, z - a);
     if (broadcast) {
-      target.copy_(run_module(kind, x, weight, bias, eps, padding_idx).expand_as(target));
+      auto y = run_module(kind, x, weight, bias, eps, padding_idx);
+      if (kind == LINEAR) {
+        auto flat_y = y.view({-1, y.size(-1)});
+        auto flat_x = x.reshape({-1, x.size(-1)});
+        for (int64_t i = first; i < last; ++i) {
+          const int64_t f = p[i * NCOLS + FACTOR];
+          if (f >= 0) flat_y.addmm_(at::mm(flat_x, downs[f]), ups[f].t());
+        }
+      }
+      target.copy_(y.expand_as(target));
     } else {
       auto rows = x.narrow(0, a, z - a);
       if (kind == LINEAR) {
