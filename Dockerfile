@@ -7,6 +7,10 @@ COPY api ./api
 COPY cli ./cli
 COPY worker ./worker
 COPY registry ./registry
+COPY serving ./serving
+COPY diffs ./diffs
+COPY datasets_io ./datasets_io
+COPY settings ./settings
 # A CUDA build of torch for GPU workers; pin it with the rest.
 RUN pip install torch==2.5.1 && pip install .
 RUN useradd --create-home diffbank && mkdir -p /var/lib/diffbank && chown diffbank /var/lib/diffbank

@@ -22,10 +22,10 @@ from api.guard import RequestGuard
 from api.head_requests import HeadAsGet
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import consolidations, datasets, health, interference, jobs, keys, tasks
-from registry.settings import Settings, get_settings
 from serving.batcher import DynamicBatcher
 from serving.engine import Predictor
 from serving.stages import StageStats
+from settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

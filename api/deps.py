@@ -19,9 +19,9 @@ from api.errors import ApiError
 from api.guard import MISSING_KEY, Principal
 from registry.catalog.pagination import MAX_PAGE_SIZE
 from registry.keys import hash_key
-from registry.settings import Settings
 from registry.stores import ObjectStore
 from serving.engine import Predictor
+from settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer KEY`.")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}

@@ -163,9 +163,9 @@ async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONRes
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error (ours, the registry's, FastAPI's) in the one JSON shape."""
+    from datasets_io.tabular import DatasetError
     from registry.catalog.errors import CatalogError
     from registry.stores import ObjectStoreError
-    from registry.tabular import DatasetError
 
     app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(CatalogError, _catalog_error_handler)

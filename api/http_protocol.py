@@ -30,7 +30,7 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with 414/431/408 answers and time limits on slow clients."""
 
     def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
-        from registry.settings import get_settings
+        from settings import get_settings
 
         super().__init__(config, *args, **kwargs)
         self.max_head_bytes = (

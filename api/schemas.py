@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from registry.basemodel import public_base_name
+from diffs.basemodel import public_base_name
 from registry.catalog.consolidation import STRATEGIES
 
 

@@ -92,7 +92,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from bench.common import artifact_size, train_dense
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
     from worker.data import load_sample_task
     from worker.diffprune.config import DiffPruneConfig, run_steps
     from worker.diffprune.trainer import train_diff
@@ -177,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def fitted_metrics(data: Any, base: Any, diff: Any) -> dict[str, Any]:
     """Metrics of base + diff on the rows it was trained on (how well it fits them)."""
-    from registry.apply import build_task_model
+    from diffs.apply import build_task_model
     from worker.kit.evaluate import evaluate
 
     model = build_task_model(base, diff)

@@ -16,17 +16,13 @@ import time
 
 import torch
 
-from registry import index_coding
-from registry.apply import apply_diff
-from registry.artifact import (
-    VALUE_DTYPES,
-    ArtifactMeta,
-    SparseDiff,
-    diff_from_dense,
-    dumps_artifact,
-    loads_artifact,
-)
-from registry.basemodel import LoadedBase, build_model, load_base
+from diffs import index_coding
+from diffs.apply import apply_diff
+from diffs.basemodel import LoadedBase, build_model, load_base
+from diffs.build import diff_from_dense
+from diffs.read import loads_artifact
+from diffs.types import VALUE_DTYPES, ArtifactMeta, SparseDiff
+from diffs.write import dumps_artifact
 
 DENSITIES = (0.001, 0.005, 0.01)
 GOAL_RATIO = 1.15

@@ -151,7 +151,7 @@ def train_dense(
     """
     import torch
 
-    from registry.basemodel import head_parameters
+    from diffs.basemodel import head_parameters
     from worker.diffprune.config import run_steps
     from worker.diffprune.trainer import micro_batches
     from worker.kit.batching import encode_rows, label_tensor
@@ -243,8 +243,8 @@ def train_dense(
 
 
 def artifact_size(diff: Any) -> int:
-    """Bytes of a sparse diff as saved by registry.artifact."""
-    from registry.artifact import dumps_artifact
+    """Bytes of a sparse diff as saved by diffs.write."""
+    from diffs.write import dumps_artifact
 
     return len(dumps_artifact(diff))
 

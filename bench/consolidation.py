@@ -100,7 +100,8 @@ def task_data(name: str, args):
 
 def train_alone(name, data, base, args, seed: int):
     """Diff-prune one task alone at 0.5% density (cached); (SparseDiff, train seconds)."""
-    from registry.artifact import dumps_artifact, loads_artifact
+    from diffs.read import loads_artifact
+    from diffs.write import dumps_artifact
     from worker.diffprune.config import DiffPruneConfig
     from worker.diffprune.trainer import train_diff
 
@@ -152,7 +153,7 @@ def consolidation_config(args, *, strategy: str, budget: int, seed: int):
 
 def consolidate_once(args, base, tasks, *, strategy: str, budget: int, seed: int) -> dict:
     """One consolidation: its metrics after, stored sizes, time and the RSS high-water mark."""
-    from registry.artifact import dumps_artifact
+    from diffs.write import dumps_artifact
     from worker.consolidation.artifacts import evaluate_diff
     from worker.consolidation.fit import consolidate
 
@@ -193,7 +194,7 @@ def worker(args) -> None:
     """One consolidation in this (fresh) process; its result where `run_isolated` reads it."""
     import torch
 
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
 
     quiet()
     torch.set_num_threads(args.threads)
@@ -245,7 +246,7 @@ def mean(values: list[float]) -> float:
 
 def single_task_tables(args, base) -> dict[int, dict[str, Any]]:
     """Per seed: each task's data, cached individual diff and its metric before consolidation."""
-    from registry.artifact import dumps_artifact
+    from diffs.write import dumps_artifact
     from worker.consolidation.artifacts import evaluate_diff
     from worker.consolidation.config import ConsolidationConfig, ConsolidationTask
 
@@ -468,9 +469,9 @@ def goals_table(args, runs) -> None:
 def interference_table(args, runs, singles) -> None:
     """Per task: mean Jaccard / sign agreement / cosine to the others, and acceptance per run."""
     try:
-        from registry.interference import pairwise_interference
+        from diffs.interference import pairwise_interference
     except ImportError:
-        print("\ninterference vs acceptance: registry.interference is not there yet (skipped)")
+        print("\ninterference vs acceptance: diffs.interference is not there yet (skipped)")
         return
     import numpy as np
 
@@ -557,7 +558,7 @@ def main() -> int:
 
     import torch
 
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
     from worker.consolidation.config import ConsolidationConfig
 
     torch.set_num_threads(args.threads)

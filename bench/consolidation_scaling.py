@@ -45,7 +45,8 @@ def synthetic_tasks(base, count: int, rows: int, seed: int) -> list:
     """`count` slices of the sample (odd ones relabelled), each with a random 0.5% current diff."""
     import torch
 
-    from registry.artifact import ArtifactMeta, SparseDiff, make_meta_consistent
+    from diffs.build import make_meta_consistent
+    from diffs.types import ArtifactMeta, SparseDiff
     from worker.consolidation.config import ConsolidationTask
     from worker.data import load_sample_task
 
@@ -97,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
     from worker.consolidation.config import ConsolidationConfig, validate_request
     from worker.consolidation.fit import start_fit
     from worker.consolidation.state import SHARED

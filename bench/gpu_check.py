@@ -48,7 +48,7 @@ def _tiny_base(directory: Path) -> str:
 
 
 def _train(base_name: str, task: str, rows: int, device: str, **overrides):
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
     from worker.diffprune.config import DiffPruneConfig
     from worker.diffprune.trainer import train_diff
 
@@ -65,7 +65,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="diffbank-gpu-check-"))
     import torch
 
-    from registry.artifact import dumps_artifact
+    from diffs.write import dumps_artifact
 
     info = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     print(f"device {device}: {info}; torch {torch.__version__}", flush=True)
@@ -105,9 +105,9 @@ def main() -> int:
 
     def mixed_serving() -> str:
         from bench.service import SENTENCES, random_sparse_diff
-        from registry.apply import build_task_model
-        from registry.artifact import loads_artifact
-        from registry.basemodel import load_base
+        from diffs.apply import build_task_model
+        from diffs.basemodel import load_base
+        from diffs.read import loads_artifact
         from serving.engine import Predictor
 
         base = load_base("all-MiniLM-L6-v2")
@@ -131,7 +131,7 @@ def main() -> int:
         return f"8 tasks x 4 sentences, max |score - merged (CPU)| {worst:.2e}, {seconds:.1f} s"
 
     def consolidation() -> str:
-        from registry.basemodel import load_base
+        from diffs.basemodel import load_base
         from worker.consolidation.config import ConsolidationConfig, ConsolidationTask
         from worker.consolidation.fit import consolidate
 

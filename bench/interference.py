@@ -1,4 +1,4 @@
-"""Time of `registry.interference.pairwise_interference` for T tasks on the default base.
+"""Time of `diffs.interference.pairwise_interference` for T tasks on the default base.
 
 Synthetic diffs: uniformly random supports of `--density` (0.5%) of the base's parameters,
 spread over its tensors, fp16 normal values, as `SparseDiff`s the way `loads_artifact` returns
@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-from registry.artifact import ArtifactMeta, SparseDiff, make_meta_consistent
-from registry.basemodel import load_base
-from registry.interference import pairwise_interference
+from diffs.basemodel import load_base
+from diffs.build import make_meta_consistent
+from diffs.interference import pairwise_interference
+from diffs.types import ArtifactMeta, SparseDiff
 
 GOAL_MS = {100: 100.0}
 

@@ -112,7 +112,7 @@ def run_clients(
 
 def bench_api(args: argparse.Namespace) -> None:
     """Job status and submission latency under concurrent clients against real uvicorn."""
-    from registry.basemodel import resolve_base_path
+    from diffs.basemodel import resolve_base_path
     from tests.fixtures.services import (
         RedisServer,
         prepare_registry,
@@ -208,7 +208,8 @@ def random_sparse_diff(
     """A diff with `density` of every base tensor's entries at random positions, random values."""
     import torch
 
-    from registry.artifact import ArtifactMeta, SparseDiff, make_meta_consistent
+    from diffs.build import make_meta_consistent
+    from diffs.types import ArtifactMeta, SparseDiff
 
     generator = torch.Generator().manual_seed(seed)
     indices, values, shapes = {}, {}, {}
@@ -239,9 +240,10 @@ def bench_serving(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from registry.apply import apply_diff
-    from registry.artifact import dumps_artifact, loads_artifact
-    from registry.basemodel import build_model, load_base, resolve_base_path
+    from diffs.apply import apply_diff
+    from diffs.basemodel import build_model, load_base, resolve_base_path
+    from diffs.read import loads_artifact
+    from diffs.write import dumps_artifact
 
     torch.manual_seed(0)
     torch.set_num_threads(

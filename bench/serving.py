@@ -7,7 +7,8 @@
     python -m bench.serving --forward                    # one batch in-process: mixed vs merged
     python -m bench.serving --stages --tasks 8           # per-request CPU/wall time by stage
 
-Each request is 1-4 sentences for a task drawn uniformly from T tasks on all-MiniLM-L6-v2;
+Each request is one 40-word text (`--shape sentences`: 1-4 short sentences) for a task drawn
+uniformly from T tasks on all-MiniLM-L6-v2;
 tasks are RANDOM 0.5% sparse diffs with random heads (timing does not depend on the values).
 Rows, side by side:
   (a) apply/revert: every request applies its task's diff to the base, runs, reverts, one
@@ -55,7 +56,9 @@ def make_artifacts(base: Any, count: int, *, seed: int, empty: bool = False) -> 
     """`count` distinct random task artifacts (0.5% diffs, or none when `empty`) on `base`."""
     import torch
 
-    from registry.artifact import ArtifactMeta, SparseDiff, dumps_artifact, make_meta_consistent
+    from diffs.build import make_meta_consistent
+    from diffs.types import ArtifactMeta, SparseDiff
+    from diffs.write import dumps_artifact
 
     generator = torch.Generator().manual_seed(seed)
     diffs = []
@@ -90,8 +93,8 @@ def make_artifacts(base: Any, count: int, *, seed: int, empty: bool = False) -> 
 
 def publish(settings: Any, tenant: str, artifacts: list[bytes], prefix: str) -> list[str]:
     """Publish each artifact as version 1 of task `<prefix><i>`; the task names."""
+    from diffs.read import loads_artifact
     from registry import catalog
-    from registry.artifact import loads_artifact
     from registry.db import get_session_factory
     from registry.publish import publish_version
     from registry.stores import open_store
@@ -146,7 +149,7 @@ def apply_revert_app():
         """Keeps each diff as a SparseDiff, so every request applies and reverts it."""
 
         def _decode(self, held, data):
-            from registry.artifact import loads_artifact
+            from diffs.read import loads_artifact
 
             resident = super()._decode(held, data)
             diff = loads_artifact(data, expected_fingerprint=held.loaded.fingerprint)
@@ -173,8 +176,23 @@ def start_server(env: dict[str, str], log_dir: Path, factory: str, threads: int)
     return start_api_server({**env, **threads_env}, log_dir, factory=factory, timeout_s=120)
 
 
+def request_texts(rng: random.Random, shape: str) -> list[str]:
+    """One request's inputs: one 40-word text, or 1-4 short sample sentences."""
+    if shape == "40-words":
+        words = " ".join(SENTENCES).split()
+        return [" ".join(rng.choice(words) for _ in range(40))]
+    return [rng.choice(SENTENCES) for _ in range(rng.randint(1, 4))]
+
+
 def closed_loop(
-    url: str, key: str, names: list[str], *, clients: int, seconds: float, seed: int
+    url: str,
+    key: str,
+    names: list[str],
+    *,
+    clients: int,
+    seconds: float,
+    seed: int,
+    shape: str = "40-words",
 ) -> dict[str, float]:
     """`clients` threads post back to back for `seconds`; sentences/s and latency percentiles."""
     import httpx
@@ -195,7 +213,7 @@ def closed_loop(
             barrier.wait()
             while time.perf_counter() < stop_at[0]:
                 task = rng.choice(names)
-                texts = [rng.choice(SENTENCES) for _ in range(rng.randint(1, 4))]
+                texts = request_texts(rng, shape)
                 start = time.perf_counter()
                 response = http.post(f"/v1/tasks/{task}/predict", json={"inputs": texts})
                 own.append(time.perf_counter() - start)
@@ -253,7 +271,7 @@ def server_memory(server) -> float:
 
 def bench_server_rows(args: argparse.Namespace, counts: list[int]) -> list[list[Any]]:
     """Rows (a), (b), (c) for every T, each against a fresh uvicorn server."""
-    from registry.basemodel import load_base, resolve_base_path
+    from diffs.basemodel import load_base, resolve_base_path
     from tests.fixtures.services import (
         RedisServer,
         prepare_registry,
@@ -280,7 +298,7 @@ def bench_server_rows(args: argparse.Namespace, counts: list[int]) -> list[list[
                 ("(a) apply/revert", "bench.serving:apply_revert_app", tasks),
                 ("(b) mixed", "api.app:create_app", tasks),
                 ("(c) merged, batched", "api.app:create_app", merged),
-            ]
+            ][1 if args.skip_apply else 0 :]
             for label, factory, names in plans:
                 server = start_server(env, work, factory, args.threads)
                 try:
@@ -292,6 +310,7 @@ def bench_server_rows(args: argparse.Namespace, counts: list[int]) -> list[list[
                         clients=args.clients,
                         seconds=args.seconds,
                         seed=count,
+                        shape=args.shape,
                     )
                     rows.append(
                         [
@@ -366,7 +385,7 @@ def stage_rows(before: dict[str, list[float]], after: dict[str, list[float]]) ->
 
 def bench_stages(args: argparse.Namespace) -> None:
     """The mixed path (b) against one uvicorn server: per-request time by stage from /metrics."""
-    from registry.basemodel import load_base, resolve_base_path
+    from diffs.basemodel import load_base, resolve_base_path
     from tests.fixtures.services import (
         RedisServer,
         prepare_registry,
@@ -420,7 +439,7 @@ def peft_worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from bench.common import rss_bytes
-    from registry.basemodel import quiet_transformers, resolve_base_path
+    from diffs.basemodel import quiet_transformers, resolve_base_path
 
     torch.set_num_threads(args.threads)
     path = resolve_base_path("all-MiniLM-L6-v2")
@@ -572,8 +591,8 @@ def bench_forward(args: argparse.Namespace) -> None:
     G distinct tasks, median ms; what the corrections cost without HTTP or batching."""
     import torch
 
-    from registry.artifact import loads_artifact
-    from registry.basemodel import build_model, load_base, resolve_base_path
+    from diffs.basemodel import build_model, load_base, resolve_base_path
+    from diffs.read import loads_artifact
     from serving.mixed import MixedEncoder, Segment
 
     torch.set_num_threads(args.threads)
@@ -637,6 +656,13 @@ def main(argv: list[str] | None = None) -> None:
         "--stages", action="store_true", help="per-request CPU time by stage (first of --tasks)"
     )
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--skip-apply", action="store_true", help="leave out row (a)")
+    parser.add_argument(
+        "--shape",
+        default="40-words",
+        choices=["40-words", "sentences"],
+        help="each request: one 40-word text, or 1-4 short sentences",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peft-tasks", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -23,17 +23,15 @@ import time
 from typing import Any
 
 from bench.common import mib, print_table, rss_bytes
-from bench.service import MACHINE_NOTE, SENTENCES
-from bench.serving import make_artifacts, percentile
+from bench.service import MACHINE_NOTE
+from bench.serving import make_artifacts, percentile, request_texts
 
 REQUESTS = 16
-WORDS = 40
 
 
 def texts_40_words(rng: random.Random, count: int) -> list[str]:
-    """`count` texts of 40 words drawn from the sample sentences."""
-    words = " ".join(SENTENCES).split()
-    return [" ".join(rng.choice(words) for _ in range(WORDS)) for _ in range(count)]
+    """`count` texts of 40 words drawn from the sample sentences (as the HTTP bench sends)."""
+    return [request_texts(rng, "40-words")[0] for _ in range(count)]
 
 
 def timed_batches(run_batch, batches: list[Any]) -> list[float]:
@@ -65,7 +63,7 @@ def build_peft(count: int) -> tuple[Any, Any, float]:
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from registry.basemodel import quiet_transformers, resolve_base_path
+    from diffs.basemodel import quiet_transformers, resolve_base_path
 
     path = resolve_base_path("all-MiniLM-L6-v2")
     with quiet_transformers():
@@ -82,7 +80,7 @@ def run(args: argparse.Namespace, count: int, threads: int) -> list[list[Any]]:
     """The rows of one T at one thread count."""
     import torch
 
-    from registry.basemodel import load_base, resolve_base_path
+    from diffs.basemodel import load_base, resolve_base_path
     from serving.engine import Predictor
 
     torch.set_num_threads(threads)
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             merged = next(r for r in rows if r[0] == row[0] and r[1] == "(c) merged")
             table.append([*row, row[2] / merged[2]])
         print_table(
-            f"In-process serving, MiniLM, {REQUESTS} requests x one {WORDS}-word text per batch, "
+            f"In-process serving, MiniLM, {REQUESTS} requests x one 40-word text per batch, "
             f"{threads} torch thread(s) ({MACHINE_NOTE})",
             [
                 "T",

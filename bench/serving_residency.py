@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from tqdm import tqdm
 
-    from registry.artifact import dumps_artifact, loads_artifact
-    from registry.basemodel import load_base, resolve_base_path
+    from diffs.basemodel import load_base, resolve_base_path
+    from diffs.read import loads_artifact
+    from diffs.write import dumps_artifact
     from serving.engine import Predictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

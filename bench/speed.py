@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
     from worker.data import load_sample_task
     from worker.diffprune.config import DiffPruneConfig
     from worker.diffprune.trainer import train_diff

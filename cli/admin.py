@@ -62,7 +62,7 @@ def _schema_ready(settings: object) -> bool:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply migrations to the configured database."""
     from registry.db import current_revision, get_engine, upgrade
-    from registry.settings import get_settings
+    from settings import get_settings
 
     settings = get_settings()
     engine = get_engine(settings)
@@ -87,8 +87,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     """Remove orphan blobs and checkpoints of finished jobs."""
     from registry.db import get_session_factory
     from registry.gc import DEFAULT_GRACE_S, gc
-    from registry.settings import get_settings
     from registry.stores import open_store
+    from settings import get_settings
 
     settings = get_settings()
     if not _schema_ready(settings):
@@ -123,7 +123,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     """Create an API key for a tenant and print it (the only time it is shown)."""
     from registry import catalog
     from registry.db import get_session_factory
-    from registry.settings import get_settings
+    from settings import get_settings
 
     settings = get_settings()
     if not _schema_ready(settings):
@@ -166,7 +166,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     """Print every API key (or one tenant's): id, prefix, tenant, scopes, revoked or not."""
     from registry import catalog
     from registry.db import get_session_factory
-    from registry.settings import get_settings
+    from settings import get_settings
 
     settings = get_settings()
     if not _schema_ready(settings):
@@ -193,7 +193,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     """Revoke one API key by id (idempotent)."""
     from registry import catalog
     from registry.db import get_session_factory
-    from registry.settings import get_settings
+    from settings import get_settings
 
     settings = get_settings()
     if not _schema_ready(settings):

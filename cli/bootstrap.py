@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.settings import Settings
+from settings import Settings
 
 DEFAULT_TENANT = "default"
 ADMIN_KEY_FILE = "admin.key"

@@ -31,7 +31,7 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
 def client_from_args(args: argparse.Namespace):
     """A `DiffbankClient` for the server and key given on the command line or in the env."""
     from cli.http_client import DiffbankClient
-    from registry.settings import Settings
+    from settings import Settings
 
     settings = Settings()
     url = args.url or settings.url

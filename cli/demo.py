@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import worker
-from registry.settings import Settings, get_settings
+from settings import Settings, get_settings
 
 SAMPLES_DIR = Path(worker.__file__).resolve().parent / "samples"
 DEFAULT_DEMO_TASK = "movie-sentiment"

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from registry.settings import Settings
+from settings import Settings
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from cli.outputs import OutputExistsError, add_force_flag, check_output_dir, che
 if TYPE_CHECKING:
     import numpy as np
 
-    from registry.artifact import SparseDiff
+    from diffs.types import SparseDiff
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def tensor_rows(diff: SparseDiff) -> list[dict[str, Any]]:
     """One row per changed tensor: name, shape, stored values (nnz), density, factor rank."""
-    from registry.diffstats import factor_ranks, stored_values_of
+    from diffs.diffstats import factor_ranks, stored_values_of
 
     stored = stored_values_of(diff)
     ranks = factor_ranks(diff)
@@ -58,7 +58,7 @@ def summary(diff: SparseDiff, file_bytes: int) -> dict[str, Any]:
     """Everything `inspect` reports, as one JSON-ready object."""
     from dataclasses import asdict
 
-    from registry.diffstats import nonzeros_per_layer
+    from diffs.diffstats import nonzeros_per_layer
 
     head_bytes = sum(t.numel() * t.element_size() for t in diff.head.values())
     return {
@@ -87,7 +87,7 @@ def density_grid(diff: SparseDiff) -> tuple[list[str], list[str], np.ndarray]:
     """Density of nonzeros per (layer, module), weights and biases together; NaN where absent."""
     import numpy as np
 
-    from registry.diffstats import layer_module_of, stored_values_of
+    from diffs.diffstats import layer_module_of, stored_values_of
 
     nnz: dict[tuple[str, str], int] = {}
     numel: dict[tuple[str, str], int] = {}
@@ -129,8 +129,9 @@ def plot_density(diff: SparseDiff, out: Path) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print an artifact's metadata and nonzeros per tensor; optionally plot them."""
-    from registry.artifact import ArtifactError, load_artifact
-    from registry.validation import check_artifact
+    from diffs.read import load_artifact
+    from diffs.types import ArtifactError
+    from diffs.validation import check_artifact
 
     try:
         if args.plot:
@@ -175,9 +176,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Merge base + diff + head into a model directory `from_pretrained` can load."""
-    from registry.apply import build_task_model
-    from registry.artifact import ArtifactError, load_artifact
-    from registry.basemodel import load_base
+    from diffs.apply import build_task_model
+    from diffs.basemodel import load_base
+    from diffs.read import load_artifact
+    from diffs.types import ArtifactError
 
     try:
         check_output_dir(args.outdir, force=args.force)

@@ -21,7 +21,7 @@ from typing import Any
 
 from cli.client import add_connection_args, client_from_args, fail, print_json
 from cli.outputs import OutputExistsError, add_force_flag, check_output_file
-from registry.settings import Settings
+from settings import Settings
 
 # option -> (Settings field whose default it takes, type, what it sets)
 GROUP_OPTIONS = {
@@ -94,8 +94,8 @@ def group_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def local_report(files: list[Path], options: dict[str, Any]) -> dict[str, Any]:
     """The interference report of local artifact files, named by file stem, grouped by `options`."""
-    from registry.artifact import load_artifact
-    from registry.interference import consolidation_groups, pairwise_interference
+    from diffs.interference import consolidation_groups, pairwise_interference
+    from diffs.read import load_artifact
 
     stems = [path.stem for path in files]
     names = stems if len(set(stems)) == len(stems) else [str(path) for path in files]

@@ -45,7 +45,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     """Serve the API (refuses to start on a schema that is behind)."""
     import uvicorn
 
-    from registry.settings import get_settings
+    from settings import get_settings
 
     settings = get_settings()
     uvicorn.run(
@@ -87,7 +87,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_beat(args: argparse.Namespace) -> int:
     """Replace this process by Celery beat, its schedule state under the data directory."""
-    from registry.settings import get_settings
+    from settings import get_settings
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Run the embedded stack in the foreground until Ctrl-C."""
     from cli.bootstrap import bootstrap_embedded
     from cli.embedded import EmbeddedStack
-    from registry.settings import get_settings
+    from settings import get_settings
 
     settings = get_settings()
     boot = bootstrap_embedded(settings)

@@ -84,7 +84,7 @@ def _predict_remote(args: argparse.Namespace, inputs: list[Any]) -> list[dict[st
 
 def _predict_local(path: Path, inputs: list[Any], *, base: str | None) -> list[dict[str, Any]]:
     """Apply the artifact to its base in this process and predict."""
-    from registry.artifact import loads_artifact
+    from diffs.read import loads_artifact
     from serving.engine import Predictor
 
     data = path.read_bytes()

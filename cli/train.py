@@ -57,8 +57,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Load the data, train, save the artifact, report (a tqdm bar on stderr)."""
-    from registry.settings import get_settings
-    from registry.tabular import ColumnMapping, DatasetError
+    from datasets_io.tabular import ColumnMapping, DatasetError
+    from settings import get_settings
     from worker.data import load_task_data
 
     try:
@@ -97,8 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from registry.artifact import save_artifact
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
+    from diffs.write import save_artifact
     from worker.diffprune.trainer import train_diff
     from worker.kit.progress import Progress
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from registry.settings import Settings
+    from settings import Settings
 
 TASK_TYPES = ("classification", "pair-classification", "regression")
 MAX_LABEL_CHARS = 256  # label names are echoed in every list and prediction

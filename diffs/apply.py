@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from registry.artifact import ArtifactError, SparseDiff
-from registry.basemodel import head_parameters
+from diffs.basemodel import head_parameters
+from diffs.types import ArtifactError, SparseDiff
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel
 
-    from registry.basemodel import LoadedBase
+    from diffs.basemodel import LoadedBase
 
 
 @dataclass(eq=False)
@@ -152,8 +152,8 @@ def load_head(model: PreTrainedModel, diff: SparseDiff) -> None:
 
 def build_task_model(base: LoadedBase, diff: SparseDiff) -> PreTrainedModel:
     """A standalone classification model: base + diff merged, the diff's head, labels set."""
-    from registry.basemodel import build_model
-    from registry.validation import check_artifact
+    from diffs.basemodel import build_model
+    from diffs.validation import check_artifact
 
     check_artifact(diff, base)
     meta = diff.meta

@@ -6,7 +6,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from registry.artifact import SparseDiff
+    from diffs.types import SparseDiff
 
 _LAYER_PARAM = re.compile(r"^(?:.*\.)?layer\.(\d+)\.(.+)$")
 

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from registry.settings import Settings
+from settings import Settings
 
 if TYPE_CHECKING:
-    from registry.artifact import SparseDiff
+    from diffs.types import SparseDiff
 
 CHUNK_POSITIONS = 1 << 18
 _ENTRY_BITS = 32  # a chunk's entry ids (< 2**32) sit below its positions in one sort key

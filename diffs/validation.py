@@ -11,15 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from registry.artifact import (
-    ArtifactError,
-    SparseDiff,
-    check_base_shapes,
-    check_diff_factors,
-)
+from diffs.checks import check_base_shapes, check_diff_factors
+from diffs.types import ArtifactError, SparseDiff
 
 if TYPE_CHECKING:
-    from registry.basemodel import LoadedBase
+    from diffs.basemodel import LoadedBase
 
 # Where transformers' sequence classifiers put their last layer (BERT-like, RoBERTa-like, GPT-like).
 OUTPUT_LAYERS = ("classifier.out_proj", "classifier", "score")

@@ -1,1 +1,1 @@
-"""What diffbank stores and where: settings, SQL catalog, object stores, the sparse-diff format."""
+"""What diffbank keeps and where: the SQL catalog, object stores, publishing and gc."""

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
+from diffs.compose import compose_artifact_bytes
 from registry import catalog
-from registry.compose import COMPOSED_SHA256_KEY, COMPOSED_SIZE_KEY, compose_artifact_bytes
+from registry.layouts import COMPOSED_SHA256_KEY, COMPOSED_SIZE_KEY
 from registry.models import Dataset, TaskVersion
 from registry.stores.base import Data, ObjectIntegrityError, ObjectStore, StoredObject, check_digest
 
@@ -168,7 +169,7 @@ def publish_consolidated_version(
     """Upload + verify a consolidated task's residual, its only blob, then publish the version.
 
     The version references the run's shared artifact (stored once for all its tasks); its
-    composed diff is built on request (`registry.compose`), and its sha256 and size are
+    composed diff is built on request (`diffs.compose`), and its sha256 and size are
     recorded in `config` now, so listings and downloads agree without composing.
     `shared_bytes`: the shared blob if the caller holds it (checked against the artifact), else
     it is read from the store. `version_fields`: as for `publish_version`

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from registry.artifact import ArtifactMeta, SparseDiff
-    from registry.basemodel import LoadedBase
+    from diffs.basemodel import LoadedBase
+    from diffs.types import ArtifactMeta, SparseDiff
     from serving.heads import HeadRunner, TaskHead
     from serving.mixed import DecodedDiff, MixedEncoder
 
@@ -114,7 +114,7 @@ class Predictor:
 
     def base(self, name_or_path: str) -> _ServingBase:
         """The serving model of a base (loaded on first use)."""
-        from registry.basemodel import resolve_base_path
+        from diffs.basemodel import resolve_base_path
 
         path = resolve_base_path(name_or_path)
         with self._bases_lock:
@@ -125,7 +125,7 @@ class Predictor:
             return held
 
     def _load_base(self, path: str) -> _ServingBase:
-        from registry.basemodel import build_model, load_base
+        from diffs.basemodel import build_model, load_base
         from serving.heads import HeadRunner
         from serving.mixed import MixedEncoder
 
@@ -151,8 +151,8 @@ class Predictor:
     def _decode(self, held: _ServingBase, data: bytes) -> ResidentDiff:
         import torch
 
-        from registry.artifact import loads_artifact
-        from registry.validation import check_artifact
+        from diffs.read import loads_artifact
+        from diffs.validation import check_artifact
         from serving.heads import TaskHead
         from serving.mixed import UnsupportedDiffError
 
@@ -335,7 +335,7 @@ class Predictor:
         """Apply the request's diffs in place, run, revert (for diffs that are not row-safe)."""
         import torch
 
-        from registry.apply import apply_diff
+        from diffs.apply import apply_diff
         from serving.mixed import Segment
 
         held, task = request.base, request.task
@@ -398,9 +398,9 @@ class Predictor:
         """Predict with an artifact given as bytes (library mode: applied, run, reverted)."""
         import torch
 
-        from registry.apply import apply_diff
-        from registry.artifact import loads_artifact
-        from registry.validation import check_artifact
+        from diffs.apply import apply_diff
+        from diffs.read import loads_artifact
+        from diffs.validation import check_artifact
 
         held = self.base(base)
         diff = loads_artifact(
@@ -438,7 +438,7 @@ class Predictor:
 def applied_nbytes(diff: SparseDiff, dtype: torch.dtype, device: torch.device) -> int:
     """Bytes a diff served by apply/revert holds: its tensors plus its apply plan's.
 
-    Per changed tensor the plan (registry.apply) keeps a delta in the parameter dtype (a
+    Per changed tensor the plan (diffs.apply) keeps a delta in the parameter dtype (a
     factored tensor's whole U Vᵀ + entries, else its values) and a same-sized buffer for the
     overwritten base values, and the indices on the device.
     """

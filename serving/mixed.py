@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry.artifact import ArtifactError, SparseDiff
+from diffs.types import ArtifactError, SparseDiff
 from serving.kernels import select_kernel
 from serving.kernels.plan import BatchPlan, plan_batch
 from serving.resident import DecodedDiff, LeafPacker, ModuleDelta, tensor_nbytes

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     consolidation_schedule: str = ""
     consolidation_budget_nnz: int = 0  # policy threshold per tenant and base; 0 = off
     consolidation_tolerance: float = 0.5
-    # The policy's groups (registry/interference.py): every pair overlaps and agrees in sign
+    # The policy's groups (diffs/interference.py): every pair overlaps and agrees in sign
     # beyond chance at this family-wise significance level; at most this many tasks per run.
     consolidation_group_alpha: float = 0.01
     consolidation_group_max_tasks: int = 20

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from registry import catalog
-from registry.settings import Settings
+from settings import Settings
 
 
 @dataclass
@@ -123,8 +123,10 @@ def random_artifact(
     """Artifact bytes of a random sparse diff (given density) and random head on the base."""
     import torch
 
-    from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact
-    from registry.basemodel import build_model, load_base
+    from diffs.basemodel import build_model, load_base
+    from diffs.build import diff_from_dense
+    from diffs.types import ArtifactMeta
+    from diffs.write import dumps_artifact
 
     base = load_base(str(base_dir))
     generator = torch.Generator().manual_seed(seed)
@@ -154,7 +156,7 @@ def random_artifact(
 
 def register_base(session_factory, base_dir: Path):
     """Register the tiny BERT as a base model (what the worker does on first publish)."""
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
 
     base = load_base(str(base_dir))
     with session_factory() as session:
@@ -171,7 +173,7 @@ def publish_artifact(
     world: ApiWorld, who: str, task: str, data: bytes, *, task_type: str, labels: list[str]
 ) -> int:
     """Blob -> verify -> task version row, as the worker publishes; the new version number."""
-    from registry.artifact import loads_artifact
+    from diffs.read import loads_artifact
     from registry.publish import publish_version
 
     diff = loads_artifact(data)

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cli.embedded import free_port
-from registry.settings import Settings
+from settings import Settings
 from tests.api_support import SENTIMENT_ROWS, make_world
 from tests.api_support import world as world  # noqa: F401  (module-scoped fixture)
 
@@ -22,7 +22,7 @@ def test_importing_and_creating_the_app_does_not_import_torch(tmp_path):
         "import api.app\n"
         "assert 'torch' not in sys.modules, 'import api.app pulled in torch'\n"
         "from registry.db import upgrade\n"
-        "from registry.settings import Settings\n"
+        "from settings import Settings\n"
         f"s = Settings(data_dir={str(tmp_path)!r})\n"
         "upgrade(s.database_url)\n"
         "api.app.create_app(s)\n"

@@ -90,7 +90,7 @@ def _epoch(session_factory) -> int:
 def test_revoke_publish_activate_and_delete_bump_the_epoch_in_their_transaction(
     session_factory, tiny_base_dir, tmp_path
 ):
-    from registry.artifact import loads_artifact
+    from diffs.read import loads_artifact
     from registry.publish import publish_version
     from registry.stores import open_store
     from registry.stores.base import StoredObject
@@ -162,7 +162,7 @@ def test_revoke_publish_activate_and_delete_bump_the_epoch_in_their_transaction(
 
 def _publish(settings, tenant_id: int, task: str, *, seed: int, activate: bool = True) -> int:
     """Publish a random version of `task` from this process, as a worker would; its number."""
-    from registry.artifact import loads_artifact
+    from diffs.read import loads_artifact
     from registry.db import get_session_factory
     from registry.publish import publish_version
     from registry.stores import open_store

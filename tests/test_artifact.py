@@ -12,25 +12,23 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry.apply import apply_diff, build_task_model
-from registry.artifact import (
+from diffs.apply import apply_diff, build_task_model
+from diffs.basemodel import LoadedBase, base_fingerprint, build_model, load_base
+from diffs.build import diff_from_dense
+from diffs.checks import all_finite
+from diffs.container import pack_file
+from diffs.diffstats import layer_module_of, nonzeros_per_layer
+from diffs.index_coding import low_bit_width, pack_fields
+from diffs.read import load_artifact, loads_artifact
+from diffs.types import (
     INDEX_HIGH_KEY,
     INDEX_LOW_KEY,
     VALUES_KEY,
     ArtifactError,
     ArtifactMeta,
     SparseDiff,
-    all_finite,
-    diff_from_dense,
-    dumps_artifact,
-    load_artifact,
-    loads_artifact,
-    pack_file,
-    save_artifact,
 )
-from registry.basemodel import LoadedBase, base_fingerprint, build_model, load_base
-from registry.diffstats import layer_module_of, nonzeros_per_layer
-from registry.index_coding import low_bit_width, pack_fields
+from diffs.write import dumps_artifact, save_artifact
 from tests.fixtures.models import make_tiny_bert
 
 

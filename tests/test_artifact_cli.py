@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cli import main
-from registry.apply import apply_diff
-from registry.artifact import dumps_artifact, save_artifact
-from registry.basemodel import build_model, load_base
+from diffs.apply import apply_diff
+from diffs.basemodel import build_model, load_base
+from diffs.write import dumps_artifact, save_artifact
 from tests.fixtures.models import make_tiny_bert
 from tests.test_artifact import random_diff
 
@@ -66,7 +66,7 @@ def test_export_writes_a_model_directory_transformers_loads_with_labels(
 ):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from registry.artifact import load_artifact
+    from diffs.read import load_artifact
 
     out = tmp_path / "exported"
     assert main(["export", str(artifact_file), str(out), "--base", str(tiny_base_dir)]) == 0

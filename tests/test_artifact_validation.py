@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from registry.artifact import dumps_artifact, loads_artifact
+from diffs.read import loads_artifact
+from diffs.write import dumps_artifact
 from tests.api_support import make_world, publish_artifact, random_artifact
 
 LABELS = ("a", "b", "c")

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from registry.basemodel import (
-    base_fingerprint,
-    build_model,
-    load_base,
-    resolve_base_path,
-)
+from diffs.basemodel import base_fingerprint, build_model, load_base, resolve_base_path
 from tests.fixtures.models import make_tiny_bert
 
 

@@ -14,7 +14,7 @@ def test_diffbank_help_lists_commands():
 def test_settings_refuse_placeholder_secret_in_production(monkeypatch):
     import pytest
 
-    from registry.settings import Settings
+    from settings import Settings
 
     monkeypatch.setenv("DIFFBANK_ENV", "production")
     with pytest.raises(ValueError, match="DIFFBANK_SECRET_KEY"):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cli import main
-from registry.artifact import load_artifact
+from diffs.read import load_artifact
 from tests.test_trainer import write_sentiment_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def training_rows(path) -> int:
     """Rows the trainer trains on (the seeded validation split taken out)."""
-    from registry.tabular import ColumnMapping
+    from datasets_io.tabular import ColumnMapping
     from worker.data import load_task_data
 
     return load_task_data(path, mapping=ColumnMapping(), seed=0).train.rows

@@ -26,8 +26,8 @@ def _last_json(out: str) -> dict:
 @pytest.fixture
 def server(service_env, api_server, tiny_base_dir, tmp_path):
     """A real API server with a tenant key; returns (url, key, session_factory, store)."""
-    from registry.settings import Settings
     from registry.stores import open_store
+    from settings import Settings
 
     upgrade(service_env["DIFFBANK_DATABASE_URL"])
     sessions = make_session_factory(make_engine(service_env["DIFFBANK_DATABASE_URL"]))
@@ -50,7 +50,7 @@ def server(service_env, api_server, tiny_base_dir, tmp_path):
 
 
 def _publish(server, tiny_base_dir: Path, task: str, seed: int) -> None:
-    from registry.artifact import loads_artifact
+    from diffs.read import loads_artifact
     from registry.publish import publish_version
 
     data = random_artifact(

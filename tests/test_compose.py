@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cli import build_parser
-from registry.settings import Settings
+from settings import Settings
 
 COMPOSE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
 REQUIRED_SERVICES = {"api", "worker", "beat", "redis", "postgres", "minio", "flower"}

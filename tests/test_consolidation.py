@@ -17,15 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.apply import apply_diff
-from registry.artifact import (
-    ArtifactMeta,
-    diff_from_dense,
-    dumps_artifact,
-    loads_artifact,
-    make_meta_consistent,
-)
-from registry.basemodel import load_base
+from diffs.apply import apply_diff
+from diffs.basemodel import load_base
+from diffs.build import diff_from_dense, make_meta_consistent
+from diffs.read import loads_artifact
+from diffs.types import ArtifactMeta
+from diffs.write import dumps_artifact
 from worker.consolidation import lowrank
 from worker.consolidation.artifacts import evaluate_diff
 from worker.consolidation.budget import knapsack_topk, project_to_budget

@@ -15,19 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffs.basemodel import load_base
+from diffs.build import diff_from_dense, make_meta_consistent
+from diffs.types import ArtifactMeta, SparseDiff
+from diffs.write import dumps_artifact
 from registry import catalog
-from registry.artifact import (
-    ArtifactMeta,
-    SparseDiff,
-    diff_from_dense,
-    dumps_artifact,
-    make_meta_consistent,
-)
-from registry.basemodel import load_base
 from registry.db import get_session_factory
 from registry.publish import publish_version
-from registry.settings import Settings
 from registry.stores import open_store
+from settings import Settings
 from tests.fixtures.services import seed_training_job
 from worker.consolidation.config import ConsolidationConfig, ConsolidationError, ConsolidationTask
 from worker.consolidation.fit import consolidate

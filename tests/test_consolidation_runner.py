@@ -19,15 +19,18 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
+from diffs.apply import apply_diff
+from diffs.basemodel import load_base
+from diffs.build import diff_from_dense
+from diffs.read import loads_artifact
+from diffs.types import ArtifactMeta
+from diffs.write import dumps_artifact
 from registry import catalog
-from registry.apply import apply_diff
-from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact, loads_artifact
-from registry.basemodel import load_base
 from registry.db import get_session_factory
 from registry.models import ConsolidationRun, Task, TaskVersion
 from registry.publish import publish_version
-from registry.settings import Settings
 from registry.stores import checkpoint_key, open_store
+from settings import Settings
 from tests.fixtures.services import seed_training_job
 from worker.beat import consolidation_beat_schedule, parse_schedule
 from worker.consolidation_runner import run_consolidation
@@ -240,7 +243,7 @@ def _read(world, artifact):
 
 
 def test_published_version_composes_to_shared_plus_residual(accepted_run, world):
-    from registry.compose import version_diff
+    from registry.layouts import version_diff
 
     _, run, _ = accepted_run
     base = world["base"]
@@ -290,7 +293,7 @@ def test_blobs_a_run_publishes_hold_at_most_the_budget_with_the_shared_part_stor
 
 
 def test_a_published_version_records_the_sha256_and_size_its_download_returns(accepted_run, world):
-    from registry.compose import download_digest, version_diff_bytes
+    from registry.layouts import download_digest, version_diff_bytes
 
     for name in TASKS:  # each accepted by the run
         new = _versions(world, name)[-1]
@@ -300,8 +303,8 @@ def test_a_published_version_records_the_sha256_and_size_its_download_returns(ac
 
 
 def test_gc_keeps_the_shared_and_residual_blobs_a_version_references(accepted_run, world):
-    from registry.compose import version_diff_bytes
     from registry.gc import gc
+    from registry.layouts import version_diff_bytes
 
     _, run, _ = accepted_run
     with world["sessions"]() as session:

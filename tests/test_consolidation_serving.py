@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact
-from registry.basemodel import load_base
+from diffs.basemodel import load_base
+from diffs.build import diff_from_dense
+from diffs.types import ArtifactMeta
+from diffs.write import dumps_artifact
 from serving.engine import Predictor
 
 

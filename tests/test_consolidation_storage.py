@@ -23,23 +23,22 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 
-from registry.apply import apply_diff, build_task_model
-from registry.artifact import (
+from diffs.apply import apply_diff, build_task_model
+from diffs.basemodel import LoadedBase, base_fingerprint, build_model, load_base
+from diffs.build import diff_from_dense, make_meta_consistent
+from diffs.compose import compose_diffs
+from diffs.container import pack_file
+from diffs.read import loads_artifact
+from diffs.types import (
     MAX_UNCHECKED_FACTORED,
     VALUE_DTYPES,
     ArtifactError,
     ArtifactMeta,
     SparseDiff,
-    diff_from_dense,
-    dumps_artifact,
     factor_key,
-    loads_artifact,
-    make_meta_consistent,
-    pack_file,
 )
-from registry.basemodel import LoadedBase, base_fingerprint, build_model, load_base
-from registry.compose import compose_diffs
-from registry.validation import check_artifact
+from diffs.validation import check_artifact
+from diffs.write import dumps_artifact
 from worker.consolidation import lowrank
 
 V1_FIXTURE = Path(__file__).parent / "fixtures" / "artifact_v1.safetensors"
@@ -764,7 +763,7 @@ def test_a_cached_composition_is_still_checked_against_each_versions_recorded_di
 
 
 def test_the_composed_cache_keeps_the_most_recently_used_within_its_bytes():
-    from registry.compose import ComposedCache
+    from registry.layouts import ComposedCache
 
     cache = ComposedCache(max_bytes=10)
     cache.put(("s", "a"), b"aaaa")

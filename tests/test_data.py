@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.tabular import ColumnMapping, DatasetError, TableLimits
+from datasets_io.tabular import ColumnMapping, DatasetError, TableLimits
 from worker.data import (
     SAMPLES_DIR,
     load_sample_task,

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from cli.embedded import RESTART_LIMIT, EmbeddedStack, wait_for_port
-from registry.settings import Settings
+from settings import Settings
 
 pytestmark = pytest.mark.services
 

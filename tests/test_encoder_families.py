@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cli import main as diffbank
-from registry.artifact import load_artifact
-from registry.basemodel import UnsupportedBaseError, build_model, load_base
+from diffs.basemodel import UnsupportedBaseError, build_model, load_base
+from diffs.read import load_artifact
 from tests.api_support import make_world, publish_artifact
 from tests.fixtures.models import ENCODER_FAMILIES, make_tiny_family_base
 from tests.test_trainer import write_sentiment_task
@@ -112,7 +112,7 @@ def test_family_trains_predicts_exports_and_serves(
 def test_an_architecture_without_a_classification_head_is_named(tmp_path):
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    from registry.basemodel import resolve_base_path
+    from diffs.basemodel import resolve_base_path
 
     out = tmp_path / "clip-text"
     config = CLIPTextConfig(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry.index_coding import (
+from diffs.index_coding import (
     IndexCodingError,
     decode,
     encode,

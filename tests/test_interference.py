@@ -17,15 +17,17 @@ import torch
 from sqlalchemy import select
 
 from cli import main as diffbank
-from registry import catalog
-from registry.artifact import ArtifactMeta, SparseDiff, dumps_artifact, make_meta_consistent
-from registry.interference import (
+from diffs.build import make_meta_consistent
+from diffs.interference import (
     CHUNK_POSITIONS,
     InterferenceError,
     consolidation_groups,
     interference_vs_acceptance,
     pairwise_interference,
 )
+from diffs.types import ArtifactMeta, SparseDiff
+from diffs.write import dumps_artifact
+from registry import catalog
 from tests.api_support import make_world, publish_artifact
 
 pytestmark = pytest.mark.services
@@ -287,8 +289,8 @@ def test_interference_vs_acceptance_scores_grouped_and_ungrouped_tasks():
 
 def _tiny_artifacts(tiny_base_dir, *, seed: int) -> dict[str, bytes]:
     """Artifacts on the tiny base: families sharing support and sign, plus unrelated tasks."""
-    from registry.artifact import diff_from_dense
-    from registry.basemodel import build_model, load_base
+    from diffs.basemodel import build_model, load_base
+    from diffs.build import diff_from_dense
 
     base = load_base(str(tiny_base_dir))
     rng = np.random.default_rng(seed)
@@ -518,7 +520,7 @@ def test_a_task_on_another_base_fingerprint_is_left_out_and_later_tenants_still_
 
     import redis
 
-    from registry.artifact import loads_artifact
+    from diffs.read import loads_artifact
     from registry.models import ConsolidationRun
     from worker.schedule import apply_consolidation_policy, stored_rows
 

@@ -9,9 +9,12 @@ import threading
 import pytest
 import torch
 
-from registry.apply import build_task_model
-from registry.artifact import ArtifactMeta, diff_from_dense, dumps_artifact, loads_artifact
-from registry.basemodel import base_fingerprint, load_base
+from diffs.apply import build_task_model
+from diffs.basemodel import base_fingerprint, load_base
+from diffs.build import diff_from_dense
+from diffs.read import loads_artifact
+from diffs.types import ArtifactMeta
+from diffs.write import dumps_artifact
 from serving.engine import PredictionInputError, Predictor
 from tests.api_support import random_artifact
 from tests.fixtures.models import ENCODER_FAMILIES, make_tiny_family_base

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry.basemodel import k_for_density
+from diffs.basemodel import k_for_density
 from worker.diffprune.projection import densify, global_topk, project_topk
 
 

@@ -10,8 +10,8 @@ import pytest
 from cli import main
 from registry import catalog
 from registry.db import get_session_factory
-from registry.settings import get_settings
 from registry.stores import open_store
+from settings import get_settings
 
 
 @pytest.fixture

@@ -42,10 +42,10 @@ def _broker_idle(stack: ServiceStack) -> bool:
 def test_uploaded_dataset_trains_to_a_diff_that_predicts_as_the_worker_measured(stack, tmp_path):
     import torch
 
-    from registry.apply import build_task_model
-    from registry.artifact import loads_artifact
-    from registry.basemodel import load_base
-    from registry.tabular import ColumnMapping
+    from datasets_io.tabular import ColumnMapping
+    from diffs.apply import build_task_model
+    from diffs.basemodel import load_base
+    from diffs.read import loads_artifact
     from worker.data import load_task_data
     from worker.kit.evaluate import evaluate
 
@@ -202,8 +202,8 @@ def test_job_whose_dataset_blob_vanished_fails_with_a_reason(stack, tmp_path):
 def test_end_to_end_on_postgresql_and_s3(
     postgres_server, moto_s3_server, redis_url, tiny_base_dir, tmp_path, api_server, celery_worker
 ):
-    from registry.artifact import loads_artifact
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
+    from diffs.read import loads_artifact
     from tests.fixtures.backends import S3_TEST_ENV, fresh_postgres_database, make_s3_bucket
     from tests.fixtures.services import (
         FAST_JOB_ENV,

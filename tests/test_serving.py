@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cli import main as diffbank
-from registry.basemodel import base_fingerprint, load_base
+from diffs.basemodel import base_fingerprint, load_base
 from serving.engine import Predictor
 from tests.api_support import random_artifact
 from tests.api_support import world as world  # noqa: F401  (module-scoped fixture)
@@ -170,7 +170,7 @@ def test_concurrent_requests_for_different_tasks_match_sequential_answers(world)
 
 
 def test_an_artifact_for_another_base_cannot_be_served(tiny_base_dir, tmp_path):
-    from registry.artifact import ArtifactError
+    from diffs.types import ArtifactError
     from tests.fixtures.models import make_tiny_bert
 
     other = make_tiny_bert(tmp_path / "other", seed=9)
@@ -182,7 +182,9 @@ def test_an_artifact_for_another_base_cannot_be_served(tiny_base_dir, tmp_path):
 
 
 def test_a_diff_served_by_apply_and_revert_is_charged_what_its_apply_plan_holds(tiny_base_dir):
-    from registry.artifact import ArtifactMeta, SparseDiff, dumps_artifact, make_meta_consistent
+    from diffs.build import make_meta_consistent
+    from diffs.types import ArtifactMeta, SparseDiff
+    from diffs.write import dumps_artifact
 
     base = load_base(str(tiny_base_dir))
     name = "embeddings.word_embeddings.weight"  # factors on an embedding: not corrected per row

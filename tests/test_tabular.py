@@ -1,4 +1,4 @@
-"""registry.tabular: reading JSONL/CSV/Parquet tables and rejecting bad data with clear errors."""
+"""datasets_io.tabular: reading JSONL/CSV/Parquet tables and rejecting bad data with clear errors."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from registry.settings import Settings
-from registry.tabular import (
-    ERROR_CODES,
-    ColumnMapping,
-    DatasetError,
-    TableLimits,
-    read_table,
-)
+from datasets_io.tabular import ERROR_CODES, ColumnMapping, DatasetError, TableLimits, read_table
+from settings import Settings
 
 ROWS = [
     {"text": "a wonderful film", "label": "pos"},

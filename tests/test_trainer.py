@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.apply import build_task_model
-from registry.artifact import dumps_artifact, loads_artifact
-from registry.basemodel import k_for_density, load_base
-from registry.tabular import ColumnMapping
+from datasets_io.tabular import ColumnMapping
+from diffs.apply import build_task_model
+from diffs.basemodel import k_for_density, load_base
+from diffs.read import loads_artifact
+from diffs.write import dumps_artifact
 from worker.data import load_task_data
 from worker.diffprune.config import (
     AUTO_MAX_FIX_STEPS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from registry.settings import Settings
+from settings import Settings
 from worker.app import (
     CONSOLIDATE_QUEUE,
     MAINTENANCE_QUEUE,

@@ -17,8 +17,8 @@ from sqlalchemy import func, select, update
 from registry import catalog
 from registry.db import get_session_factory
 from registry.models import Job, JobEvent, Task, TaskVersion, utcnow
-from registry.settings import Settings
 from registry.stores import checkpoint_key, open_store
+from settings import Settings
 from tests.fixtures.services import seed_training_job, write_sentiment_jsonl
 from worker.lifecycle import CANCELLED, FAILED, NOT_CLAIMED, SUCCEEDED, JobMonitor
 from worker.runner import run_training_job

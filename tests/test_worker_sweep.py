@@ -15,7 +15,7 @@ from sqlalchemy import update
 from registry import catalog
 from registry.db import get_session_factory
 from registry.models import Job, utcnow
-from registry.settings import Settings
+from settings import Settings
 from tests.fixtures.services import seed_training_job, write_sentiment_jsonl
 from worker.app import TRAIN_QUEUE, TRAIN_TASK, celery_app
 from worker.sweep import broker_messages, sweep_lost_jobs

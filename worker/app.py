@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import worker_init
 
-from registry.settings import Settings, get_settings
+from settings import Settings, get_settings
 from worker.beat import beat_schedule
 from worker.device import pin_visible_gpu
 from worker.queueing import (

@@ -11,7 +11,7 @@ import re
 
 from celery.schedules import crontab
 
-from registry.settings import Settings
+from settings import Settings
 from worker.queueing import MAINTENANCE_QUEUE, POLICY_TASK, SWEEP_TASK
 
 SWEEP_ENTRY = "sweep-lost-jobs"

@@ -11,8 +11,8 @@ the run, the parent version, the shared artifact.
 
 What is published is what the budget counts: the run's shared diff once, and per accepted task
 only its residual (carrying head and metadata), which is the version's artifact; its composed
-diff is built on request (`registry.compose`). A current version of either layout is read as
-the diff it stands for (`registry.compose.version_diff`).
+diff is built on request (`diffs.compose`). A current version of either layout is read as
+the diff it stands for (`registry.layouts.version_diff`).
 
 Write order per the registry: the shared diff blob is uploaded and verified and attached to the
 run, then each accepted task's residual blob and its version row in one transaction. A resumed
@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from registry import catalog
 from registry.db import get_session_factory
 from registry.models import ConsolidationRun, Job, TaskVersion
-from registry.settings import Settings
 from registry.stores import ObjectStore
+from settings import Settings
 from worker.lifecycle import (
     NOT_CLAIMED,
     ClaimedJob,
@@ -74,8 +74,8 @@ def _load_tasks(
     session: Session, store: ObjectStore, run: ConsolidationRun, base: Any, settings: Settings
 ) -> list[LoadedTask]:
     """Every task of the run with its active version's diff and its training data."""
-    from registry.artifact import ArtifactError
-    from registry.compose import version_diff
+    from diffs.types import ArtifactError
+    from registry.layouts import version_diff
     from registry.stores import ObjectIntegrityError, ObjectNotFound
 
     loaded = []
@@ -105,8 +105,8 @@ def _load_tasks(
 
 def _download_bytes(task: LoadedTask) -> int:
     """Artifact bytes of a task's current diff as downloaded: recorded, else serialised once."""
-    from registry.artifact import dumps_artifact
-    from registry.compose import download_digest
+    from diffs.write import dumps_artifact
+    from registry.layouts import download_digest
 
     digest = download_digest(task.version)
     return digest.size_bytes if digest is not None else len(dumps_artifact(task.diff))
@@ -148,7 +148,7 @@ def _published_by_run(session: Session, run: ConsolidationRun, name: str) -> Tas
 
 def stored_blobs(result: Any) -> dict[str, bytes]:
     """What a run may publish, serialised once: the shared diff under "" and each residual."""
-    from registry.artifact import dumps_artifact
+    from diffs.write import dumps_artifact
 
     blobs = {"": dumps_artifact(result.shared)}
     blobs.update({o.name: dumps_artifact(o.residual) for o in result.tasks})

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.tabular import FORMATS, ColumnMapping, DatasetError, Table, TableLimits, read_table
+from datasets_io.tabular import FORMATS, ColumnMapping, DatasetError, Table, TableLimits, read_table
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 
@@ -130,7 +130,7 @@ def load_task_data(
     """Read a task's train and validation tables from a file or a `train.*` directory."""
     mapping = mapping or ColumnMapping()
     if limits is None:
-        from registry.settings import get_settings
+        from settings import get_settings
 
         limits = TableLimits.from_settings(get_settings())
     path = Path(path)

@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import MutableMapping
 
-from registry.settings import Settings
+from settings import Settings
 
 _CUDA_INDEX = re.compile(r"^cuda:(\d+)$")
 

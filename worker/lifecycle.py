@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from registry import catalog
 from registry.db import get_session_factory
 from registry.models import Dataset, Job
-from registry.settings import Settings
 from registry.stores import ObjectStore, checkpoint_key, open_store
+from settings import Settings
 from worker.kit.progress import TrainingCancelled
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def load_job_data(
     session: Session, store: ObjectStore, job: Job, settings: Settings, seed: int
 ) -> Any:
     """The job's `TaskData`: train (and validation) files from the store, parsed and validated."""
-    from registry.tabular import ColumnMapping, DatasetError, TableLimits
+    from datasets_io.tabular import ColumnMapping, DatasetError, TableLimits
     from worker.data import load_task_data
 
     with tempfile.TemporaryDirectory(prefix=f"diffbank-job-{job.id}-") as tmp:
@@ -239,7 +239,7 @@ def load_job_data(
 
 def load_job_base(name_or_path: str) -> Any:
     """The job's base encoder, loaded once per worker process."""
-    from registry.basemodel import load_base
+    from diffs.basemodel import load_base
 
     try:
         return load_base(name_or_path)

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from registry import catalog
 from registry.models import Job
-from registry.settings import Settings
 from registry.stores import ObjectStore
+from settings import Settings
 from worker.diffprune.config import RESOLVED_PARAM
 from worker.lifecycle import (
     ClaimedJob,
@@ -54,7 +54,7 @@ def _publish(
     result: Any,
 ) -> int:
     """Write order: diff blob → verify → one transaction (version + job succeeded). Version id."""
-    from registry.artifact import dumps_artifact
+    from diffs.write import dumps_artifact
     from registry.publish import publish_version
 
     base_row = catalog.register_base_model(

@@ -4,7 +4,7 @@ At each tick (`worker.beat` schedules it from `consolidation_schedule`) the poli
 every tenant's tasks grouped by base. When their total stored nonzeros (active versions; a
 shared consolidation diff counted once) exceed `consolidation_budget_nnz`, it reads every
 task's diff (a consolidated version's composed diff), computes their interference
-(`registry.interference`) and forms groups in which every pair of tasks overlaps and agrees in
+(`diffs.interference`) and forms groups in which every pair of tasks overlaps and agrees in
 sign more than independent random diffs would (null-model tests at the family-wise level
 `consolidation_group_alpha`), at most `consolidation_group_max_tasks` tasks each.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 from kombu import Connection
 
-from registry.settings import Settings
+from settings import Settings
 from worker.app import broker_url, celery_app, enqueue
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def stored_entries_of(version: Any) -> StoredEntries:
     A consolidated version stores its residual's entries (`config["stored_entries"]`) plus a
     share of the run's shared diff; any other version stores its diff's nonzeros.
     """
-    from registry.compose import SINGLE, layout_of
+    from registry.layouts import SINGLE, layout_of
 
     config = version.config or {}
     if layout_of(version) != SINGLE and "stored_entries" in config:
@@ -213,13 +213,9 @@ def interference_groups(
     Groups are cached by `_groups_key`, so a tick over an unchanged task set reads no diff
     (not cached when the store failed: that may pass).
     """
-    from registry.artifact import ArtifactError
-    from registry.compose import version_diff
-    from registry.interference import (
-        InterferenceError,
-        pairwise_interference,
-        settings_groups,
-    )
+    from diffs.interference import InterferenceError, pairwise_interference, settings_groups
+    from diffs.types import ArtifactError
+    from registry.layouts import version_diff
     from registry.stores.base import ObjectStoreError
 
     key = _groups_key(versions, base_fingerprint, settings)

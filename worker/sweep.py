@@ -21,7 +21,7 @@ from kombu import Connection
 from registry import catalog
 from registry.db import get_session_factory
 from registry.models import Job
-from registry.settings import Settings
+from settings import Settings
 from worker.app import broker_url, celery_app
 from worker.queueing import JOB_QUEUES, JOB_TASKS, PRIORITY_STEPS, enqueue, job_message
 

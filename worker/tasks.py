@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from celery.utils.log import get_task_logger
 
-from registry.settings import get_settings
+from settings import get_settings
 from worker.app import CONSOLIDATE_TASK, POLICY_TASK, SWEEP_TASK, TRAIN_TASK, celery_app
 
 log = get_task_logger(__name__)

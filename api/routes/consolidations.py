@@ -25,8 +25,8 @@ from api.schemas import (
     ConsolidationPublic,
     ConsolidationsPublic,
 )
+from diffs.basemodel import canonical_base_name
 from registry import catalog
-from registry.basemodel import canonical_base_name
 from registry.models import ConsolidationRun
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from api.deps import (
 from api.errors import ApiError
 from api.schemas import DatasetPublic, DatasetsPublic, error_responses
 from api.uploads import FILE_FIELD, receive_upload
-from registry import catalog, tabular
+from datasets_io import tabular
+from registry import catalog
 from registry.models import Dataset
 from registry.publish import store_dataset
 

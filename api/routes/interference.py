@@ -3,7 +3,7 @@
 Support overlap (Jaccard), sign agreement on shared positions and cosine between the active
 versions of the named tasks (default: every task of the caller on the base), a consolidated
 version counted as its composed diff; plus the groups the scheduled consolidation policy would
-form among them. Definitions and the null model: registry/interference.py. A diff that cannot be
+form among them. Definitions and the null model: diffs/interference.py. A diff that cannot be
 read, or diffs that do not fit one base, answer 409 `artifact_mismatch` naming `tasks`.
 """
 
@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends, Query
 from api.deps import Principal, SessionDep, SettingsDep, StoreDep, require
 from api.errors import ApiError
 from api.schemas import ROUTE_ERRORS, InterferencePublic
+from diffs.basemodel import canonical_base_name, public_base_name
 from registry import catalog
-from registry.basemodel import canonical_base_name, public_base_name
 from registry.catalog.pagination import MAX_PAGE_SIZE
 from registry.models import Task
 
@@ -53,11 +53,7 @@ def get_interference(
     base_model: BaseModelQuery = None,
 ) -> InterferencePublic:
     """Jaccard, sign agreement and cosine of every pair of tasks, and the policy's groups."""
-    from registry.interference import (
-        InterferenceError,
-        pairwise_interference,
-        settings_groups,
-    )
+    from diffs.interference import InterferenceError, pairwise_interference, settings_groups
 
     limit = settings.interference_max_tasks
     names = parse_task_names(tasks, limit) if tasks is not None else None
@@ -96,8 +92,8 @@ def get_interference(
 def _read_diff(store, name: str, version, fingerprint: str):
     """The diff a task's version stands for; 409 naming `tasks` if it cannot be read."""
     from api.routes.tasks import COMPOSED
-    from registry.artifact import ArtifactError
-    from registry.compose import version_diff
+    from diffs.types import ArtifactError
+    from registry.layouts import version_diff
 
     try:
         return version_diff(store, version, expected_fingerprint=fingerprint, cache=COMPOSED)

@@ -30,8 +30,8 @@ from api.schemas import (
     JobState,
     error_responses,
 )
+from diffs.basemodel import canonical_base_name
 from registry import catalog
-from registry.basemodel import canonical_base_name
 from registry.models import BaseModel, Job, TaskVersion
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def requested_work(rows: int, params: dict) -> int:
 
 def _check_density_keeps_entries(session, base: str, density: float | None) -> None:
     """422 when `density` keeps no parameter of the base (k = round(density * N) is 0)."""
-    from registry.basemodel import k_for_density, load_base
+    from diffs.basemodel import k_for_density, load_base
     from worker.diffprune.config import DiffPruneConfig
 
     density = DiffPruneConfig().density if density is None else density

@@ -70,7 +70,7 @@ async def predict(
     version: Annotated[int | None, Query(ge=1, description="default: the active version")] = None,
 ) -> Response:
     """Classification answers `{"label", "score"}` per input, regression `{"value"}`."""
-    from registry.artifact import ArtifactError
+    from diffs.types import ArtifactError
 
     state = request.app.state
     settings = state.settings
@@ -143,7 +143,7 @@ def _prepare(
 ) -> tuple[catalog.ServedVersion, PreparedRequest, tuple[float, float], tuple[float, float]]:
     """The served version, its resident diffs (shared first) and tokenised inputs; the
     (CPU, wall) seconds of resolving and of tokenising."""
-    from registry.artifact import ArtifactError
+    from diffs.types import ArtifactError
 
     predictor, store = state.predictor, state.store
     start = mark()

@@ -4,11 +4,11 @@ version, diff download (Range, ETag, presign), stats, a consolidated version's p
 
 `GET /v1/tasks/{name}/diff` returns a consolidated version's composed diff by default: a version
 of a current run stores only its residual beside the run's shared diff, so the composed artifact
-is built on request (`registry.compose`; deterministic bytes, so its sha256 / ETag and byte
-ranges are stable). Its sha256 and size were recorded at publish: listings, ETags and 304s need
-no composing, and composed bytes stay in a small in-process LRU (`COMPOSED`) for ranges and
-repeats. An older run's version stored its composed blob, which is streamed. The
-parts — the run's shared diff and the task's residual — are listed by
+is built on request (`diffs.compose`, for the layouts of `registry.layouts`; deterministic
+bytes, so its sha256 / ETag and byte ranges are stable). Its sha256 and size were recorded at
+publish: listings, ETags and 304s need no composing, and composed bytes stay in a small
+in-process LRU (`COMPOSED`) for ranges and repeats. An older run's version stored its composed
+blob, which is streamed. The parts — the run's shared diff and the task's residual — are listed by
 `GET /v1/tasks/{name}/versions/{n}/parts` (also what `GET /v1/tasks/{name}/diff?layout=factored`
 answers): JSON with a download URL per part, to be applied in the listed order.
 """
@@ -46,7 +46,7 @@ from api.schemas import (
 )
 from api.streaming import parse_range, range_applies, started, wants_range
 from registry import catalog
-from registry.compose import (
+from registry.layouts import (
     COMPOSED_ON_REQUEST,
     SINGLE,
     ComposedCache,
@@ -277,7 +277,7 @@ def _composed_digest(store, version: TaskVersion, *, name: str) -> Digest:
 
 def _composed_bytes(store, version: TaskVersion, *, name: str) -> bytes:
     """A version's composed artifact, from the LRU or built from its parts (409 if unusable)."""
-    from registry.artifact import ArtifactError
+    from diffs.types import ArtifactError
 
     try:
         return version_diff_bytes(store, version, cache=COMPOSED)
@@ -305,9 +305,9 @@ def task_stats(
     version: VersionQuery = None,
 ) -> TaskStatsPublic:
     """Where a version's stored values sit (per layer), read from its (composed) diff."""
-    from registry.artifact import ArtifactError
-    from registry.compose import version_diff
-    from registry.diffstats import nonzeros_per_layer
+    from diffs.diffstats import nonzeros_per_layer
+    from diffs.types import ArtifactError
+    from registry.layouts import version_diff
 
     row = catalog.get_task_version(
         session, tenant_id=principal.tenant_id, name=name, number=version

@@ -16,7 +16,7 @@ from registry.catalog.epoch import bump_change_epoch
 from registry.catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from registry.catalog.jobs import record_job_end
 from registry.catalog.pagination import paginate
-from registry.compose import SINGLE, layout_of
+from registry.layouts import SINGLE, layout_of
 from registry.models import Artifact, BaseModel, Job, Task, TaskVersion
 from registry.stores.base import ObjectStore, StoredObject
 
@@ -218,7 +218,7 @@ def publish_task_version(
     """Insert the artifacts of uploaded, verified diffs and the next version in one transaction.
 
     With `composed_on_request`, `diff` is the version's residual and its only blob: one artifact
-    row serves as both `artifact` and `residual_artifact` (`registry.compose`), beside the run's
+    row serves as both `artifact` and `residual_artifact` (`registry.layouts`), beside the run's
     `shared_artifact_id`. With `finish_job_id`, the same transaction moves that job from running to succeeded
     (pointing at the new version); if the job is no longer running nothing is published
     (ConflictError code `job_not_running`).

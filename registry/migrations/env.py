@@ -37,7 +37,7 @@ def run_migrations_online() -> None:
 
         url = config.get_main_option("sqlalchemy.url")
         if not url:
-            from registry.settings import get_settings
+            from settings import get_settings
 
             url = get_settings().database_url
         engine = make_engine(url)

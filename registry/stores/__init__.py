@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlparse
 
-from registry.settings import Settings, get_settings
 from registry.stores.base import (
     CHECKPOINT_PREFIX,
     InvalidObjectKey,
@@ -19,6 +18,7 @@ from registry.stores.base import (
     content_key,
 )
 from registry.stores.file import FileStore
+from settings import Settings, get_settings
 
 
 def open_store(url: str | None = None, settings: Settings | None = None) -> ObjectStore:

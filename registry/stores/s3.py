@@ -8,7 +8,6 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from registry.settings import Settings
 from registry.stores.base import (
     CHUNK_BYTES,
     Data,
@@ -20,6 +19,7 @@ from registry.stores.base import (
     validate_key,
     validate_sha256,
 )
+from settings import Settings
 
 SHA256_METADATA = "sha256"
 SPOOL_BYTES = 8 * 1024 * 1024

@@ -23,7 +23,7 @@ Strategies:
 Artifacts: the shared part and each residual are stored as they are counted: kept entries, and
 for the rank strategy the kept components as factors U, V (artifact format version 2), never
 their product. A published version stores only its residual beside the run's shared diff; the
-composed diff shared + residual is built on request (`registry.compose`) for the default
+composed diff shared + residual is built on request (`diffs.compose`) for the default
 download, and serving adds both parts' corrections. `nnz` in the report always counts stored
 budget entries (r·(m + n) factor values for factored matrices).
 

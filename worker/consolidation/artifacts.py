@@ -3,7 +3,7 @@
 What is written is what the budget counts: an element-wise tensor's kept entries, and a factored
 tensor's kept components as factors U (m x r) and V (n x r) (format version 2), never their
 m x n product. So each artifact's `nnz` equals its set's `stored_entries()`. A task's composed
-diff (shared + residual, `registry.compose.compose_diffs`) is built in memory for evaluation
+diff (shared + residual, `diffs.compose.compose_diffs`) is built in memory for evaluation
 and is not published.
 """
 
@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from registry.apply import build_task_model
-from registry.artifact import VALUE_DTYPES, ArtifactMeta, SparseDiff, make_meta_consistent
-from registry.basemodel import LoadedBase
-from registry.compose import compose_diffs
+from diffs.apply import build_task_model
+from diffs.basemodel import LoadedBase
+from diffs.build import make_meta_consistent
+from diffs.compose import compose_diffs
+from diffs.types import VALUE_DTYPES, ArtifactMeta, SparseDiff
 from worker.consolidation.config import (
     ConsolidationConfig,
     ConsolidationResult,

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from registry.artifact import SparseDiff
-from registry.basemodel import LoadedBase
+from diffs.basemodel import LoadedBase
+from diffs.types import SparseDiff
 from registry.catalog.consolidation import MERGE_STRATEGIES as MERGE_STRATEGIES  # re-exported
 from registry.catalog.consolidation import STRATEGIES
 from worker.data import TaskData

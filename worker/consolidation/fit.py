@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from registry.basemodel import LoadedBase
+from diffs.basemodel import LoadedBase
 from worker.consolidation import candidates, lowrank
 from worker.consolidation.artifacts import build_result
 from worker.consolidation.budget import project_to_budget

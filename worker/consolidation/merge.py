@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from registry.artifact import SparseDiff
-from registry.basemodel import LoadedBase
+from diffs.basemodel import LoadedBase
+from diffs.types import SparseDiff
 from worker.consolidation.artifacts import make_artifact
 from worker.consolidation.config import (
     ConsolidationConfig,

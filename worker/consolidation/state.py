@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from registry.artifact import SparseDiff
+from diffs.types import SparseDiff
 from worker.consolidation import lowrank
 from worker.diffprune import gates
 from worker.diffprune.config import GATE_LOWER, GATE_UPPER

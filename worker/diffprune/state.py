@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from registry.basemodel import head_parameters
+from diffs.basemodel import head_parameters
 from worker.diffprune.config import ALPHA_ADAM_EPS, DiffPruneConfig
 from worker.diffprune.gates import (
     GateNoise,

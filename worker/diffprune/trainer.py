@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from registry.artifact import VALUE_DTYPES, ArtifactMeta, SparseDiff, make_meta_consistent
-from registry.basemodel import LoadedBase, k_for_density
+from diffs.basemodel import LoadedBase, k_for_density
+from diffs.build import make_meta_consistent
+from diffs.types import VALUE_DTYPES, ArtifactMeta, SparseDiff
 from worker.data import TaskData
 from worker.diffprune.config import (
     DiffPruneConfig,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from registry.basemodel import LoadedBase
-from registry.tabular import Table
+from datasets_io.tabular import Table
+from diffs.basemodel import LoadedBase
 
 
 def epoch_batches(rows: int, batch_size: int, seed: int) -> list[Tensor]:

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from registry.basemodel import LoadedBase
-from registry.tabular import Table
+from datasets_io.tabular import Table
+from diffs.basemodel import LoadedBase
 from worker.kit.batching import encode_rows, label_tensor
 from worker.kit.metrics import task_metrics
 from worker.kit.model import autocast_for

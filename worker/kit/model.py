@@ -8,7 +8,7 @@ import resource
 import torch
 from torch import nn
 
-from registry.basemodel import LoadedBase, build_model
+from diffs.basemodel import LoadedBase, build_model
 from worker.data import TaskData
 
 

@@ -1,0 +1,1 @@
+"""Datasets: reading and validating the labelled text tables users upload."""
