@@ -86,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cache_size=settings.serving_cache_size,
         cache_bytes=settings.serving_cache_bytes,
         device=settings.serving_device,
+        kernel=settings.serving_kernel,
+        threads=settings.serving_threads,
     )
     app.state.stage_stats = StageStats()
     _install_registry_caches(app, settings)

@@ -47,6 +47,13 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", text).group(1))
 
 
+def percentile(samples: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of samples, nearest-rank."""
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
 # ---------------------------------------------------------------- subprocess runs
 
 

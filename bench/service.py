@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import print_table
+from bench.common import percentile, print_table
 
 MACHINE_NOTE = "machine: 2-core CPU, no GPU (shared with other jobs; numbers are noisy)"
 SENTENCES = [
@@ -40,13 +40,6 @@ SENTENCES = [
     "terrible battery life, returned it after a week",
     "a pleasant surprise, better than the reviews said",
 ]
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of samples, nearest-rank."""
-    ordered = sorted(samples)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[rank]
 
 
 def latency_row(name: str, samples_s: list[float], wall_s: float) -> list[Any]:

@@ -33,20 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit_result, mib, print_table, run_isolated
+from bench.common import emit_result, mib, percentile, print_table, run_isolated
 from bench.service import MACHINE_NOTE, SENTENCES
 
 DENSITY = 0.005
 DISTINCT_DIFFS = (
     8  # tasks reuse these diffs with their own heads: distinct artifacts, cheap to make
 )
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of samples, nearest-rank."""
-    ordered = sorted(samples)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[rank]
 
 
 # ---------------------------------------------------------------- artifacts

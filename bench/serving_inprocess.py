@@ -22,9 +22,9 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import mib, print_table, rss_bytes
+from bench.common import mib, percentile, print_table, rss_bytes
 from bench.service import MACHINE_NOTE
-from bench.serving import make_artifacts, percentile, request_texts
+from bench.serving import make_artifacts, request_texts
 
 REQUESTS = 16
 

@@ -16,9 +16,9 @@ import random
 import statistics
 import time
 
-from bench.common import mib, print_table, rss_bytes
+from bench.common import mib, percentile, print_table, rss_bytes
 from bench.service import MACHINE_NOTE
-from bench.serving import make_artifacts, percentile
+from bench.serving import make_artifacts
 from bench.serving_inprocess import REQUESTS, texts_40_words
 
 

@@ -91,12 +91,14 @@ class Predictor:
         device: str = "cpu",
         batch_size: int = 32,
         kernel: str = "auto",
+        threads: int = 0,
     ) -> None:
         self.cache_size = max(1, cache_size)
         self.cache_bytes = max(1, cache_bytes)
         self.device = device
         self.batch_size = batch_size
         self.kernel = kernel
+        self.threads = threads  # the process's torch threads, set when a base loads (0: keep)
         self.stage_times = {"forward": [0.0, 0.0]}  # cumulative (CPU s, wall s) of forwards
         self._bases: dict[str, _ServingBase] = {}
         self._bases_lock = threading.Lock()
@@ -129,6 +131,10 @@ class Predictor:
         from serving.heads import HeadRunner
         from serving.mixed import MixedEncoder
 
+        if self.threads > 0:
+            import torch
+
+            torch.set_num_threads(self.threads)
         loaded = load_base(path)
         model = build_model(loaded, task_type="classification", num_labels=_PLACEHOLDER_LABELS)
         model.to(self.device).eval()

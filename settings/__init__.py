@@ -77,7 +77,9 @@ class Settings(BaseSettings):
     serving_device: str = "cpu"  # where the serving base runs: "cpu", "cuda", "cuda:1"
     serving_batch_max_requests: int = 32  # a mixed batch closes at this many requests,
     serving_batch_max_rows: int = 64  # or this many inputs,
-    serving_batch_wait_ms: float = 2.0  # or this long after its first request
+    serving_batch_wait_ms: float = 0.0  # or this long after its first request (0: take what waits)
+    serving_kernel: Literal["auto", "compiled", "triton", "oracle"] = "auto"  # mixed-forward kernel
+    serving_threads: int = 0  # torch threads of the serving process (0: torch's default)
     serving_queue_size: int = 256  # requests waiting for a batch; beyond it 503
     serving_retry_after_s: int = 1  # the Retry-After of that 503
     serving_max_batch: int = 64  # inputs per prediction request
