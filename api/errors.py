@@ -48,6 +48,18 @@ def conflict(code: str, message: str, *, field: str | None = None) -> ApiError:
     return ApiError(409, code, message, field=field)
 
 
+def artifact_mismatch(
+    name: str, number: int, exc: Exception, *, cannot: str, field: str = "version"
+) -> ApiError:
+    """409 for a task version whose stored artifact cannot be used (an `ArtifactError`):
+    `task 'x' version 3 cannot be {cannot}: {exc}`."""
+    return conflict(
+        "artifact_mismatch",
+        f"task {name!r} version {number} cannot be {cannot}: {exc}",
+        field=field,
+    )
+
+
 def invalid(code: str, message: str, *, field: str | None = None) -> ApiError:
     """422 for a well-formed request with an unacceptable value."""
     return ApiError(422, code, message, field=field)

@@ -18,12 +18,14 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from diffs.basemodel import public_base_name
 from registry.catalog.consolidation import STRATEGIES
+from worker.diffprune.config import DiffPruneConfig
 
 
 def plain_text(value: str | None) -> str | None:
@@ -137,8 +139,20 @@ class DatasetsPublic(BaseModel):
 # -- jobs -------------------------------------------------------------------------------
 
 
-class JobCreate(BaseModel):
-    """A training job: learn a sparse diff for `task` from `dataset_id`. Unset knobs use defaults."""
+def config_fields(config_class: type) -> dict[str, Any]:
+    """Optional request fields for the fields of a method config (`worker.kit.config`) that a
+    job may set: type, bounds and help from the config; None leaves the config's default."""
+    return {
+        spec.name: (
+            config_class.value_type(spec.name) | None,
+            Field(default=None, description=spec.metadata["help"], **spec.metadata["api"]),
+        )
+        for spec in config_class.api_fields()
+    }
+
+
+class _JobTarget(BaseModel):
+    """What a training job learns from (its knobs: `JobCreate`)."""
 
     # Strict: `true` is not a dataset id, nor "2" an epoch count.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -147,14 +161,6 @@ class JobCreate(BaseModel):
     dataset_id: int = Field(ge=1)
     validation_dataset_id: int | None = Field(default=None, ge=1)
     base_model: str | None = Field(default=None, min_length=1, max_length=512)
-    density: float | None = Field(default=None, gt=0.0, lt=1.0)
-    epochs: int | None = Field(default=None, ge=1, le=100)
-    fix_epochs: int | None = Field(default=None, ge=0, le=100)
-    batch_size: int | None = Field(default=None, ge=1, le=1024)
-    lr: float | None = Field(default=None, gt=0.0, le=1.0)
-    fix_lr: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_length: int | None = Field(default=None, ge=8, le=512)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
     @field_validator("base_model")
     @classmethod
@@ -162,7 +168,7 @@ class JobCreate(BaseModel):
         return plain_text(value)
 
     @model_validator(mode="after")
-    def _validation_is_another_dataset(self) -> JobCreate:
+    def _validation_is_another_dataset(self) -> _JobTarget:
         if self.validation_dataset_id is not None and self.validation_dataset_id == self.dataset_id:
             raise ValueError(
                 "validation_dataset_id must name another dataset than dataset_id (or be left "
@@ -172,10 +178,17 @@ class JobCreate(BaseModel):
 
     def params(self) -> dict[str, Any]:
         """The hyperparameters the user set (others keep the trainer's defaults)."""
-        knobs = self.model_dump(
-            exclude={"task", "dataset_id", "validation_dataset_id", "base_model"}, exclude_none=True
-        )
+        knobs = self.model_dump(exclude=set(_JobTarget.model_fields), exclude_none=True)
         return dict(sorted(knobs.items()))
+
+
+JobCreate = create_model(
+    "JobCreate",
+    __base__=_JobTarget,
+    __doc__="A training job: learn a sparse diff for `task` from `dataset_id`. Unset knobs use "
+    "defaults.",
+    **config_fields(DiffPruneConfig),
+)
 
 
 class JobProgressPublic(BaseModel):

@@ -119,8 +119,9 @@ def main() -> int:
         texts = SENTENCES[:4]
         worst, start = 0.0, time.perf_counter()
         for i, blob in enumerate(blobs):
-            served = predictor.predict(
-                base="all-MiniLM-L6-v2", diff_key=str(i), fetch=lambda b=blob: b, inputs=texts
+            resident = predictor.resolve("all-MiniLM-L6-v2", str(i), lambda b=blob: b)
+            (served,) = predictor.run_batch(
+                [predictor.prepare("all-MiniLM-L6-v2", [resident], texts)]
             )
             merged = build_task_model(base, loads_artifact(blob))
             with torch.no_grad():

@@ -8,18 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cli.flags import add_config_flags, given_flags
 from cli.outputs import add_force_flag
-
-TRAIN_KNOBS = (
-    "density",
-    "epochs",
-    "fix_epochs",
-    "batch_size",
-    "lr",
-    "fix_lr",
-    "max_length",
-    "seed",
-)
+from worker.diffprune.config import DiffPruneConfig
 
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -57,14 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "data", help="a .jsonl/.csv/.parquet file, or a directory with train.* [validation.*]"
     )
     p.add_argument("--task", required=True, help="task name")
-    p.add_argument("--density", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--fix-epochs", type=int, dest="fix_epochs")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--fix-lr", type=float, dest="fix_lr")
-    p.add_argument("--max-length", type=int, dest="max_length")
-    p.add_argument("--seed", type=int)
+    add_config_flags(p, DiffPruneConfig, DiffPruneConfig.api_fields())
     p.add_argument("--base-model", dest="base_model")
     p.add_argument("--text-field", dest="text_field")
     p.add_argument("--text-pair-field", dest="text_pair_field")
@@ -135,7 +119,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "label_field": args.label_field,
         "task_type": args.task_type,
     }
-    knobs = {name: getattr(args, name) for name in TRAIN_KNOBS}
+    knobs = given_flags(args, DiffPruneConfig.api_fields())
     with client_from_args(args) as client:
         try:
             dataset = client.upload_dataset(train_path, **mapping)

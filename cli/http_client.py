@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +146,6 @@ class DiffbankClient:
         """One page of jobs, newest first: `{"items", "next_cursor"}`."""
         params = _params(state=state, task=task, kind=kind, cursor=cursor, limit=limit)
         return self._json("GET", "/v1/jobs", params=params)
-
-    def iter_jobs(self, **filters: Any) -> Iterator[dict[str, Any]]:
-        """Every job matching the filters, following the cursor."""
-        cursor = None
-        while True:
-            page = self.list_jobs(cursor=cursor, **filters)
-            yield from page["items"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return
 
     def get_job(self, job_id: int) -> dict[str, Any]:
         """A job with its state, progress, metrics, error and version."""

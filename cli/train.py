@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
 from pathlib import Path
 
 from cli.client import print_json
+from cli.flags import add_config_flags, given_flags
 from cli.outputs import OutputExistsError, add_force_flag, check_output_file
 from worker.diffprune.config import DiffPruneConfig
 from worker.kit.config import cli_fields
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, required=True, help="where to write the .safetensors artifact"
     )
     p.add_argument("--base", help="base model path or name (default: DIFFBANK_BASE_MODEL)")
-    add_config_flags(p, DiffPruneConfig)
+    add_config_flags(p, DiffPruneConfig, cli_fields(DiffPruneConfig))
     p.add_argument("--no-compile", action="store_true", help="run the gate kernels eagerly")
     p.add_argument("--text-field", default="text")
     p.add_argument("--text-pair-field")
@@ -37,22 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     add_force_flag(p)
     p.set_defaults(func=cmd_train)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One flag per config field marked `cli` in its metadata; help and default from the config."""
-    hints = typing.get_type_hints(config_class)
-    for spec in cli_fields(config_class):
-        hint = hints[spec.name]  # `float | None` takes a float
-        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        text = spec.metadata["help"]
-        if isinstance(spec.default, float):
-            text += f" (default {spec.default:g})"
-        elif spec.default not in (None, ""):
-            text += f" (default {spec.default})"
-        flag = "--" + spec.name.replace("_", "-")
-        choices = spec.metadata.get("choices")
-        parser.add_argument(flag, type=kind, choices=choices, help=text.replace("%", "%%"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -66,11 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except OutputExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    overrides = {
-        spec.name: getattr(args, spec.name)
-        for spec in cli_fields(DiffPruneConfig)
-        if getattr(args, spec.name) is not None
-    }
+    overrides = given_flags(args, cli_fields(DiffPruneConfig))
     if args.no_compile:
         overrides["compile_gates"] = False
     try:

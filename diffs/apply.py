@@ -7,6 +7,7 @@ tensor for the bit-exact revert.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,7 +76,7 @@ class AppliedDiff:
 
 def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> _ApplyPlan:
     """The diff's targets in the encoder, validated once per (diff, encoder) and cached."""
-    plan = diff._plans.get(encoder)
+    plan = diff.apply_plans.get(encoder)
     if plan is not None and plan.is_current():
         return plan
     params = dict(encoder.named_parameters())
@@ -103,7 +104,7 @@ def _apply_plan(encoder: nn.Module, diff: SparseDiff) -> _ApplyPlan:
         plan.indices.append(idx)
         plan.deltas.append(delta)
         plan.buffers.append(torch.empty_like(delta))
-    diff._plans[encoder] = plan
+    diff.apply_plans[encoder] = plan
     return plan
 
 
@@ -133,21 +134,42 @@ def apply_diff(encoder: nn.Module, diff: SparseDiff) -> AppliedDiff:
     return AppliedDiff(plan, saved, owns_buffers)
 
 
+def install_head(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put `tensors` into the model as the parameters of those names (no copy); return the
+    parameters they replaced, so a second call with those puts the previous head back."""
+    previous = {}
+    for name, tensor in tensors.items():
+        module_path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        previous[name] = module._parameters[leaf]
+        module._parameters[leaf] = tensor
+    return previous
+
+
 def load_head(model: PreTrainedModel, diff: SparseDiff) -> None:
-    """Copy the diff's head tensors into the model's non-base parameters (strictly)."""
+    """Install the diff's head tensors as the model's non-base parameters (strictly), in the
+    model's dtype and device."""
     own = head_parameters(model)
     if set(own) != set(diff.head):
         raise ArtifactError(
             f"head tensors {sorted(diff.head)} do not match the model's head {sorted(own)}"
         )
-    with torch.no_grad():
-        for name, param in own.items():
-            if tuple(param.shape) != tuple(diff.head[name].shape):
-                raise ArtifactError(
-                    f"head tensor {name!r} has shape {tuple(diff.head[name].shape)}, "
-                    f"the model expects {tuple(param.shape)}"
-                )
-            param.copy_(diff.head[name])
+    for name, param in own.items():
+        if tuple(param.shape) != tuple(diff.head[name].shape):
+            raise ArtifactError(
+                f"head tensor {name!r} has shape {tuple(diff.head[name].shape)}, "
+                f"the model expects {tuple(param.shape)}"
+            )
+    install_head(
+        model,
+        {
+            name: torch.nn.Parameter(
+                diff.head[name].to(device=param.device, dtype=param.dtype, copy=True),
+                requires_grad=param.requires_grad,
+            )
+            for name, param in own.items()
+        },
+    )
 
 
 def build_task_model(base: LoadedBase, diff: SparseDiff) -> PreTrainedModel:

@@ -31,7 +31,7 @@ positions a 50.8% agreement is significant over 100 tasks, so the tests alone ba
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -353,70 +353,3 @@ def settings_groups(matrix: InterferenceMatrix, settings: Settings) -> list[list
         min_sign_agreement=settings.consolidation_group_min_sign_agreement,
         min_overlap_lift=settings.consolidation_group_min_overlap_lift,
     )
-
-
-def interference_vs_acceptance(
-    matrix: InterferenceMatrix,
-    accepted: Mapping[str, bool],
-    *,
-    max_size: int | None = None,
-    alpha: float = DEFAULT_ALPHA,
-    min_sign_agreement: float = DEFAULT_MIN_SIGN_AGREEMENT,
-    min_overlap_lift: float = DEFAULT_MIN_OVERLAP_LIFT,
-) -> dict[str, Any]:
-    """Whether interference predicts which tasks a consolidation accepts (for bench tables).
-
-    Per task: its group, and its mean Jaccard, sign agreement and cosine with the other tasks.
-    Summary: acceptance rate of grouped and ungrouped tasks, and the AUC of the mean signed
-    overlap J·(2a - 1) as a score for acceptance (0.5 = no signal; None without both outcomes).
-    """
-    names = matrix.names
-    groups = consolidation_groups(
-        matrix,
-        max_size=max_size or len(names),
-        alpha=alpha,
-        min_sign_agreement=min_sign_agreement,
-        min_overlap_lift=min_overlap_lift,
-    )
-    group_of = {name: g for g, group in enumerate(groups) for name in group}
-    off_diagonal = ~np.eye(len(names), dtype=bool)
-    signed = matrix.jaccard * (2 * matrix.sign_agreement - 1)
-
-    def mean_of(array: np.ndarray, row: int) -> float | None:
-        values = array[row][off_diagonal[row]]
-        values = values[~np.isnan(values)]
-        return float(values.mean()) if values.size else None
-
-    rows = []
-    for t, name in enumerate(names):
-        rows.append(
-            {
-                "task": name,
-                "group": group_of.get(name),
-                "mean_jaccard": mean_of(matrix.jaccard, t),
-                "mean_sign_agreement": mean_of(matrix.sign_agreement, t),
-                "mean_cosine": mean_of(matrix.cosine, t),
-                "mean_signed_overlap": mean_of(signed, t),
-                "accepted": accepted.get(name),
-            }
-        )
-    judged = [r for r in rows if r["accepted"] is not None]
-
-    def rate(selected: list[dict[str, Any]]) -> float | None:
-        return sum(bool(r["accepted"]) for r in selected) / len(selected) if selected else None
-
-    scores = {
-        outcome: [r["mean_signed_overlap"] or 0.0 for r in judged if bool(r["accepted"]) is outcome]
-        for outcome in (True, False)
-    }
-    auc = None
-    if scores[True] and scores[False]:
-        wins = sum((a > b) + 0.5 * (a == b) for a in scores[True] for b in scores[False])
-        auc = wins / (len(scores[True]) * len(scores[False]))
-    return {
-        "groups": groups,
-        "tasks": rows,
-        "grouped_acceptance": rate([r for r in judged if r["group"] is not None]),
-        "ungrouped_acceptance": rate([r for r in judged if r["group"] is None]),
-        "auc_signed_overlap": auc,
-    }

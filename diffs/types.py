@@ -108,12 +108,12 @@ class SparseDiff:
     # (+ the tensor's entries, if any). Empty for ordinary diffs.
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # Caches for diffs.apply.apply_diff: (name, dtype, device) -> values, (name, device)
-    # -> indices, and per encoder the validated list of targets. A diff is not to be mutated
-    # once applied.
+    # -> indices (`prepared`), and `apply_plans`: per encoder the validated list of targets
+    # (written by diffs.apply). A diff is not to be mutated once applied.
     _prepared: dict[tuple, torch.Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _plans: weakref.WeakKeyDictionary = field(
+    apply_plans: weakref.WeakKeyDictionary = field(
         default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False
     )
 

@@ -92,13 +92,14 @@ def make_session_factory(engine: Engine, *, reads_only: bool = False) -> session
 
 
 @functools.cache
-def _engine_for_url(url: str) -> Engine:
+def engine_for_url(url: str) -> Engine:
+    """The process-wide engine for a database URL (made once per URL)."""
     return make_engine(url)
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
     """The process-wide engine for the configured database URL."""
-    return _engine_for_url((settings or get_settings()).database_url)
+    return engine_for_url((settings or get_settings()).database_url)
 
 
 def get_session_factory(settings: Settings | None = None) -> sessionmaker[Session]:

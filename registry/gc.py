@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.catalog._tx import transaction
+from registry.catalog import transaction
 from registry.catalog.artifacts import delete_blob_if_unused, release_artifacts
 from registry.models import FINISHED_JOB_STATES, Artifact, Job, utcnow
 from registry.stores.base import (

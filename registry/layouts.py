@@ -5,9 +5,7 @@ diff or bytes a version stands for:
 - `COMPOSED_ON_REQUEST` (`artifact_id == residual_artifact_id`, `shared_artifact_id` set): the
   version stores only its residual and references the run's shared artifact, stored once; the
   composed artifact's sha256 and size are recorded in its config at publish
-  (`COMPOSED_SHA256_KEY`, `COMPOSED_SIZE_KEY`), so listings and ETags need no composing;
-- `STORED_COMPOSED` (older runs): `artifact` is a composed blob beside separate residual and
-  shared artifacts, and is read as it is.
+  (`COMPOSED_SHA256_KEY`, `COMPOSED_SIZE_KEY`), so listings and ETags need no composing.
 
 A version composed on request is composed by `diffs.compose` (`compose_diffs`,
 `compose_artifact_bytes`).
@@ -29,10 +27,9 @@ if TYPE_CHECKING:
     from registry.models import TaskVersion
     from registry.stores.base import ObjectStore
 
-Layout = Literal["single", "composed_on_request", "stored_composed"]
+Layout = Literal["single", "composed_on_request"]
 SINGLE: Layout = "single"
 COMPOSED_ON_REQUEST: Layout = "composed_on_request"
-STORED_COMPOSED: Layout = "stored_composed"
 COMPOSED_SHA256_KEY = "composed_sha256"
 COMPOSED_SIZE_KEY = "composed_size_bytes"
 COMPOSED_CACHE_BYTES = 64 * 2**20  # composed artifacts the API keeps for 304s, ranges and /parts
@@ -46,12 +43,14 @@ class Digest(NamedTuple):
 
 
 def layout_of(version: TaskVersion) -> Layout:
-    """Which layout a version row has: SINGLE, COMPOSED_ON_REQUEST or STORED_COMPOSED."""
-    if version.shared_artifact_id is None or version.residual_artifact_id is None:
-        return SINGLE
-    if version.artifact_id == version.residual_artifact_id:
+    """Which layout a version row has: COMPOSED_ON_REQUEST or SINGLE."""
+    if (
+        version.shared_artifact_id is not None
+        and version.residual_artifact_id is not None
+        and version.artifact_id == version.residual_artifact_id
+    ):
         return COMPOSED_ON_REQUEST
-    return STORED_COMPOSED
+    return SINGLE
 
 
 def download_digest(version: TaskVersion) -> Digest | None:

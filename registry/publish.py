@@ -65,11 +65,12 @@ def publish_blob_then_row(
     store: ObjectStore,
     data: Data,
     *,
-    kind: str,
-    suffix: str,
     write_rows: Callable[[StoredObject], T],
+    kind: str = ARTIFACTS_KIND,
+    suffix: str = DIFF_SUFFIX,
 ) -> T:
-    """Upload + verify `data`, then call `write_rows(stored)`, which commits one transaction."""
+    """Upload + verify `data` (by default a diff), then call `write_rows(stored)`, which commits
+    one transaction; after it, put the blob back if a racing delete removed it."""
     payload = data if isinstance(data, bytes) else data.read()
     stored = upload_verified(store, payload, kind=kind, suffix=suffix)
     rows = write_rows(stored)
@@ -121,35 +122,28 @@ def publish_version(
     density: float,
     metrics: dict[str, Any],
     config: dict[str, Any],
-    residual_bytes: bytes | None = None,
     **version_fields: Any,
 ) -> TaskVersion:
-    """Upload + verify a diff (and a residual diff), then publish the next task version.
+    """Upload + verify a diff, then publish the next task version.
 
     `version_fields` go to `catalog.publish_task_version` (source_job_id, consolidation_run_id,
-    parent_version_id, shared_artifact_id, activate, label_names, finish_job_id, worker_id).
+    parent_version_id, shared_artifact_id, composed_on_request, activate, label_names,
+    finish_job_id, worker_id).
     """
-    diff = upload_verified(store, diff_bytes, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
-    residual = (
-        upload_verified(store, residual_bytes, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
-        if residual_bytes is not None
-        else None
+    return publish_blob_then_row(
+        store,
+        diff_bytes,
+        write_rows=lambda diff: catalog.publish_task_version(
+            session,
+            task_id=task_id,
+            diff=diff,
+            nnz=nnz,
+            density=density,
+            metrics=metrics,
+            config=config,
+            **version_fields,
+        ),
     )
-    version = catalog.publish_task_version(
-        session,
-        task_id=task_id,
-        diff=diff,
-        residual=residual,
-        nnz=nnz,
-        density=density,
-        metrics=metrics,
-        config=config,
-        **version_fields,
-    )
-    ensure_stored(store, diff, diff_bytes)
-    if residual is not None and residual_bytes is not None:
-        ensure_stored(store, residual, residual_bytes)
-    return version
 
 
 def publish_consolidated_version(
@@ -185,11 +179,11 @@ def publish_consolidated_version(
         COMPOSED_SHA256_KEY: hashlib.sha256(composed).hexdigest(),
         COMPOSED_SIZE_KEY: len(composed),
     }
-    residual = upload_verified(store, residual_bytes, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
-    version = catalog.publish_task_version(
+    return publish_version(
         session,
+        store,
         task_id=task_id,
-        diff=residual,
+        diff_bytes=residual_bytes,
         nnz=nnz,
         density=density,
         metrics=metrics,
@@ -198,13 +192,14 @@ def publish_consolidated_version(
         composed_on_request=True,
         **version_fields,
     )
-    ensure_stored(store, residual, residual_bytes)
-    return version
 
 
 def publish_shared_diff(session: Session, store: ObjectStore, *, run_id: int, data: bytes) -> int:
     """Upload + verify a consolidation run's shared diff and attach it; the artifact id."""
-    stored = upload_verified(store, data, kind=ARTIFACTS_KIND, suffix=DIFF_SUFFIX)
-    artifact_id = catalog.set_shared_artifact(session, run_id=run_id, stored=stored).id
-    ensure_stored(store, stored, data)
-    return artifact_id
+    return publish_blob_then_row(
+        store,
+        data,
+        write_rows=lambda stored: (
+            catalog.set_shared_artifact(session, run_id=run_id, stored=stored).id
+        ),
+    )

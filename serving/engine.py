@@ -361,50 +361,13 @@ class Predictor:
             for item in reversed(applied):
                 item.revert()
 
-    # -- one-call conveniences -------------------------------------------------------
-
-    def predict(
-        self,
-        *,
-        base: str,
-        diff_key: str,
-        fetch: Callable[[], bytes],
-        inputs: Sequence[str] | Sequence[Sequence[str]],
-    ) -> list[dict[str, Any]]:
-        """Predict `inputs` with the diff stored under `diff_key` (bytes from `fetch` on a miss)."""
-        resident = self.resolve(base, diff_key, fetch)
-        return self._predict_chunked(base, [resident], inputs)
-
-    def predict_factored(
-        self,
-        *,
-        base: str,
-        shared_key: str,
-        fetch_shared: Callable[[], bytes],
-        residual_key: str,
-        fetch_residual: Callable[[], bytes],
-        inputs: Sequence[str] | Sequence[Sequence[str]],
-    ) -> list[dict[str, Any]]:
-        """Predict with a consolidated version: the group's shared diff and the task's residual
-        both enter as corrections on the pristine base (the shared one decoded once per group)."""
-        shared = self.resolve(base, shared_key, fetch_shared)
-        residual = self.resolve(base, residual_key, fetch_residual)
-        return self._predict_chunked(base, [shared, residual], inputs)
-
-    def _predict_chunked(self, base, diffs, inputs) -> list[dict[str, Any]]:
-        answers: list[dict[str, Any]] = []
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start : start + self.batch_size]
-            answers += self.run_batch([self.prepare(base, diffs, chunk)])[0]
-        return answers
-
     def predict_artifact(
         self, data: bytes, inputs: Sequence[str] | Sequence[Sequence[str]], *, base: str
     ) -> list[dict[str, Any]]:
         """Predict with an artifact given as bytes (library mode: applied, run, reverted)."""
         import torch
 
-        from diffs.apply import apply_diff
+        from diffs.apply import apply_diff, install_head
         from diffs.read import loads_artifact
         from diffs.validation import check_artifact
 
@@ -421,7 +384,7 @@ class Predictor:
             for name, t in diff.head.items()
         }
         with self.run_lock:
-            saved_head = _swap_head(held.model, head)
+            saved_head = install_head(held.model, head)
             applied = apply_diff(held.model.base_model, diff)
             try:
                 logits = []
@@ -437,7 +400,7 @@ class Predictor:
                         logits.append(held.model(**encoded).logits.float().cpu())
             finally:
                 applied.revert()
-                _swap_head(held.model, saved_head)
+                install_head(held.model, saved_head)
         return _decode(torch.cat(logits), meta.task_type, meta.label_names)
 
 
@@ -468,17 +431,6 @@ def applied_nbytes(diff: SparseDiff, dtype: torch.dtype, device: torch.device) -
         plan += values.numel() * item * (2 if cast else 1)
         plan += size(indices) if indices.device != device else 0
     return own + plan
-
-
-def _swap_head(model: Any, head: dict[str, Any]) -> dict[str, Any]:
-    """Put `head` parameters into the model; return the ones they replaced."""
-    previous = {}
-    for name, param in head.items():
-        module_path, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_path) if module_path else model
-        previous[name] = module._parameters[leaf]
-        module._parameters[leaf] = param
-    return previous
 
 
 def _concat_padded(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

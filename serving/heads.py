@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffs.apply import install_head
+
 
 @dataclass(eq=False)
 class TaskHead:
@@ -44,10 +46,7 @@ class HeadRunner:
     ) -> torch.Tensor:
         """The head's logits for `rows` of the batch, given the encoder's output for the batch."""
         model, replay = self._template(head.task_type, head.num_labels)
-        for name, tensor in head.tensors.items():
-            module_path, _, leaf = name.rpartition(".")
-            module = model.get_submodule(module_path) if module_path else model
-            module._parameters[leaf] = tensor
+        install_head(model, head.tensors)
         replay.output = _select_rows(output, rows)
         try:
             sub = {k: v.index_select(0, rows) for k, v in encoded.items()}

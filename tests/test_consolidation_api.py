@@ -188,7 +188,8 @@ def test_activate_rolls_a_task_back_to_an_earlier_version(world):
 
 
 def test_factored_parts_of_a_consolidated_version_are_listed_and_downloadable(world):
-    from registry.publish import publish_shared_diff, publish_version
+    from diffs.compose import compose_artifact_bytes
+    from registry.publish import publish_consolidated_version, publish_shared_diff
 
     headers = world.headers("admin")
     assert world.client.get("/v1/tasks/t2/versions/1/parts", headers=headers).status_code == 409
@@ -198,9 +199,7 @@ def test_factored_parts_of_a_consolidated_version_are_listed_and_downloadable(wo
     residual = random_artifact(
         world.base_dir, seed=11, task_type="classification", labels=("neg", "pos"), density=0.01
     )
-    composed = random_artifact(
-        world.base_dir, seed=12, task_type="classification", labels=("neg", "pos"), density=0.02
-    )
+    composed = compose_artifact_bytes(shared, residual)
     tenant = world.tenant_ids["admin"]
     with world.session_factory() as session:
         run = catalog.create_consolidation_run(
@@ -212,11 +211,10 @@ def test_factored_parts_of_a_consolidated_version_are_listed_and_downloadable(wo
         )
         shared_id = publish_shared_diff(session, world.store, run_id=run.id, data=shared)
         task = catalog.get_task(session, tenant_id=tenant, name="t2")
-        version = publish_version(
+        version = publish_consolidated_version(
             session,
             world.store,
             task_id=task.id,
-            diff_bytes=composed,
             residual_bytes=residual,
             nnz=1,
             density=0.0,

@@ -27,8 +27,8 @@ from settings import Settings
 from tests.fixtures.services import seed_training_job
 from worker.consolidation.config import ConsolidationConfig, ConsolidationError, ConsolidationTask
 from worker.consolidation.fit import consolidate
+from worker.consolidation.job import run_consolidation
 from worker.consolidation.merge import largest, merge_consolidate, merge_entries
-from worker.consolidation_runner import run_consolidation
 from worker.data import load_task_data
 from worker.diffprune.projection import densify
 from worker.lifecycle import SUCCEEDED, load_job_data

@@ -33,9 +33,9 @@ from registry.stores import checkpoint_key, open_store
 from settings import Settings
 from tests.fixtures.services import seed_training_job
 from worker.beat import consolidation_beat_schedule, parse_schedule
-from worker.consolidation_runner import run_consolidation
+from worker.consolidation.job import run_consolidation
+from worker.consolidation.policy import apply_consolidation_policy, total_stored_entries
 from worker.lifecycle import SUCCEEDED, load_job_data
-from worker.schedule import apply_consolidation_policy, total_stored_entries
 
 TENANT = "acme"
 TASKS = {"reviews": 60, "fewshot": 30}  # the second one is low-resource

@@ -63,14 +63,13 @@ def test_factored_serving_matches_the_composed_diff_and_keeps_the_shared_part_re
     }
 
     for task in ("a", "b", "a"):
-        factored = predictor.predict_factored(
-            base=str(tiny_base_dir),
-            shared_key="shared",
-            fetch_shared=lambda: shared,
-            residual_key=f"residual-{task}",
-            fetch_residual=lambda task=task: residuals[task],
-            inputs=texts,
-        )
+        parts = [
+            predictor.resolve(str(tiny_base_dir), "shared", lambda: shared),
+            predictor.resolve(
+                str(tiny_base_dir), f"residual-{task}", lambda task=task: residuals[task]
+            ),
+        ]
+        (factored,) = predictor.run_batch([predictor.prepare(str(tiny_base_dir), parts, texts)])
         merged = predictor.predict_artifact(composed[task], texts, base=str(tiny_base_dir))
         assert [p["label"] for p in factored] == [p["label"] for p in merged]
         for f, m in zip(factored, merged, strict=True):

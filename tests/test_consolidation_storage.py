@@ -387,14 +387,11 @@ def test_mixed_forward_keeps_factors_and_predicts_like_the_merged_model(base, ti
     composed = compose_diffs(shared, residual)
     texts = ["a fine day", "a terrible night", "nothing much at all"]
     predictor = Predictor(cache_size=8)
-    factored = predictor.predict_factored(
-        base=str(tiny_base_dir),
-        shared_key="shared",
-        fetch_shared=lambda: dumps_artifact(shared),
-        residual_key="residual",
-        fetch_residual=lambda: dumps_artifact(residual),
-        inputs=texts,
-    )
+    parts = [
+        predictor.resolve(str(tiny_base_dir), "shared", lambda: dumps_artifact(shared)),
+        predictor.resolve(str(tiny_base_dir), "residual", lambda: dumps_artifact(residual)),
+    ]
+    (factored,) = predictor.run_batch([predictor.prepare(str(tiny_base_dir), parts, texts)])
     merged = predictor.predict_artifact(dumps_artifact(composed), texts, base=str(tiny_base_dir))
     assert [p["label"] for p in factored] == [p["label"] for p in merged]
     for f, m in zip(factored, merged, strict=True):
@@ -547,8 +544,8 @@ def test_elementwise_consolidation_artifacts_stay_version_1(consolidation_tasks,
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, redis_server, tiny_base_dir, base):
-    """carol's task `ranked`: v1 an ordinary diff, v2 an old-layout consolidated version (its
-    composed blob stored), v3 a new-layout one (its residual only, beside the shared diff)."""
+    """carol's task `ranked`: v1 and v2 ordinary diffs, v3 a consolidated version composed on
+    request (its residual only, beside the shared diff)."""
     from registry import catalog
     from registry.publish import (
         publish_consolidated_version,
@@ -564,43 +561,24 @@ def served(tmp_path_factory, redis_server, tiny_base_dir, base):
     )
     shared = factored_diff(base, seed=21, head=False)
     residual = factored_diff(base, seed=22, rank=1)
-    old_shared, old_residual = (
-        factored_diff(base, seed=23, head=False),
-        factored_diff(base, seed=24),
-    )
-    old_composed = dumps_artifact(compose_diffs(old_shared, old_residual))
     tenant = world.tenant_ids["admin"]
     with world.session_factory() as session:
         task = catalog.get_task(session, tenant_id=tenant, name="ranked")
-
-        def new_run():
-            """A run over the task; the previous one is cancelled (one run at a time per task)."""
-            for job, _ in catalog.active_jobs(session, tenant_id=tenant):
-                catalog.request_cancel(session, tenant_id=tenant, job_id=job.id)
-            return catalog.create_consolidation_run(
-                session, tenant_id=tenant, base_model=base.name, budget=10**5, task_names=["ranked"]
-            )
-
-        runs = [new_run()]
-        old_shared_id = publish_shared_diff(
-            session, world.store, run_id=runs[0].id, data=dumps_artifact(old_shared)
-        )
-        publish_version(
+        publish_version(  # version 2: another plain (single-blob) version
             session,
             world.store,
             task_id=task.id,
-            diff_bytes=old_composed,
-            residual_bytes=dumps_artifact(old_residual),
+            diff_bytes=dumps_artifact(factored_diff(base, seed=23, rank=1)),
             nnz=1,
             density=0.0,
             metrics={},
             config={},
-            consolidation_run_id=runs[0].id,
-            shared_artifact_id=old_shared_id,
         )
-        runs.append(new_run())
+        run = catalog.create_consolidation_run(
+            session, tenant_id=tenant, base_model=base.name, budget=10**5, task_names=["ranked"]
+        )
         shared_id = publish_shared_diff(
-            session, world.store, run_id=runs[1].id, data=dumps_artifact(shared)
+            session, world.store, run_id=run.id, data=dumps_artifact(shared)
         )
         version = publish_consolidated_version(
             session,
@@ -612,7 +590,7 @@ def served(tmp_path_factory, redis_server, tiny_base_dir, base):
             density=0.0,
             metrics={},
             config={"stored_entries": residual.nnz, "shared_stored_entries": shared.nnz},
-            consolidation_run_id=runs[1].id,
+            consolidation_run_id=run.id,
         )
     assert version.number == 3
     return {
@@ -620,7 +598,6 @@ def served(tmp_path_factory, redis_server, tiny_base_dir, base):
         "composed": dumps_artifact(compose_diffs(shared, residual)),
         "shared": dumps_artifact(shared),
         "residual": dumps_artifact(residual),
-        "old_composed": old_composed,
         "version": version,
     }
 
@@ -790,17 +767,6 @@ def test_the_parts_of_a_new_layout_version_are_its_stored_shared_and_residual(se
         assert download.headers["X-Diffbank-Sha256"] == part["sha256"]
     stats = world.client.get("/v1/tasks/ranked/stats", headers=headers).json()
     assert stats["nnz"] == loads_artifact(served["composed"]).nnz
-
-
-def test_an_old_layout_version_still_downloads_its_stored_composed_blob(served):
-    world = served["world"]
-    headers = world.headers("reader")
-    response = world.client.get("/v1/tasks/ranked/diff?version=2", headers=headers)
-    assert response.status_code == 200 and response.content == served["old_composed"]
-    listing = world.client.get("/v1/tasks/ranked/versions/2/parts", headers=headers).json()
-    assert listing["composed_sha256"] == hashlib.sha256(served["old_composed"]).hexdigest()
-    plain = world.client.get("/v1/tasks/ranked/diff?version=1", headers=headers)
-    assert plain.status_code == 200 and loads_artifact(plain.content).meta.format_version == 2
 
 
 def test_predictions_of_a_new_layout_version_equal_its_composed_diff(served, tiny_base_dir):

@@ -22,7 +22,6 @@ from diffs.interference import (
     CHUNK_POSITIONS,
     InterferenceError,
     consolidation_groups,
-    interference_vs_acceptance,
     pairwise_interference,
 )
 from diffs.types import ArtifactMeta, SparseDiff
@@ -269,24 +268,6 @@ def test_significant_pairs_below_the_effect_size_minimums_form_no_group():
     assert consolidation_groups(dense, max_size=2, min_overlap_lift=1.0) == [["x", "y"]]
 
 
-def test_interference_vs_acceptance_scores_grouped_and_ungrouped_tasks():
-    rng = np.random.default_rng(5)
-    tasks = _families(rng, {"a": 3}, unrelated=2, density=0.02)
-    matrix = pairwise_interference([_diff(d) for d in tasks.values()], list(tasks))
-    accepted = {"a0": True, "a1": True, "a2": False, "solo0": False, "solo1": False}
-    report = interference_vs_acceptance(matrix, accepted)
-    assert report["groups"] == [["a0", "a1", "a2"]]
-    assert report["grouped_acceptance"] == pytest.approx(2 / 3)
-    assert report["ungrouped_acceptance"] == 0.0
-    assert report["auc_signed_overlap"] > 0.5
-    rows = {row["task"]: row for row in report["tasks"]}
-    assert rows["a0"]["group"] == 0 and rows["solo0"]["group"] is None
-    assert rows["a0"]["mean_jaccard"] > rows["solo0"]["mean_jaccard"]
-
-
-# ---------------------------------------------------------------- the route and the client
-
-
 def _tiny_artifacts(tiny_base_dir, *, seed: int) -> dict[str, bytes]:
     """Artifacts on the tiny base: families sharing support and sign, plus unrelated tasks."""
     from diffs.basemodel import build_model, load_base
@@ -480,7 +461,7 @@ def test_scheduled_policy_starts_one_run_per_group_not_one_of_everything(
     import redis
 
     from registry.models import ConsolidationRun
-    from worker.schedule import apply_consolidation_policy, stored_rows
+    from worker.consolidation.policy import apply_consolidation_policy, stored_rows
 
     policy_world = make_world(tmp_path, redis_server.url, tiny_base_dir)
     for name, data in artifacts.items():
@@ -522,7 +503,7 @@ def test_a_task_on_another_base_fingerprint_is_left_out_and_later_tenants_still_
 
     from diffs.read import loads_artifact
     from registry.models import ConsolidationRun
-    from worker.schedule import apply_consolidation_policy, stored_rows
+    from worker.consolidation.policy import apply_consolidation_policy, stored_rows
 
     policy_world = make_world(tmp_path, redis_server.url, tiny_base_dir)
     labels = {"task_type": "classification", "labels": ["neg", "pos"]}
@@ -555,7 +536,7 @@ def test_a_task_on_another_base_fingerprint_is_left_out_and_later_tenants_still_
 
 
 def _alice_versions(world) -> dict:
-    from worker.schedule import active_versions
+    from worker.consolidation.policy import active_versions
 
     with world.session_factory() as session:
         rows = active_versions(session)
@@ -566,7 +547,7 @@ def test_policy_groups_are_cached_by_the_versions_so_an_unchanged_tick_reads_no_
     world, tmp_path
 ):
     from registry.stores import open_store
-    from worker.schedule import interference_groups
+    from worker.consolidation.policy import interference_groups
 
     versions = _alice_versions(world)
     groups = interference_groups(world.store, versions, world.settings)
@@ -580,7 +561,7 @@ def test_policy_groups_are_cached_by_the_versions_so_an_unchanged_tick_reads_no_
 
 
 def test_the_policy_compares_no_busy_task_and_at_most_the_cap_storing_the_most(world):
-    from worker.schedule import compared_tasks, stored_entries_of
+    from worker.consolidation.policy import compared_tasks, stored_entries_of
 
     versions = _alice_versions(world)
     compared = compared_tasks(versions, {"a0"}, 3)

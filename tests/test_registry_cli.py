@@ -111,11 +111,11 @@ def test_gc_removes_stale_upload_temp_files(cli_env, capsys):
 def test_a_database_url_whose_driver_is_missing_is_one_line_naming_the_package(
     cli_env, capsys, monkeypatch
 ):
-    from registry.db import _engine_for_url
+    from registry.db import engine_for_url
 
     monkeypatch.setenv("DIFFBANK_DATABASE_URL", "postgresql+pg8000://user@127.0.0.1/db")
     get_settings.cache_clear()
-    _engine_for_url.cache_clear()
+    engine_for_url.cache_clear()
     code, out, err = run_cli(capsys, "db", "upgrade")
     assert code == 2 and out == ""
     assert "pg8000" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

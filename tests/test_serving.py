@@ -134,9 +134,8 @@ def test_decoded_diffs_are_kept_in_an_lru_of_the_configured_size(tiny_base_dir):
             fetched.append(key)
             return artifacts[key]
 
-        return predictor.predict(
-            base=str(tiny_base_dir), diff_key=key, fetch=fetch, inputs=["hello"]
-        )
+        resident = predictor.resolve(str(tiny_base_dir), key, fetch)
+        return predictor.run_batch([predictor.prepare(str(tiny_base_dir), [resident], ["hello"])])
 
     for key in ["a", "b", "a", "c", "a", "b"]:
         ask(key)
@@ -210,8 +209,8 @@ def test_a_diff_served_by_apply_and_revert_is_charged_what_its_apply_plan_holds(
     key = str(tiny_base_dir)
     resident = predictor.resolve(key, "embedding-factors", lambda: data)
     assert resident.decoded is None and resident.diff is not None
-    predictor.predict(base=key, diff_key="embedding-factors", fetch=lambda: data, inputs=["hi"])
-    (plan,) = resident.diff._plans.values()  # built by the prediction: U Vᵀ and saved values
+    predictor.run_batch([predictor.prepare(key, [resident], ["hi"])])
+    (plan,) = resident.diff.apply_plans.values()  # built by the prediction: U Vᵀ and saved values
     held = sum(t.numel() * t.element_size() for t in (*plan.deltas, *plan.buffers))
     assert held >= 2 * m * n * 4
     stored = sum(u.numel() * 4 + v.numel() * 4 for u, v in resident.diff.factors.values())

@@ -17,7 +17,7 @@ from worker.device import pin_visible_gpu, select_device
 
 
 def test_importing_the_celery_app_does_not_import_torch():
-    code = "import sys, worker.app, worker.tasks; print('torch' in sys.modules)"
+    code = "import sys, worker.app, worker.celery_tasks; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -20,8 +20,8 @@ from registry.models import Job, JobEvent, Task, TaskVersion, utcnow
 from registry.stores import checkpoint_key, open_store
 from settings import Settings
 from tests.fixtures.services import seed_training_job, write_sentiment_jsonl
+from worker.diffprune.job import run_training_job
 from worker.lifecycle import CANCELLED, FAILED, NOT_CLAIMED, SUCCEEDED, JobMonitor
-from worker.runner import run_training_job
 
 # 43 training rows, batch 64: one step per phase (gated, then mask fixed), 2 in all.
 TINY_PARAMS = {"epochs": 1, "fix_epochs": 1, "batch_size": 64, "max_length": 16, "density": 0.01}

@@ -58,7 +58,7 @@ def broker_url(settings: Settings) -> str:
 
 def make_celery_app(settings: Settings) -> Celery:
     """A Celery app configured from settings (one job per worker process, late acks)."""
-    app = Celery("diffbank", broker=broker_url(settings), include=["worker.tasks"])
+    app = Celery("diffbank", broker=broker_url(settings), include=["worker.celery_tasks"])
     app.conf.update(
         task_routes={task: {"queue": queue} for task, queue in TASK_QUEUES.items()},
         task_default_queue=TRAIN_QUEUE,

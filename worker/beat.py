@@ -1,7 +1,8 @@
 """The beat schedule from Settings: the lost-job sweep, and the consolidation policy when on.
 
 `consolidation_schedule` is "" (off), "every <seconds>", or a 5-field cron line
-("minute hour day-of-month month day-of-week", UTC); the policy itself is `worker.schedule`.
+("minute hour day-of-month month day-of-week", UTC); the policy itself is
+`worker.consolidation.policy`.
 Imports no torch: the beat process loads this module.
 """
 

@@ -2,8 +2,8 @@
 
 `run_job` is the one skeleton: claim the job (compare-and-set), checkpoint it in the store's
 mutable area, beat and poll for cancellation while the kind-specific work runs, map whatever
-ended the work to one outcome, and record it. The runners (`worker.runner`,
-`worker.consolidation_runner`) supply only the work. Also here: the outcomes, coded failures
+ended the work to one outcome, and record it. The job modules (`worker.diffprune.job`,
+`worker.consolidation.job`) supply only the work. Also here: the outcomes, coded failures
 and loading a job's data and base.
 """
 

@@ -5,7 +5,6 @@ under /tasks (api/routes/tasks.py).
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -19,6 +18,7 @@ from api.deps import (
     require,
 )
 from api.errors import ApiError
+from api.routes.jobs import enqueue_job
 from api.schemas import (
     ROUTE_ERRORS,
     ConsolidationCreate,
@@ -27,9 +27,6 @@ from api.schemas import (
 )
 from diffs.basemodel import canonical_base_name
 from registry import catalog
-from registry.models import ConsolidationRun
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/consolidations", tags=["consolidations"])
 
@@ -116,22 +113,10 @@ def create_consolidation(
         params=body.params(),
         max_attempts=settings.job_max_attempts,
     )
-    _enqueue(request, session, run)
+    enqueue_job(request, session, "consolidate", job_id=run.job_id, run_id=run.id)
     return ConsolidationPublic.model_validate(
         catalog.get_consolidation_run(session, tenant_id=principal.tenant_id, run_id=run.id)
     )
-
-
-def _enqueue(request: Request, session, run: ConsolidationRun) -> None:
-    """Send the run's message after its rows committed; a broker failure leaves it to the sweep."""
-    from worker.app import enqueue
-
-    try:
-        enqueue(request.app.state.celery, "consolidate", job_id=run.job_id, run_id=run.id)
-    except Exception:  # the job stays queued; the periodic sweep re-sends it
-        log.exception("could not enqueue consolidation run %s; the sweep will re-send it", run.id)
-        return
-    catalog.mark_enqueued(session, job_id=run.job_id)
 
 
 @router.get(

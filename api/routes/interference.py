@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from api.deps import Principal, SessionDep, SettingsDep, StoreDep, require
-from api.errors import ApiError
+from api.errors import ApiError, artifact_mismatch
 from api.schemas import ROUTE_ERRORS, InterferencePublic
 from diffs.basemodel import canonical_base_name, public_base_name
 from registry import catalog
@@ -98,12 +98,7 @@ def _read_diff(store, name: str, version, fingerprint: str):
     try:
         return version_diff(store, version, expected_fingerprint=fingerprint, cache=COMPOSED)
     except ArtifactError as exc:
-        raise ApiError(
-            409,
-            "artifact_mismatch",
-            f"task {name!r} version {version.number} cannot be read: {exc}",
-            field="tasks",
-        ) from None
+        raise artifact_mismatch(name, version.number, exc, cannot="read", field="tasks") from None
 
 
 def parse_task_names(raw: str, limit: int) -> list[str]:

@@ -126,6 +126,8 @@ def create_job(
     settings: SettingsDep,
 ) -> JobPublic:
     """Validate everything, commit the job row, then enqueue `diffbank.train(job_id)`."""
+    from worker.queueing import fair_priority
+
     tenant_id = principal.tenant_id
     dataset = catalog.get_dataset(session, tenant_id=tenant_id, dataset_id=body.dataset_id)
     if body.validation_dataset_id is not None:
@@ -169,7 +171,8 @@ def create_job(
         params=body.params(),
         max_attempts=settings.job_max_attempts,
     )
-    _enqueue(request, session, job, jobs_ahead=in_flight)
+    # Its priority falls with the tenant's jobs already in flight, so tenants share the workers.
+    enqueue_job(request, session, "train", job_id=job.id, priority=fair_priority(in_flight))
     return job_public(job)
 
 
@@ -234,22 +237,25 @@ def _check_tenant_quota(session, settings, *, tenant_id: int, work: int) -> int:
     return len(active)
 
 
-def _enqueue(request: Request, session, job: Job, *, jobs_ahead: int) -> None:
-    """Send the job's message after its row committed; a broker failure leaves it to the sweep.
-
-    Its priority falls with the tenant's jobs already in flight, so tenants share the workers.
-    """
+def enqueue_job(
+    request: Request,
+    session,
+    kind: str,
+    *,
+    job_id: int,
+    run_id: int | None = None,
+    priority: int = 0,
+) -> None:
+    """Send a job's message after its rows committed; a broker failure leaves it to the sweep."""
     from worker.app import enqueue
-    from worker.queueing import fair_priority
 
+    what = f"job {job_id}" if run_id is None else f"consolidation run {run_id}"
     try:
-        enqueue(
-            request.app.state.celery, "train", job_id=job.id, priority=fair_priority(jobs_ahead)
-        )
+        enqueue(request.app.state.celery, kind, job_id=job_id, run_id=run_id, priority=priority)
     except Exception:  # the job stays queued; the periodic sweep re-sends it
-        log.exception("could not enqueue job %s; the sweep will re-send it", job.id)
+        log.exception("could not enqueue %s; the sweep will re-send it", what)
         return
-    catalog.mark_enqueued(session, job_id=job.id)
+    catalog.mark_enqueued(session, job_id=job_id)
 
 
 @router.get("", response_model=JobsPublic, responses=ERRORS, summary="List jobs")

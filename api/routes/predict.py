@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Principal, require
-from api.errors import ApiError
+from api.errors import ApiError, artifact_mismatch
 from api.schemas import ROUTE_ERRORS, PredictionPublic, PredictionsPublic, PredictRequest
 from registry import catalog
 from serving.batcher import QueueFullError
@@ -106,7 +106,7 @@ async def predict(
     except PredictionInputError as exc:
         raise ApiError(422, "invalid_inputs", str(exc), field="inputs") from None
     except ArtifactError as exc:
-        raise _artifact_mismatch(name, served.number, exc) from None
+        raise artifact_mismatch(name, served.number, exc, cannot="served") from None
     start = mark()
     state.metrics.predictions.labels(served.task_type).inc(len(predictions))
     answer = PredictionsPublic(
@@ -119,15 +119,6 @@ async def predict(
     times["response"] = since(start)
     state.stage_stats.add_request(times)
     return response
-
-
-def _artifact_mismatch(name: str, number: int, exc: Exception) -> ApiError:
-    return ApiError(
-        409,
-        "artifact_mismatch",
-        f"task {name!r} version {number} cannot be served: {exc}",
-        field="version",
-    )
 
 
 def _load_served(state, key: tuple[int, str, int | None]) -> catalog.ServedVersion:
@@ -159,7 +150,7 @@ def _prepare(
             for object_key, sha256 in served.artifacts
         ]
     except ArtifactError as exc:
-        raise _artifact_mismatch(key[1], served.number, exc) from None
+        raise artifact_mismatch(key[1], served.number, exc, cannot="served") from None
     resolved = since(start)
     start = mark()
     try:

@@ -30,7 +30,7 @@ from api.deps import (
     StoreDep,
     require,
 )
-from api.errors import ApiError
+from api.errors import ApiError, artifact_mismatch
 from api.routes import predict
 from api.schemas import (
     ROUTE_ERRORS,
@@ -282,12 +282,7 @@ def _composed_bytes(store, version: TaskVersion, *, name: str) -> bytes:
     try:
         return version_diff_bytes(store, version, cache=COMPOSED)
     except ArtifactError as exc:
-        raise ApiError(
-            409,
-            "artifact_mismatch",
-            f"task {name!r} version {version.number} cannot be composed: {exc}",
-            field="version",
-        ) from None
+        raise artifact_mismatch(name, version.number, exc, cannot="composed") from None
 
 
 @router.get(
@@ -315,12 +310,7 @@ def task_stats(
     try:
         diff = version_diff(store, row, cache=COMPOSED)
     except ArtifactError as exc:
-        raise ApiError(
-            409,
-            "artifact_mismatch",
-            f"task {name!r} version {row.number} cannot be read: {exc}",
-            field="version",
-        ) from None
+        raise artifact_mismatch(name, row.number, exc, cannot="read") from None
     return TaskStatsPublic(
         task=name,
         version=row.number,

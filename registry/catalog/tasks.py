@@ -207,7 +207,6 @@ def publish_task_version(
     source_job_id: int | None = None,
     consolidation_run_id: int | None = None,
     parent_version_id: int | None = None,
-    residual: StoredObject | None = None,
     shared_artifact_id: int | None = None,
     composed_on_request: bool = False,
     activate: bool = True,
@@ -215,7 +214,7 @@ def publish_task_version(
     finish_job_id: int | None = None,
     worker_id: str | None = None,
 ) -> TaskVersion:
-    """Insert the artifacts of uploaded, verified diffs and the next version in one transaction.
+    """Insert the artifact of an uploaded, verified diff and the next version in one transaction.
 
     With `composed_on_request`, `diff` is the version's residual and its only blob: one artifact
     row serves as both `artifact` and `residual_artifact` (`registry.layouts`), beside the run's
@@ -228,7 +227,7 @@ def publish_task_version(
         task = get_row(session, Task, task_id, populate_existing=True)
         assert task is not None
         if composed_on_request:
-            if shared_artifact_id is None or residual is not None:
+            if shared_artifact_id is None:
                 raise InvalidInputError(
                     "a version composed on request stores one residual blob and needs the "
                     "shared artifact",
@@ -238,9 +237,7 @@ def publish_task_version(
             residual_artifact = artifact
         else:
             artifact = add_artifact(session, stored=diff, kind="diff")
-            residual_artifact = (
-                add_artifact(session, stored=residual, kind="residual-diff") if residual else None
-            )
+            residual_artifact = None
         if (
             shared_artifact_id is not None
             and get_row(session, Artifact, shared_artifact_id) is None

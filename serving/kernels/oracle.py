@@ -40,23 +40,29 @@ def correction(
     return normed * weight + (bias if bias is not None else 0)
 
 
+def base_output(
+    x: torch.Tensor, plan: BatchPlan, forward: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base module's output with a row per batch row (a table looked up once for every
+    row, like position ids, is expanded into its own copy), and the input expanded alike."""
+    out = forward(x)
+    if out.shape[0] != plan.rows:
+        out = out.expand(plan.rows, *out.shape[1:]).clone()
+        x = x.expand(plan.rows, *x.shape[1:])
+    return out, x
+
+
 def run(
     name: str, module: nn.Module, x: torch.Tensor, plan: BatchPlan, forward: Callable
 ) -> torch.Tensor:
     """The module's output for the batch, each interval corrected by its diffs."""
     parts = plan.parts(name)
-    out = forward(x)
     if parts is None:
-        return out
-    broadcast = out.shape[0] != plan.rows
-    if broadcast:
-        out = out.expand(plan.rows, *out.shape[1:]).clone()
+        return forward(x)
+    out, x = base_output(x, plan, forward)
     for row in parts.tolist():
         if row[SLOT] < 0:
             continue
         rows = slice(row[ROW_START], row[ROW_STOP])
-        fix = correction(
-            module, x if broadcast else x[rows], plan.diffs[row[SLOT]], name, plan, row[FACTOR]
-        )
-        out[rows] += fix
+        out[rows] += correction(module, x[rows], plan.diffs[row[SLOT]], name, plan, row[FACTOR])
     return out

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from serving.kernels.oracle import base_output
 from serving.kernels.plan import (
     B_BLOCK,
     B_ENTRY,
@@ -266,12 +267,9 @@ def run(
 ) -> torch.Tensor:
     """The module's output for the batch, each interval corrected by its diffs."""
     parts = plan.parts(name)
-    out = forward(x)
     if parts is None:
-        return out
-    if out.shape[0] != plan.rows:  # a table looked up once for every row (position ids)
-        out = out.expand(plan.rows, *out.shape[1:]).clone()
-        x = x.expand(plan.rows, *x.shape[1:])
+        return forward(x)
+    out, x = base_output(x, plan, forward)
     out = out.contiguous()
     x = x.contiguous()
     table = parts.numpy()

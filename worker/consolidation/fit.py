@@ -41,10 +41,11 @@ from worker.consolidation.state import (
     sparse_diff_set,
 )
 from worker.kit.batching import encode_rows, epoch_batches, label_tensor
-from worker.kit.checkpoint import CheckpointIO, load_checkpoint, save_checkpoint
+from worker.kit.checkpoint import CheckpointIO, load_checkpoint
+from worker.kit.loop import LoopControl
 from worker.kit.model import autocast_for, prepare_model, resolve_device
 from worker.kit.optim import make_adamw
-from worker.kit.progress import Progress, TrainingCancelled
+from worker.kit.progress import Progress
 from worker.kit.schedule import linear_warmup_decay, set_learning_rates
 
 
@@ -164,6 +165,7 @@ class FitState:
         self.step = 0
         self.phase = "prune"
         self.draws = [0] * len(heads)
+        self.loss = 0.0  # task loss of the last finished step
         self.optimizers = make_optimizers(sets, heads, config, self.phase)
         self._entries: dict[str, float] = {}  # per role: expected (phase 1) or stored entries
 
@@ -199,6 +201,10 @@ class FitState:
                         else float(diff_set.stored_entries())
                     )
         return float(sum(self._entries.values()))
+
+    def progress(self, total_steps: int) -> Progress:
+        """Where the fit is: step, loss, expected (or stored) entries, phase."""
+        return Progress(self.step, total_steps, self.loss, self.expected_nnz(), self.phase)
 
     def state_dict(self) -> dict[str, Any]:
         """Every tensor and counter needed to resume, including the torch RNG state."""
@@ -239,8 +245,7 @@ def make_optimizers(
     values = [t for s in sets.values() for t in s.value_tensors()]
     head_tensors = [t for head in heads for t in head.values()]
     value_lr = config.lr if phase == "prune" else config.fix_lr
-    # Unfused: the implementation consolidation's results were measured with (the projection
-    # to the budget turns the fused kernel's different rounding into a different support).
+    # Unfused: the fused kernel's other rounding would pick another support at the projection.
     main = make_adamw(
         [{"params": values, "lr": value_lr}, {"params": head_tensors, "lr": config.head_lr}],
         lr=value_lr,
@@ -386,6 +391,7 @@ class Fit:
             device=self.device,
         )
         state.step += 1
+        state.loss = loss
         return loss
 
 
@@ -448,18 +454,11 @@ def consolidate(
     started = time.monotonic()
     fit = start_fit(tasks, config, base=base, checkpoint=checkpoint)
     state, plan = fit.state, fit.plan
+    control = LoopControl(config, plan.total_steps, progress, checkpoint, should_stop)
     while state.step < plan.total_steps:
-        if should_stop is not None and should_stop():
-            raise TrainingCancelled(f"consolidation run {run_id} cancelled at step {state.step}")
-        loss = fit.advance()
-        if progress is not None:
-            progress(
-                Progress(state.step, plan.total_steps, loss, state.expected_nnz(), state.phase)
-            )
-        if checkpoint is not None and (
-            state.step % config.checkpoint_every == 0 or state.step == plan.total_steps
-        ):
-            save_checkpoint(checkpoint, state.state_dict(), config)
+        control.check_stop(f"consolidation run {run_id} cancelled at step {state.step}")
+        fit.advance()
+        control.step_done(state)
     if state.phase == "prune":  # no phase 2 configured
         project_to_budget(state.sets, config.budget, balance_roles=config.balance_roles)
     return build_result(

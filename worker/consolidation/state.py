@@ -8,8 +8,7 @@ O(T·N). Factored tensors (rank strategy) are small factors in either role.
 
 Gates are the diff-pruning trainer's stretched hard-concrete gates with the symmetric stretch
 l = -r, in their reference (unfused) form: the trainer's fused op gives no gradient to its θ₀
-input, and on CPU its eager backward's temporaries peaked higher than the reference form's
-saved tensors here (measured on MiniLM).
+input and needs more memory here.
 """
 
 from __future__ import annotations

@@ -11,20 +11,16 @@ from worker.kit.config import MethodConfig, option
 # The stretch interval (l, r) of the hard-concrete gate; consolidation uses the same gates.
 GATE_LOWER, GATE_UPPER = -1.5, 1.5
 
-# The phase-2 step size `fix_lr_for` scales from: the best measured at this density and
-# phase-2 length on all-MiniLM-L6-v2 (see README, Accuracy; bench/accuracy.py --diff-fix-lrs).
+# The phase-2 step size `fix_lr_for` scales from, tuned at this density and phase-2 length
+# (docs/benchmarks.md).
 FIX_LR_REFERENCE = 5e-3
 FIX_STEPS_REFERENCE = 32
 FIX_DENSITY_REFERENCE = 0.005
 FIX_LR_BOUNDS = (1e-3, 2e-2)
 
 
-# Run length "auto" (like hosted fine-tuning APIs' n_epochs "auto"): the measured epochs per
-# phase (see README, Accuracy), bounded in optimizer steps. With gates that can close (sign,
-# adamw) the gated phase is at least `min_prune_steps` (what they need to act, from the gate
-# settings). The upper bounds keep a job on a large data set to a few thousand steps: past
-# one epoch a large set gains little from more gated steps, and the fixed-mask phase then
-# fits by steps, not passes.
+# Run length "auto": epochs per phase, bounded in optimizer steps so that a job on a large
+# data set stays at a few thousand steps (`run_steps`; the choice: docs/benchmarks.md).
 AUTO_PRUNE_EPOCHS = 1
 AUTO_FIX_EPOCHS = 5
 AUTO_MAX_PRUNE_STEPS = 2_000
@@ -50,12 +46,16 @@ class DiffPruneConfig(MethodConfig):
     resumable_changes: ClassVar[frozenset[str]] = MethodConfig.resumable_changes | {"compile_gates"}
 
     epochs: int | None = option(
-        None, "epochs of gated diff training, phase 1 (default auto: from the data size)", cli=True
+        None,
+        "epochs of gated diff training, phase 1 (default auto: from the data size)",
+        cli=True,
+        api={"ge": 1, "le": 100},
     )
     fix_epochs: int | None = option(
         None,
         "epochs fine-tuning the kept values, mask fixed (default auto: from the data size)",
         cli=True,
+        api={"ge": 0, "le": 100},
     )
     prune_steps: int | None = option(
         None, "optimizer steps of phase 1; wins over epochs (default: from epochs or auto)"
@@ -63,15 +63,18 @@ class DiffPruneConfig(MethodConfig):
     fix_steps: int | None = option(
         None, "optimizer steps of phase 2; wins over fix_epochs (default: from fix_epochs or auto)"
     )
-    batch_size: int = option(32, "rows per micro-batch", cli=True)
+    batch_size: int = option(32, "rows per micro-batch", cli=True, api={"ge": 1, "le": 1024})
     grad_accum: int = option(1, "micro-batches per optimizer step", cli=True)
-    max_length: int = option(128, "tokens per example, truncated", cli=True)
+    max_length: int = option(
+        128, "tokens per example, truncated", cli=True, api={"ge": 8, "le": 512}
+    )
     fix_lr: float | None = option(
         None,
         "learning rate of the kept values, mask fixed (default: "
         f"{FIX_LR_REFERENCE:g} at density {FIX_DENSITY_REFERENCE:g} and {FIX_STEPS_REFERENCE} "
         "fixed-mask steps, scaled by 1/sqrt of density and steps)",
         cli=True,
+        api={"gt": 0.0, "le": 1.0},
     )
     head_lr: float = option(3e-3, "learning rate of the dense task head, both phases")
     mask_method: str = option(
@@ -83,7 +86,7 @@ class DiffPruneConfig(MethodConfig):
         cli=True,
         choices=MASK_METHODS,
     )
-    # sgd stays the default: no α update beat it on the held-out task (README, Gates ablation).
+    # sgd is the default: the gates ablation in docs/benchmarks.md.
     alpha_optimizer: str = option(
         "sgd",
         "update of the gate logits: sgd (plain; too small to close a gate at the paper's "
@@ -98,7 +101,10 @@ class DiffPruneConfig(MethodConfig):
     gate_lower: float = option(GATE_LOWER, "lower end l of the gate's stretch interval")
     gate_upper: float = option(GATE_UPPER, "upper end r of the gate's stretch interval")
     density: float = option(
-        0.005, "kept fraction of the base parameters after projection", cli=True
+        0.005,
+        "kept fraction of the base parameters after projection",
+        cli=True,
+        api={"gt": 0.0, "lt": 1.0},
     )
     weight_decay: float = option(0.0, "AdamW weight decay of the head (the diff has L0)")
     compile_gates: bool = option(True, "torch.compile the fused gate kernels (eager fallback)")
@@ -221,8 +227,7 @@ def fix_lr_for(config: DiffPruneConfig, fix_steps: int) -> float:
     Fewer kept entries each carry more of the change, so the step grows as 1/sqrt(density)
     from the reference; a phase 2 shorter than the reference length must move them as far in
     fewer steps, so the step also grows as 1/sqrt(steps) below it. Longer runs keep the
-    reference step (it beat the smaller steps a 1/sqrt(steps) decay gives them; see README,
-    Accuracy; bench/accuracy.py --diff-fix-lrs). Clamped to FIX_LR_BOUNDS.
+    reference step (docs/benchmarks.md). Clamped to FIX_LR_BOUNDS.
     """
     if config.fix_lr is not None:
         return config.fix_lr

@@ -43,10 +43,11 @@ from worker.diffprune.config import (
 from worker.diffprune.gates import GateNoise, kernels
 from worker.diffprune.state import DiffPruneState, InBackwardSteps, step_logits
 from worker.kit.batching import encode_rows, epoch_batches, label_tensor
-from worker.kit.checkpoint import CheckpointIO, load_checkpoint, save_checkpoint
+from worker.kit.checkpoint import CheckpointIO, load_checkpoint
 from worker.kit.evaluate import evaluate
+from worker.kit.loop import LoopControl
 from worker.kit.model import autocast_for, peak_memory_bytes, prepare_model, resolve_device
-from worker.kit.progress import Progress, TrainingCancelled
+from worker.kit.progress import Progress
 from worker.kit.schedule import linear_warmup_decay, set_learning_rates
 
 
@@ -198,12 +199,12 @@ def train_diff(
     state.sign_step = sign_step_size(config, length.prune_steps)
     k = k_for_density(config.density, state.n_params)
 
+    control = LoopControl(config, length.total_steps, progress, checkpoint, should_stop)
     saved = load_checkpoint(checkpoint, config, map_location=device)
     if saved is not None:
         state.load_state_dict(saved)
         del saved
-        if progress is not None:  # where the resumed run stands (it may have no step left)
-            progress(state.progress(length.total_steps))
+        control.report(state)  # where the resumed run stands (it may have no step left)
 
     in_backward = InBackwardSteps(state)
     noise = (
@@ -218,13 +219,11 @@ def train_diff(
         if state.step >= length.prune_steps and not state.projected:
             in_backward.remove()
             state.project(k)
-        if should_stop is not None and should_stop():
-            raise TrainingCancelled(f"stopped at step {state.step} of {length.total_steps}")
+        control.check_stop(f"stopped at step {state.step} of {length.total_steps}")
         phase_step, phase_total = length.within_phase(state.step, state.projected)
         set_step_learning_rates(state, linear_warmup_decay(phase_step, phase_total, config.warmup))
-        # Each phase starts the seeded shuffles from its own first epoch, so the fixed-mask
-        # phase replays the gated epochs' order (it measured better than shuffles running on
-        # across the phases; see README, Accuracy; bench/accuracy.py).
+        # Each phase starts the seeded shuffles from its own first epoch: the fixed-mask phase
+        # replays the gated epochs' order (docs/benchmarks.md).
         batches = micro_batches(rows, phase_step, config)
         loss_sum = 0.0
         expected_nnz = float(k) if state.projected else float(state.phase1_nnz)
@@ -241,12 +240,7 @@ def train_diff(
         finish_step(state)
         state.step += 1
         state.loss, state.expected_nnz = loss_sum / len(batches), expected_nnz
-        if progress is not None:
-            progress(state.progress(length.total_steps))
-        if checkpoint is not None and (
-            state.step % config.checkpoint_every == 0 or state.step == length.total_steps
-        ):
-            save_checkpoint(checkpoint, state.state_dict(), config)
+        control.step_done(state)
 
     if not state.projected:
         in_backward.remove()

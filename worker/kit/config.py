@@ -1,7 +1,8 @@
 """`MethodConfig`: the dataclass base of every training method's hyperparameters.
 
 One rule for all methods: every field carries its help text in `metadata["help"]`
-(`metadata["cli"]` marks the ones the `train` command exposes as flags), `__post_init__`
+(`metadata["cli"]` marks the ones the `train` command exposes as flags, `metadata["api"]` the
+ones a job submitted to the service may set, with the bounds it accepts), `__post_init__`
 validates, `from_dict` refuses unknown keys by name, and the JSON form is sorted.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -26,12 +28,21 @@ class ConfigError(ValueError):
 
 
 def option(
-    default: Any, help: str, *, cli: bool = False, choices: tuple[str, ...] | None = None
+    default: Any,
+    help: str,
+    *,
+    cli: bool = False,
+    choices: tuple[str, ...] | None = None,
+    api: dict[str, Any] | None = None,
 ) -> Any:
-    """A dataclass field with its help text, whether the `train` CLI exposes it, its choices."""
+    """A dataclass field with its help text, whether the `train` CLI exposes it, its choices,
+    and `api`: the bounds a job submitted to the service may ask (pydantic's `ge`, `gt`, `le`,
+    `lt`; None: the service does not take it)."""
     metadata: dict[str, Any] = {"help": help, "cli": cli}
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if api is not None:
+        metadata["api"] = dict(api)
     return field(default=default, metadata=metadata)
 
 
@@ -46,13 +57,18 @@ class MethodConfig:
     )
 
     lr: float = option(
-        1e-4, "learning rate of the diff values in phase 1 (AdamW, warmup + linear decay)", cli=True
+        1e-4,
+        "learning rate of the diff values in phase 1 (AdamW, warmup + linear decay)",
+        cli=True,
+        api={"gt": 0.0, "le": 1.0},
     )
     alpha_lr: float = option(0.1, "learning rate of the gate logits (plain SGD, constant)")
     alpha_init: float = option(5.0, "initial gate logit (the gates start open)")
     l0_lambda: float = option(1.25e-7, "penalty per expected nonzero (Guo et al. 2021)")
     warmup: float = option(0.1, "fraction of each phase's steps spent warming the lr up")
-    seed: int = option(0, "seed of every random draw of the run", cli=True)
+    seed: int = option(
+        0, "seed of every random draw of the run", cli=True, api={"ge": 0, "le": 2**31 - 1}
+    )
     value_dtype: str = option("float16", "dtype of the stored diff values")
     device: str = option("", "cpu, cuda, cuda:1 ('' = cuda when available, else cpu)", cli=True)
     eval_batch_size: int = option(64, "rows per evaluation batch")
@@ -111,6 +127,17 @@ class MethodConfig:
     def from_json(cls: type[C], text: str) -> C:
         """Inverse of `to_json`."""
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def api_fields(cls) -> list[dataclasses.Field]:
+        """The fields a job submitted to the service may set (`metadata["api"]`: their bounds)."""
+        return [f for f in dataclasses.fields(cls) if "api" in f.metadata]
+
+    @classmethod
+    def value_type(cls, name: str) -> type:
+        """The type field `name` takes when set (`float | None` takes a float)."""
+        hint = typing.get_type_hints(cls)[name]
+        return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
 
 
 def field_names(cls: type[MethodConfig]) -> list[str]:

@@ -33,6 +33,7 @@ from registry.db import get_session_factory
 from registry.models import ConsolidationRun, Job, TaskVersion
 from registry.stores import ObjectStore
 from settings import Settings
+from worker.consolidation.policy import stored_entries_of, total_stored_entries
 from worker.lifecycle import (
     NOT_CLAIMED,
     ClaimedJob,
@@ -41,7 +42,6 @@ from worker.lifecycle import (
     load_job_data,
     run_job,
 )
-from worker.schedule import stored_entries_of, total_stored_entries
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ def _parse_id(value: object, name: str) -> int:
 @celery_app.task(name=TRAIN_TASK)
 def train(job_id: object) -> str:
     """Run training job `job_id` (a duplicate delivery of a claimed job is a no-op)."""
-    from worker.runner import run_training_job
+    from worker.diffprune.job import run_training_job
 
     outcome = run_training_job(_parse_id(job_id, "job_id"), settings=get_settings())
     log.info("train job %s: %s", job_id, outcome)
@@ -39,7 +39,7 @@ def train(job_id: object) -> str:
 @celery_app.task(name=CONSOLIDATE_TASK)
 def consolidate(run_id: object) -> str:
     """Run consolidation run `run_id` (a duplicate delivery of a claimed run is a no-op)."""
-    from worker.consolidation_runner import run_consolidation
+    from worker.consolidation.job import run_consolidation
 
     outcome = run_consolidation(_parse_id(run_id, "run_id"), settings=get_settings())
     log.info("consolidation run %s: %s", run_id, outcome)
@@ -60,7 +60,7 @@ def sweep() -> int:
 @celery_app.task(name=POLICY_TASK)
 def consolidation_policy() -> int:
     """Start a consolidation for every tenant and base over the stored-nonzeros threshold."""
-    from worker.schedule import apply_consolidation_policy
+    from worker.consolidation.policy import apply_consolidation_policy
 
     started = apply_consolidation_policy(get_settings())
     if started:
