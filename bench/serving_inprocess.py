@@ -59,8 +59,11 @@ def summarise(label: str, count: int, seconds: list[float], sentences: int, rss:
 
 
 def build_peft(count: int) -> tuple[Any, Any, float]:
-    """A MiniLM classifier with `count` LoRA r=8 adapters injected; (model, tokenizer, build s)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """A MiniLM classifier with `count` LoRA r=8 adapters; (PEFT model, tokenizer, build s).
+
+    Adapters after the first are injected into the layers directly (`add_adapter` re-marks
+    every module trainable on each call, which grows with the adapter count)."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from diffs.basemodel import quiet_transformers, resolve_base_path
@@ -69,11 +72,23 @@ def build_peft(count: int) -> tuple[Any, Any, float]:
     with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"])
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS"
+    )
     start = time.perf_counter()
-    for i in range(count):
-        inject_adapter_in_model(config, model, adapter_name=f"t{i}")
+    model = get_peft_model(model, config, adapter_name="t0")
+    for i in range(1, count):
+        model.peft_config[f"t{i}"] = config
+        model.base_model.inject_adapter(model.base_model.model, f"t{i}")
     return model.eval(), tokenizer, time.perf_counter() - start
+
+
+def real_artifacts(paths: str, count: int) -> list[bytes]:
+    """`count` artifacts cycling over trained ones (comma-separated .safetensors paths)."""
+    from pathlib import Path
+
+    files = [Path(p).read_bytes() for p in paths.split(",") if p]
+    return [files[i % len(files)] for i in range(count)]
 
 
 def run(args: argparse.Namespace, count: int, threads: int) -> list[list[Any]]:
@@ -93,7 +108,8 @@ def run(args: argparse.Namespace, count: int, threads: int) -> list[list[Any]]:
         batches.append((tasks, texts_40_words(rng, REQUESTS)))
     rows = []
     empty = make_artifacts(base, 1, seed=0, empty=True)[0]
-    artifacts = make_artifacts(base, count, seed=1)
+    artifacts = real_artifacts(args.artifacts, count) if args.artifacts else None
+    artifacts = artifacts or make_artifacts(base, count, seed=1)
     for kernel in args.kernels.split(","):
         predictor = Predictor(kernel=kernel, cache_size=count + 1, cache_bytes=64 * 1024**3)
         predictor.base(path)
@@ -167,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per row")
     parser.add_argument("--kernels", default="auto", help="comma-separated serving kernels")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument(
+        "--artifacts", default="", help="trained diffs (comma-separated files) instead of random"
+    )
     args = parser.parse_args(argv)
     for threads in [int(t) for t in args.threads.split(",")]:
         rows = []
