@@ -33,7 +33,8 @@ def extension() -> Any:
             _extension = load(
                 name="diffbank_segmented",
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
             )
         return _extension
 
