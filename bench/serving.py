@@ -707,8 +707,8 @@ def main(argv: list[str] | None = None) -> None:
     rows.sort(key=lambda row: (row[0], row[1]))
     note = MACHINE_NOTE if args.device == "cpu" else f"device {args.device}"
     print_table(
-        f"Serving T tasks on all-MiniLM-L6-v2, {args.clients} closed-loop clients, 1-4 sentences "
-        f"per request, {args.seconds:g} s per row, {args.threads} torch thread(s) ({note})",
+        f"Serving T tasks on all-MiniLM-L6-v2, {args.clients} closed-loop clients, "
+        f"{'one 40-word text' if args.shape == '40-words' else '1-4 sentences'} per request, {args.seconds:g} s per row, {args.threads} torch thread(s) ({note})",
         ["T", "path", "sentences/s", "p50 ms", "p99 ms", "resident MiB"],
         rows,
     )
