@@ -91,7 +91,7 @@ class MixedEncoder:
     def _routed(self, name: str, module: nn.Module, forward: Callable) -> Callable:
         def routed(x: torch.Tensor) -> torch.Tensor:
             plan = self._plan
-            if plan is None:
+            if plan is None or plan.parts(name) is None:  # no row's diff changes this module
                 return forward(x)
             return self._run(name, module, x, plan, forward)
 

@@ -239,3 +239,35 @@ def make_world(tmp_path: Path, redis_url: str, base_dir: Path, **overrides: Any)
 def world(tmp_path_factory, redis_server, tiny_base_dir) -> ApiWorld:
     """One app per test module (tests count rows before/after rather than needing a fresh DB)."""
     return make_world(tmp_path_factory.mktemp("api"), redis_server.url, tiny_base_dir)
+
+
+def dense_artifact(
+    base, deltas, head, *, task_type="classification", labels=("neg", "pos")
+) -> bytes:
+    """Artifact bytes (fp32 values) of dense `deltas` and `head` on a loaded base."""
+    from diffs.build import diff_from_dense
+    from diffs.types import ArtifactMeta
+    from diffs.write import dumps_artifact
+
+    meta = ArtifactMeta(
+        base_name=base.name,
+        base_fingerprint=base.fingerprint,
+        n_params=base.n_params,
+        task_type=task_type,
+        label_names=list(labels),
+        max_length=32,
+    )
+    return dumps_artifact(diff_from_dense(deltas, head, meta, "float32"))
+
+
+def random_deltas(base, *, seed: int, density: float) -> dict:
+    """Random dense deltas with about `density` of each encoder tensor nonzero."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(p.shape, generator=generator)
+        * 0.3
+        * (torch.rand(p.shape, generator=generator) < density)
+        for name, p in base.encoder.named_parameters()
+    }

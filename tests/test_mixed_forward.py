@@ -11,12 +11,9 @@ import torch
 
 from diffs.apply import build_task_model
 from diffs.basemodel import base_fingerprint, load_base
-from diffs.build import diff_from_dense
 from diffs.read import loads_artifact
-from diffs.types import ArtifactMeta
-from diffs.write import dumps_artifact
 from serving.engine import PredictionInputError, Predictor
-from tests.api_support import random_artifact
+from tests.api_support import dense_artifact, random_artifact, random_deltas
 from tests.fixtures.models import ENCODER_FAMILIES, make_tiny_family_base
 
 TEXTS = ["a wonderful, warm film", "dull and far too long for anyone", "wow"]
@@ -37,28 +34,6 @@ def _merged_logits(base, data: bytes, inputs) -> torch.Tensor:
     encoded = base.encode(texts, pairs, max_length=diff.meta.max_length)
     with torch.no_grad():
         return model(**encoded).logits
-
-
-def _artifact(base, deltas, head, *, task_type="classification", labels=("neg", "pos")) -> bytes:
-    meta = ArtifactMeta(
-        base_name=base.name,
-        base_fingerprint=base.fingerprint,
-        n_params=base.n_params,
-        task_type=task_type,
-        label_names=list(labels),
-        max_length=32,
-    )
-    return dumps_artifact(diff_from_dense(deltas, head, meta, "float32"))
-
-
-def _random_deltas(base, *, seed: int, density: float) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        name: torch.randn(p.shape, generator=generator)
-        * 0.3
-        * (torch.rand(p.shape, generator=generator) < density)
-        for name, p in base.encoder.named_parameters()
-    }
 
 
 def _assert_rows_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -87,18 +62,18 @@ def tasks(tiny_base_dir):
             tiny_base_dir, seed=4, task_type="regression", labels=(), density=0.05
         ),
     }
-    shared = _random_deltas(base, seed=10, density=0.05)
-    made["shared"] = _artifact(base, shared, {})
+    shared = random_deltas(base, seed=10, density=0.05)
+    made["shared"] = dense_artifact(base, shared, {})
     hidden = base.config.hidden_size
     for name, seed in (("group-a", 11), ("group-b", 12)):
-        residual = _random_deltas(base, seed=seed, density=0.02)
+        residual = random_deltas(base, seed=seed, density=0.02)
         generator = torch.Generator().manual_seed(seed)
         head = {
             "classifier.weight": torch.randn(2, hidden, generator=generator),
             "classifier.bias": torch.randn(2, generator=generator),
         }
-        made[name] = _artifact(base, residual, head)
-        made[f"{name}-composed"] = _artifact(
+        made[name] = dense_artifact(base, residual, head)
+        made[f"{name}-composed"] = dense_artifact(
             base, {n: shared[n] + residual[n] for n in residual}, head
         )
     return made

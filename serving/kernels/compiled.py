@@ -52,8 +52,6 @@ def run(
 ) -> torch.Tensor:
     """The module's output for the batch, every segment with its own diffs, in one call."""
     parts = plan.parts(name)
-    if parts is None:
-        return forward(x)
     x = x.contiguous()
     dtype = module.weight.dtype
     out = torch.empty(_output_shape(module, x, plan.rows), dtype=dtype, device=x.device)
