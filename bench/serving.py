@@ -415,8 +415,7 @@ def bench_stages(args: argparse.Namespace) -> None:
     print_table(
         f"Predict path by stage, T={count}, {args.clients} closed-loop clients, "
         f"{result['sentences_per_s']:.0f} sentences/s, {args.threads} torch thread(s) ({note}); "
-        "forward/heads: each request's share of its batch (heads is counted in forward until "
-        "the engine exposes Predictor.stage_times); queue_wait and total: wall only",
+        "forward/heads: each request's share of its batch; queue_wait and total: wall only",
         ["stage", "requests", "CPU µs/request", "wall µs/request"],
         stage_rows(before, after),
     )
