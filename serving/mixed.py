@@ -140,7 +140,7 @@ class MixedEncoder:
         """The encoder's output for the batch, each segment's rows corrected by its diff."""
         rows = int(inputs["input_ids"].shape[0])
         with self._lock:
-            self._plan = plan_batch(segments, rows, self.device) if segments else None
+            self._plan = plan_batch(segments, rows) if segments else None
             try:
                 with torch.inference_mode():
                     return self.encoder(**inputs)

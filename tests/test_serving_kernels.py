@@ -255,7 +255,7 @@ def _synthetic_batch(device: str):
     # rows 0:2 one diff, 2:3 none, 3:6 two diffs (shared + residual), 6:7 the first again
     segments = [Segment(diffs[0], 0, 2), Segment(diffs[1], 3, 6), Segment(diffs[2], 3, 6)]
     segments.append(Segment(diffs[0], 6, 7))
-    plan = plan_batch(segments, 7, torch.device(device))
+    plan = plan_batch(segments, 7)
     straddling = torch.tensor([218, 436, 655, 873, 0, 999])
     ids = torch.cat([straddling, torch.randint(0, 1000, (7 * 4 - 6,))]).view(7, 4)
     inputs = {

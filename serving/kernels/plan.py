@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,42 +14,34 @@ if TYPE_CHECKING:
 
 # Columns of a parts table (kernels/segmented.cpp reads the same order).
 ROW_START, ROW_STOP, SLOT, W_BLOCK, W_ENTRY, B_BLOCK, B_ENTRY, FACTOR = range(8)
-COLUMNS = 8
 
 
 @dataclass(eq=False)
 class BatchPlan:
-    """Disjoint row intervals of one forward and the resident arrays of every diff in it."""
+    """Disjoint row intervals of one forward and the resident arrays of every diff in it,
+    by slot (a diff's index in `diffs`)."""
 
     rows: int
     intervals: list[tuple[int, int, list[DecodedDiff]]]
     diffs: list[DecodedDiff]
-    device: torch.device
     ups: list[torch.Tensor] = field(default_factory=list)
     downs: list[torch.Tensor] = field(default_factory=list)
+    # What a kernel derives once per batch from the arrays below (the Triton kernel's concat).
+    kernel_cache: dict[str, Any] = field(default_factory=dict)
+    blocks: list[torch.Tensor] = field(init=False)
+    lows: list[torch.Tensor] = field(init=False)
+    values: list[torch.Tensor] = field(init=False)
     _parts: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    _slots: dict[int, int] = field(default_factory=dict)
+    _slots: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self._slots = {id(diff): slot for slot, diff in enumerate(self.diffs)}
-
-    @property
-    def blocks(self) -> list[torch.Tensor]:
-        """Each diff's block tables, by slot."""
-        return [diff.blocks for diff in self.diffs]
-
-    @property
-    def lows(self) -> list[torch.Tensor]:
-        """Each diff's 16-bit entry positions, by slot."""
-        return [diff.lows for diff in self.diffs]
-
-    @property
-    def values(self) -> list[torch.Tensor]:
-        """Each diff's entry values, by slot."""
-        return [diff.values for diff in self.diffs]
+        self.blocks = [diff.blocks for diff in self.diffs]
+        self.lows = [diff.lows for diff in self.diffs]
+        self.values = [diff.values for diff in self.diffs]
 
     def parts(self, module: str) -> torch.Tensor | None:
-        """The int64 parts table of `module` ([P, COLUMNS], CPU), or None if no row's diff
+        """The int64 parts table of `module` ([P, 8], CPU), or None if no row's diff
         changes it; intervals no diff of the module covers are merged into base-only parts."""
         if module in self._parts:
             return self._parts[module]
@@ -80,7 +72,7 @@ class BatchPlan:
         return parts
 
 
-def plan_batch(segments: Sequence[Segment], rows: int, device: torch.device) -> BatchPlan:
+def plan_batch(segments: Sequence[Segment], rows: int) -> BatchPlan:
     """Split possibly overlapping segments into disjoint intervals (every row in one)."""
     cuts = sorted({0, rows, *(s.start for s in segments), *(s.stop for s in segments)})
     intervals = []
@@ -93,7 +85,7 @@ def plan_batch(segments: Sequence[Segment], rows: int, device: torch.device) -> 
         else:
             intervals.append((start, stop, covering))
     diffs = list({id(s.diff): s.diff for s in segments}.values())
-    return BatchPlan(rows, intervals, diffs, device)
+    return BatchPlan(rows, intervals, diffs)
 
 
 def _same(left: list[DecodedDiff], right: list[DecodedDiff]) -> bool:

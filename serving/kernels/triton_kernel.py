@@ -203,7 +203,7 @@ class Packed:
 
 def packed(plan: BatchPlan) -> Packed:
     """The plan's arrays concatenated (built on first use and kept on the plan)."""
-    cached = getattr(plan, "_triton_packed", None)
+    cached = plan.kernel_cache.get("triton")
     if cached is not None:
         return cached
     blocks, lows, values = plan.blocks, plan.lows, plan.values
@@ -216,7 +216,7 @@ def packed(plan: BatchPlan) -> Packed:
         np.cumsum([0] + [b.numel() for b in blocks[:-1]], dtype=np.int64),
         np.cumsum([0] + [v.numel() for v in values[:-1]], dtype=np.int64),
     )
-    plan._triton_packed = result  # type: ignore[attr-defined]
+    plan.kernel_cache["triton"] = result
     return result
 
 
