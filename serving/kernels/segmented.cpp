@@ -71,6 +71,26 @@ torch::Tensor run_module(int64_t kind, const torch::Tensor& x, const torch::Tens
   return at::layer_norm(x, weight.sizes(), weight, bias, eps);  // LAYER_NORM
 }
 
+// flat_out = flat_in · weightᵀ (+ bias): torch's dense product, written in place.
+void dense_product(torch::Tensor flat_out, const torch::Tensor& flat_in,
+                   const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(flat_out, *bias, flat_in, weight.t());
+  } else {
+    at::mm_out(flat_out, flat_in, weight.t());
+  }
+}
+
+// flat_out += (flat_in · V) Uᵀ for every part in [first, last) whose diff has factors here.
+void add_factors(torch::Tensor flat_out, const torch::Tensor& flat_in, const int64_t* p,
+                 int64_t first, int64_t last, const std::vector<torch::Tensor>& ups,
+                 const std::vector<torch::Tensor>& downs) {
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t f = p[i * NCOLS + FACTOR];
+    if (f >= 0) flat_out.addmm_(at::mm(flat_in, downs[f]), ups[f].t());
+  }
+}
+
 // Patching pays when every corrected interval is long: each patched product repacks the
 // weight, while a correction costs every token a pass over its input and output.
 constexpr int64_t PATCH_MIN_TOKENS = 128;
@@ -232,11 +252,7 @@ void linear_corrected(torch::Tensor out, torch::Tensor x, torch::Tensor weight,
   const int64_t width_in = x.size(-1), width_out = out.size(-1);
   auto flat_out = out.view({-1, width_out});
   auto flat_in = x.reshape({-1, width_in});
-  if (bias.has_value()) {
-    at::addmm_out(flat_out, *bias, flat_in, weight.t());
-  } else {
-    at::mm_out(flat_out, flat_in, weight.t());
-  }
+  dense_product(flat_out, flat_in, weight, bias);
   const int64_t per_row = flat_in.size(0) / x.size(0);  // tokens per batch row
   // Work items: (first part of an interval, token tile); parts of one interval stay together.
   std::vector<std::pair<int64_t, int64_t>> items;
@@ -281,9 +297,9 @@ void linear_corrected(torch::Tensor out, torch::Tensor x, torch::Tensor weight,
   for (int64_t i = 0; i < count; ++i) {  // low-rank factors: dense products per interval
     const int64_t* row = p + i * NCOLS;
     if (row[FACTOR] < 0) continue;
-    auto rows_in = flat_in.narrow(0, row[ROW_START] * per_row, (row[ROW_STOP] - row[ROW_START]) * per_row);
-    auto rows_out = flat_out.narrow(0, row[ROW_START] * per_row, (row[ROW_STOP] - row[ROW_START]) * per_row);
-    rows_out.addmm_(at::mm(rows_in, downs[row[FACTOR]]), ups[row[FACTOR]].t());
+    const int64_t t0 = row[ROW_START] * per_row, tokens = (row[ROW_STOP] - row[ROW_START]) * per_row;
+    add_factors(flat_out.narrow(0, t0, tokens), flat_in.narrow(0, t0, tokens), p, i, i + 1, ups,
+                downs);
   }
 }
 
@@ -327,29 +343,17 @@ void segmented_forward(int64_t kind, torch::Tensor out, torch::Tensor x, torch::
     auto target = out.narrow(0, a, z - a);
     if (broadcast) {
       auto y = run_module(kind, x, weight, bias, eps, padding_idx);
-      if (kind == LINEAR) {
-        auto flat_y = y.view({-1, y.size(-1)});
-        auto flat_x = x.reshape({-1, x.size(-1)});
-        for (int64_t i = first; i < last; ++i) {
-          const int64_t f = p[i * NCOLS + FACTOR];
-          if (f >= 0) flat_y.addmm_(at::mm(flat_x, downs[f]), ups[f].t());
-        }
-      }
+      if (kind == LINEAR)
+        add_factors(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}), p, first, last, ups,
+                    downs);
       target.copy_(y.expand_as(target));
     } else {
       auto rows = x.narrow(0, a, z - a);
       if (kind == LINEAR) {
         auto flat_out = target.view({-1, target.size(-1)});
         auto flat_in = rows.reshape({-1, rows.size(-1)});
-        if (bias.has_value()) {
-          at::addmm_out(flat_out, *bias, flat_in, weight.t());
-        } else {
-          at::mm_out(flat_out, flat_in, weight.t());
-        }
-        for (int64_t i = first; i < last; ++i) {
-          const int64_t f = p[i * NCOLS + FACTOR];
-          if (f >= 0) flat_out.addmm_(at::mm(flat_in, downs[f]), ups[f].t());
-        }
+        dense_product(flat_out, flat_in, weight, bias);
+        add_factors(flat_out, flat_in, p, first, last, ups, downs);
       } else {
         target.copy_(run_module(kind, rows, weight, bias, eps, padding_idx));
       }
