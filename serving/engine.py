@@ -154,26 +154,34 @@ class Predictor:
         heads = HeadRunner(head_model, model.base_model_prefix)
         return _ServingBase(loaded, model, base_shapes, mixed, heads)
 
-    def _decode(self, held: _ServingBase, data: bytes) -> ResidentDiff:
+    def _read(self, held: _ServingBase, data: bytes) -> tuple[SparseDiff, dict[str, Any]]:
+        """The artifact checked against the base (its head fits the task's model, names and
+        shapes), and its head as frozen parameters in the base's dtype on the device."""
         import torch
 
         from diffs.read import loads_artifact
         from diffs.validation import check_artifact
-        from serving.heads import TaskHead
-        from serving.mixed import UnsupportedDiffError
 
         diff = loads_artifact(
             data, expected_fingerprint=held.loaded.fingerprint, base_shapes=held.base_shapes
         )
         check_artifact(diff, held.loaded)
+        head = {
+            name: torch.nn.Parameter(
+                t.to(device=self.device, dtype=held.mixed.dtype), requires_grad=False
+            )
+            for name, t in diff.head.items()
+        }
+        return diff, head
+
+    def _decode(self, held: _ServingBase, data: bytes) -> ResidentDiff:
+        from serving.heads import TaskHead
+        from serving.mixed import UnsupportedDiffError
+
+        diff, tensors = self._read(held, data)
         meta = diff.meta
         head = None
-        if diff.head:
-            dtype = held.mixed.dtype
-            tensors = {
-                name: torch.nn.Parameter(t.to(device=self.device, dtype=dtype), requires_grad=False)
-                for name, t in diff.head.items()
-            }
+        if tensors:
             size = sum(t.numel() * t.element_size() for t in tensors.values())
             head = TaskHead(tensors, meta.task_type, meta.num_labels, size)
         try:
@@ -368,21 +376,11 @@ class Predictor:
         import torch
 
         from diffs.apply import apply_diff, install_head
-        from diffs.read import loads_artifact
-        from diffs.validation import check_artifact
 
         held = self.base(base)
-        diff = loads_artifact(
-            data, expected_fingerprint=held.loaded.fingerprint, base_shapes=held.base_shapes
-        )
-        check_artifact(diff, held.loaded)  # the head fits the task's model, names and shapes
+        diff, head = self._read(held, data)
         meta = diff.meta
         texts, pairs = _split_inputs(inputs, meta.task_type)
-        dtype = next(held.model.parameters()).dtype
-        head = {
-            name: torch.nn.Parameter(t.to(device=self.device, dtype=dtype), requires_grad=False)
-            for name, t in diff.head.items()
-        }
         with self.run_lock:
             saved_head = install_head(held.model, head)
             applied = apply_diff(held.model.base_model, diff)
